@@ -1,0 +1,1 @@
+"""chatgate client: generated gRPC stubs (``chatgate.v1``) and helpers."""

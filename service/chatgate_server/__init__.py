@@ -1,0 +1,1 @@
+"""chatgate: a gRPC gateway in front of the OpenAI Chat Completions API."""

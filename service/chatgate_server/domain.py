@@ -1,0 +1,255 @@
+"""The domain: plain data for one completion request and what happens to it.
+
+Nothing here knows about gRPC, HTTP or SQL. ``rpc/`` converts protobuf messages to
+these types, ``upstream/`` turns them into an OpenAI request and turns the response
+back into :data:`UpstreamEvent` values, and ``usage/`` stores :class:`UsageRecord`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+ImageDetail = Literal["auto", "low", "high"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+UsageSource = Literal["reported", "estimated"]
+
+
+# --- the request -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    """A text piece of a multi-part message."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    """An image piece of a multi-part message: an https: or data: URL."""
+
+    url: str
+    detail: ImageDetail | None = None
+
+
+ContentPart = TextPart | ImagePart
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the model made in an earlier assistant turn."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One turn of the conversation.
+
+    ``content`` is a plain string, a tuple of parts, or None (an assistant turn that
+    only called tools).
+    """
+
+    role: Role
+    content: str | tuple[ContentPart, ...] | None = None
+    name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call; ``parameters`` is its JSON Schema."""
+
+    name: str
+    description: str | None = None
+    parameters: Mapping[str, Any] | None = None
+    strict: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NamedToolChoice:
+    """Force the model to call this function."""
+
+    name: str
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+
+
+@dataclass(frozen=True, slots=True)
+class JsonSchemaFormat:
+    """Ask for JSON that matches ``schema``."""
+
+    name: str
+    schema: Mapping[str, Any]
+    description: str | None = None
+    strict: bool | None = None
+
+
+ResponseFormat = Literal["text", "json_object"] | JsonSchemaFormat
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """Sampling knobs; None means "the upstream's default"."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_completion_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: the tenant decides billing scope; the service is the caller."""
+
+    tenant: str
+    service: str
+
+
+ANONYMOUS_CALLER = Caller(tenant="default", service="unknown")
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    """A validated completion request, ready for the upstream."""
+
+    request_id: str
+    model: str
+    messages: tuple[ChatMessage, ...]
+    user_id: str
+    caller: Caller = ANONYMOUS_CALLER
+    tags: Mapping[str, str] = field(default_factory=dict)
+    sampling: SamplingOptions = SamplingOptions()
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+
+
+# --- what the upstream sends back ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Token counts. Cached input is part of input; reasoning is part of output."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    reasoning_tokens: int = 0
+    source: UsageSource = "reported"
+    # For estimated usage: the tokenizer encoding that counted it.
+    estimate_encoding: str | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStarted:
+    """The first chunk arrived: the upstream's response id and resolved model."""
+
+    response_id: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContentDelta:
+    """A piece of answer text."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalDelta:
+    """A piece of refusal text."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call; id and name come only on a call's first piece."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The model stopped, for this reason."""
+
+    reason: FinishReason | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReported:
+    """The upstream reported usage (the include_usage chunk)."""
+
+    usage: TokenUsage
+
+
+UpstreamEvent = ResponseStarted | ContentDelta | RefusalDelta | ToolCallDelta | Finish | UsageReported
+
+
+# --- the result -------------------------------------------------------------------------
+
+
+class Outcome(enum.StrEnum):
+    """How a request ended, from chatgate's side. Stored in the usage row."""
+
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"  # the caller left
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    UPSTREAM_ERROR = "upstream_error"
+    REJECTED = "rejected"  # never reached the upstream: invalid, breaker, quota, auth
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What a request cost: integer micro-dollars (None when the model has no price)."""
+
+    usd_micros: int | None
+    price_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One usage row: who, what, how much, how it went, when. Keyed by request_id."""
+
+    request_id: str
+    tenant: str
+    caller_service: str
+    user_id: str
+    requested_model: str
+    resolved_model: str | None
+    upstream_response_id: str | None
+    usage: TokenUsage
+    cost: Cost
+    outcome: Outcome
+    grpc_status: str  # the status code's name, e.g. "OK", "DEADLINE_EXCEEDED"
+    finish_reason: FinishReason | None
+    attempts: int
+    time_to_first_token_ms: float | None
+    duration_ms: float
+    started_at: datetime
+    trace_id: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)

@@ -1,0 +1,150 @@
+"""Every error chatgate raises on purpose, in one tree.
+
+    ChatgateError                       (INTERNAL)
+    ├── InvalidRequest                  INVALID_ARGUMENT, with field violations
+    ├── RequestTooLarge                 INVALID_ARGUMENT
+    ├── DuplicateRequest                ALREADY_EXISTS
+    ├── Unauthenticated                 UNAUTHENTICATED
+    ├── PermissionDenied                PERMISSION_DENIED
+    ├── QuotaExceeded                   RESOURCE_EXHAUSTED, with quota violations
+    ├── DeadlineExceeded                DEADLINE_EXCEEDED
+    ├── ServiceUnavailable              UNAVAILABLE (shutting down, ledger full)
+    └── UpstreamError                   UNAVAILABLE
+        ├── UpstreamRateLimited         UNAVAILABLE, with RetryInfo
+        ├── UpstreamCredentialsError    UNAVAILABLE ("upstream credentials")
+        ├── UpstreamRejected            INVALID_ARGUMENT (the upstream called the request bad)
+        ├── UpstreamProtocolError       UNAVAILABLE (malformed stream)
+        └── BreakerOpen                 UNAVAILABLE, with RetryInfo
+
+Each class knows its gRPC status by name (a plain string, so this module needs no
+grpc import); ``rpc/status.py`` is the one place that turns an error into a status
+with rich details. Messages are written for the caller: they never carry an upstream
+body, a key or a stack trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field of a request: a path like ``messages[2].role`` and why."""
+
+    field: str
+    description: str
+
+
+class ChatgateError(Exception):
+    """Root of chatgate's errors. ``reason`` is a stable UPPER_SNAKE code for ErrorInfo."""
+
+    status_name = "INTERNAL"
+    reason = "INTERNAL"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        # Seconds until a retry may succeed; becomes RetryInfo.
+        self.retry_after = retry_after
+
+
+class InvalidRequest(ChatgateError):
+    status_name = "INVALID_ARGUMENT"
+    reason = "INVALID_REQUEST"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:3])
+        more = f" (and {len(violations) - 3} more)" if len(violations) > 3 else ""
+        super().__init__(f"invalid request: {summary}{more}")
+        self.violations = violations
+
+
+class RequestTooLarge(ChatgateError):
+    status_name = "INVALID_ARGUMENT"
+    reason = "REQUEST_TOO_LARGE"
+
+
+class DuplicateRequest(ChatgateError):
+    status_name = "ALREADY_EXISTS"
+    reason = "DUPLICATE_REQUEST_ID"
+
+
+class Unauthenticated(ChatgateError):
+    status_name = "UNAUTHENTICATED"
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ChatgateError):
+    status_name = "PERMISSION_DENIED"
+    reason = "PERMISSION_DENIED"
+
+
+class QuotaExceeded(ChatgateError):
+    status_name = "RESOURCE_EXHAUSTED"
+    reason = "QUOTA_EXCEEDED"
+
+
+class DeadlineExceeded(ChatgateError):
+    status_name = "DEADLINE_EXCEEDED"
+    reason = "DEADLINE_EXCEEDED"
+
+
+class ServiceUnavailable(ChatgateError):
+    status_name = "UNAVAILABLE"
+    reason = "SERVICE_UNAVAILABLE"
+
+
+class UpstreamError(ChatgateError):
+    """The upstream failed. ``retryable`` says whether another attempt may succeed."""
+
+    status_name = "UNAVAILABLE"
+    reason = "UPSTREAM_UNAVAILABLE"
+    retryable = True
+    # Counts toward opening the breaker (caller mistakes and our own key never do).
+    breaker_failure = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        http_status: int | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.http_status = http_status
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class UpstreamRateLimited(UpstreamError):
+    reason = "UPSTREAM_RATE_LIMITED"
+
+
+class UpstreamCredentialsError(UpstreamError):
+    """Our key was rejected or our OpenAI billing is exhausted: an operator problem."""
+
+    reason = "UPSTREAM_CREDENTIALS"
+    retryable = False
+    breaker_failure = False
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream said the request is wrong (400/404/422): the caller's mistake."""
+
+    status_name = "INVALID_ARGUMENT"
+    reason = "UPSTREAM_REJECTED_REQUEST"
+    retryable = False
+    breaker_failure = False
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream sent something that is not a valid chat-completions stream."""
+
+    reason = "UPSTREAM_PROTOCOL_ERROR"
+
+
+class BreakerOpen(UpstreamError):
+    reason = "UPSTREAM_CIRCUIT_OPEN"
+    retryable = False
+    breaker_failure = False
