@@ -16,8 +16,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from grpc_tools import protoc  # type: ignore[import-untyped]
 import grpc_tools
+from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
@@ -66,7 +66,11 @@ def main() -> int:
         produced = generate(fresh)
         committed = sorted(p.relative_to(OUT_ROOT) for p in (OUT_ROOT / GENERATED_PACKAGE).glob("*_pb2*"))
         if check:
-            stale = [str(p) for p in produced if not (OUT_ROOT / p).exists() or not filecmp.cmp(fresh / p, OUT_ROOT / p, shallow=False)]
+            stale = [
+                str(p)
+                for p in produced
+                if not (OUT_ROOT / p).exists() or not filecmp.cmp(fresh / p, OUT_ROOT / p, shallow=False)
+            ]
             stale += [str(p) for p in committed if p not in produced]
             if stale:
                 print("generated code is stale; run: python scripts/gen_protos.py", *stale, sep="\n  ")

@@ -1,0 +1,229 @@
+"""One request's life: deadline, the upstream attempt, relaying events, the usage row.
+
+:meth:`CompletionService.run` drives the whole call and owns every way it can end.
+Whatever the end — finished, caller gone, deadline, upstream failure — exactly one
+:class:`UsageRecord` goes to the ledger, from the ``finally`` below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from chatgate_server.deadline import Deadline
+from chatgate_server.domain import (
+    CompletionRequest,
+    ContentDelta,
+    Cost,
+    Finish,
+    FinishReason,
+    Outcome,
+    RefusalDelta,
+    ResponseStarted,
+    TokenUsage,
+    ToolCallDelta,
+    UpstreamEvent,
+    UsageRecord,
+    UsageReported,
+)
+from chatgate_server.errors import ChatgateError, DeadlineExceeded, UpstreamProtocolError
+from chatgate_server.upstream.base import Upstream, UpstreamStream
+from chatgate_server.upstream.request_body import build_body
+from chatgate_server.usage.ledger import UsageSink
+from chatgate_server.usage.pricing import cost_of
+from chatgate_server.usage.tokens import TokenEstimator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStarted:
+    """Sent first: the request id and the model that answers."""
+
+    request_id: str
+    model: str
+    upstream_response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFinished:
+    """Sent last, on every stream that started."""
+
+    outcome: Outcome
+    finish_reason: FinishReason | None
+    usage: TokenUsage
+    cost: Cost
+
+
+OutboundEvent = StreamStarted | ContentDelta | RefusalDelta | ToolCallDelta | StreamFinished
+Send = Callable[[OutboundEvent], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What has happened so far in one call; becomes the usage row."""
+
+    started_at: datetime
+    t0: float
+    attempts: int = 0
+    started: StreamStarted | None = None
+    first_token_at: float | None = None
+    finish_reason: FinishReason | None = None
+    reported_usage: TokenUsage | None = None
+    # Text relayed to the caller, kept to estimate output tokens when the upstream
+    # never reports usage (the caller left, the deadline cut the stream).
+    relayed: list[str] = field(default_factory=list)
+
+
+class CompletionService:
+    """Streams completions from one upstream and bills each request exactly once."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        ledger: UsageSink,
+        estimator: TokenEstimator,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._upstream = upstream
+        self._ledger = ledger
+        self._estimator = estimator
+        self._clock = clock
+
+    async def run(
+        self, request: CompletionRequest, deadline: Deadline, send: Send, *, trace_id: str | None = None
+    ) -> None:
+        """Stream one completion to ``send``; raise a ChatgateError if it does not complete.
+
+        ``send`` is awaited for each event in order; it is where gRPC flow control
+        pushes back on a slow caller. A CancelledError (the caller left) propagates
+        after the upstream is closed and usage recorded.
+        """
+        progress = _Progress(started_at=datetime.now(UTC), t0=self._clock())
+        outcome = Outcome.INTERNAL_ERROR
+        status = "INTERNAL"
+        try:
+            outcome = await self._relay(request, deadline, send, progress)
+            status = "OK"
+        except asyncio.CancelledError:
+            # The caller left — or its own deadline ran out and gRPC cancelled us.
+            outcome = Outcome.DEADLINE_EXCEEDED if deadline.expired else Outcome.CANCELLED
+            status = "DEADLINE_EXCEEDED" if deadline.expired else "CANCELLED"
+            raise
+        except ChatgateError as exc:
+            outcome = (
+                Outcome.DEADLINE_EXCEEDED if isinstance(exc, DeadlineExceeded) else Outcome.UPSTREAM_ERROR
+            )
+            if progress.attempts == 0:
+                outcome = Outcome.REJECTED
+            status = exc.status_name
+            if progress.started is not None:
+                await send(self._finished(request, progress, outcome))
+            raise
+        finally:
+            self._ledger.submit(self._record(request, progress, outcome, status, trace_id))
+
+    async def _relay(
+        self, request: CompletionRequest, deadline: Deadline, send: Send, progress: _Progress
+    ) -> Outcome:
+        body = build_body(request)
+        stream: UpstreamStream | None = None
+        events: AsyncIterator[UpstreamEvent] | None = None
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                progress.attempts += 1
+                stream = await self._upstream.open(request, body, deadline)
+                events = stream.events()
+                async for event in events:
+                    await self._handle(event, request, send, progress)
+        except TimeoutError:
+            raise DeadlineExceeded("the deadline was reached before the completion finished") from None
+        finally:
+            # Close at once on every path: after a cancel no further tokens are read.
+            if events is not None:
+                await events.aclose()  # type: ignore[attr-defined]
+            if stream is not None:
+                await stream.aclose()
+        if progress.started is None:
+            raise UpstreamProtocolError("the upstream stream ended before its first chunk")
+        await send(self._finished(request, progress, Outcome.COMPLETED))
+        return Outcome.COMPLETED
+
+    async def _handle(
+        self, event: UpstreamEvent, request: CompletionRequest, send: Send, progress: _Progress
+    ) -> None:
+        if isinstance(event, ContentDelta | RefusalDelta):
+            self._mark_first_token(progress)
+            progress.relayed.append(event.text)
+            await send(event)
+        elif isinstance(event, ToolCallDelta):
+            self._mark_first_token(progress)
+            progress.relayed.append(event.arguments)
+            if event.name:
+                progress.relayed.append(event.name)
+            await send(event)
+        elif isinstance(event, ResponseStarted):
+            progress.started = StreamStarted(request.request_id, event.model, event.response_id)
+            await send(progress.started)
+        elif isinstance(event, Finish):
+            progress.finish_reason = event.reason
+        elif isinstance(event, UsageReported):
+            progress.reported_usage = event.usage
+
+    def _mark_first_token(self, progress: _Progress) -> None:
+        if progress.first_token_at is None:
+            progress.first_token_at = self._clock()
+
+    def _usage(self, request: CompletionRequest, progress: _Progress) -> TokenUsage:
+        if progress.reported_usage is not None:
+            return progress.reported_usage
+        if progress.attempts == 0:
+            return TokenUsage(source="estimated")
+        return self._estimator.estimate(request, progress.relayed)
+
+    def _finished(self, request: CompletionRequest, progress: _Progress, outcome: Outcome) -> StreamFinished:
+        usage = self._usage(request, progress)
+        model = progress.started.model if progress.started else request.model
+        return StreamFinished(outcome, progress.finish_reason, usage, cost_of(model, usage))
+
+    def _record(
+        self,
+        request: CompletionRequest,
+        progress: _Progress,
+        outcome: Outcome,
+        status: str,
+        trace_id: str | None,
+    ) -> UsageRecord:
+        usage = self._usage(request, progress)
+        started = progress.started
+        model = started.model if started else request.model
+        now = self._clock()
+        return UsageRecord(
+            request_id=request.request_id,
+            tenant=request.caller.tenant,
+            caller_service=request.caller.service,
+            user_id=request.user_id,
+            requested_model=request.model,
+            resolved_model=started.model if started else None,
+            upstream_response_id=started.upstream_response_id if started else None,
+            usage=usage,
+            cost=cost_of(model, usage),
+            outcome=outcome,
+            grpc_status=status,
+            finish_reason=progress.finish_reason,
+            attempts=progress.attempts,
+            time_to_first_token_ms=(
+                (progress.first_token_at - progress.t0) * 1000.0
+                if progress.first_token_at is not None
+                else None
+            ),
+            duration_ms=(now - progress.t0) * 1000.0,
+            started_at=progress.started_at,
+            trace_id=trace_id,
+            tags=dict(request.tags),
+        )

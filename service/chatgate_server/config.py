@@ -1,0 +1,191 @@
+"""Settings, read once from the environment and validated at start-up.
+
+Conventional names where they exist (``OPENAI_API_KEY``, ``OPENAI_BASE_URL``,
+``DATABASE_URL``, ``OTEL_*``), ``CHATGATE_*`` for the rest. A missing or malformed
+value raises :class:`ConfigError` naming the variable; the CLI prints that one line
+and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed. The message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A string that never prints itself: repr/str show only that it is set."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    openai_api_key: Secret
+    """OPENAI_API_KEY, or the contents of the file named by OPENAI_API_KEY_FILE."""
+    openai_base_url: str
+    """OPENAI_BASE_URL: the API root including /v1 (the OpenAI SDK's convention)."""
+    database_url: str
+    """DATABASE_URL: a libpq URL or conninfo for the usage ledger."""
+    listen: ListenAddress
+    """CHATGATE_LISTEN: host:port to serve gRPC on (default 0.0.0.0:50051)."""
+    deadline_cap_s: float
+    """CHATGATE_DEADLINE_CAP_SECONDS: the longest any call may take (default 60)."""
+    shutdown_grace_s: float
+    """CHATGATE_SHUTDOWN_GRACE_SECONDS: how long running streams may finish after SIGTERM."""
+    migrate_on_start: bool
+    """CHATGATE_MIGRATE_ON_START: apply pending migrations when serve starts (default false)."""
+    max_concurrent_streams: int
+    """CHATGATE_MAX_CONCURRENT_STREAMS: calls beyond this get RESOURCE_EXHAUSTED."""
+    upstream_connect_timeout_s: float
+    """CHATGATE_UPSTREAM_CONNECT_TIMEOUT_SECONDS: TCP+TLS connect limit per attempt."""
+    upstream_max_connections: int
+    """CHATGATE_UPSTREAM_MAX_CONNECTIONS: size of the upstream HTTP connection pool."""
+    ledger_queue_size: int
+    """CHATGATE_LEDGER_QUEUE_SIZE: usage rows held in memory awaiting the writer."""
+    ledger_batch_size: int
+    """CHATGATE_LEDGER_BATCH_SIZE: most rows written in one insert."""
+    log_level: str
+    """CHATGATE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR (default INFO)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        return cls(
+            openai_api_key=_api_key(e),
+            openai_base_url=_base_url(e),
+            database_url=_required(e, "DATABASE_URL"),
+            listen=_listen(e, "CHATGATE_LISTEN", "0.0.0.0:50051"),
+            deadline_cap_s=_float(e, "CHATGATE_DEADLINE_CAP_SECONDS", 60.0, minimum=0.001),
+            shutdown_grace_s=_float(e, "CHATGATE_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0),
+            migrate_on_start=_flag(e, "CHATGATE_MIGRATE_ON_START", False),
+            max_concurrent_streams=_int(e, "CHATGATE_MAX_CONCURRENT_STREAMS", 4096, minimum=1),
+            upstream_connect_timeout_s=_float(
+                e, "CHATGATE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001
+            ),
+            upstream_max_connections=_int(e, "CHATGATE_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1),
+            ledger_queue_size=_int(e, "CHATGATE_LEDGER_QUEUE_SIZE", 10000, minimum=1),
+            ledger_batch_size=_int(e, "CHATGATE_LEDGER_BATCH_SIZE", 500, minimum=1),
+            log_level=_choice(e, "CHATGATE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        )
+
+
+def database_url_from_env(env: Mapping[str, str] | None = None) -> str:
+    """DATABASE_URL alone, for commands (migrate, usage) that need nothing else."""
+    return _required(os.environ if env is None else env, "DATABASE_URL")
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"{name} is not set")
+    return value
+
+
+def _api_key(env: Mapping[str, str]) -> Secret:
+    key = env.get("OPENAI_API_KEY", "").strip()
+    key_file = env.get("OPENAI_API_KEY_FILE", "").strip()
+    if key and key_file:
+        raise ConfigError("OPENAI_API_KEY and OPENAI_API_KEY_FILE are both set; set one")
+    if key_file:
+        try:
+            key = Path(key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"OPENAI_API_KEY_FILE cannot be read: {exc.strerror}") from None
+        if not key:
+            raise ConfigError("OPENAI_API_KEY_FILE names an empty file")
+    if not key:
+        raise ConfigError("OPENAI_API_KEY is not set (or set OPENAI_API_KEY_FILE)")
+    if any(c.isspace() for c in key):
+        # Never echo the value: it is a secret even when malformed.
+        raise ConfigError("OPENAI_API_KEY contains whitespace")
+    return Secret(key)
+
+
+def _base_url(env: Mapping[str, str]) -> str:
+    raw = env.get("OPENAI_BASE_URL", "").strip() or DEFAULT_OPENAI_BASE_URL
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"OPENAI_BASE_URL must be an http(s) URL such as {DEFAULT_OPENAI_BASE_URL}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError("OPENAI_BASE_URL must not carry credentials, a query or a fragment")
+    return raw.rstrip("/")
+
+
+def _listen(env: Mapping[str, str], name: str, default: str) -> ListenAddress:
+    raw = env.get(name, "").strip() or default
+    host, sep, port_text = raw.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{name} must be host:port (e.g. 0.0.0.0:50051), got {raw!r}")
+    return ListenAddress(host, int(port_text))
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum:  # also rejects NaN
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().upper() or default
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw

@@ -1,0 +1,1 @@
+"""The gRPC edge: protobuf ⇄ domain, error → status. Only this package imports grpc."""

@@ -1,0 +1,334 @@
+"""Protobuf ⇄ domain, and request validation.
+
+Validation collects every field violation in one pass so a caller fixes all of them
+at once, and it happens before anything reaches the upstream.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import time
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from chatgate.v1 import chat_pb2 as pb
+from chatgate_server.completion import OutboundEvent, StreamFinished, StreamStarted
+from chatgate_server.domain import (
+    Caller,
+    ChatMessage,
+    CompletionRequest,
+    ContentDelta,
+    ContentPart,
+    ImageDetail,
+    ImagePart,
+    JsonSchemaFormat,
+    NamedToolChoice,
+    RefusalDelta,
+    ResponseFormat,
+    Role,
+    SamplingOptions,
+    TextPart,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolSpec,
+)
+from chatgate_server.errors import FieldViolation, InvalidRequest
+
+_ROLES: dict[int, Role] = {
+    pb.ROLE_SYSTEM: "system",
+    pb.ROLE_DEVELOPER: "developer",
+    pb.ROLE_USER: "user",
+    pb.ROLE_ASSISTANT: "assistant",
+    pb.ROLE_TOOL: "tool",
+}
+_DETAILS: dict[int, ImageDetail] = {
+    pb.IMAGE_DETAIL_AUTO: "auto",
+    pb.IMAGE_DETAIL_LOW: "low",
+    pb.IMAGE_DETAIL_HIGH: "high",
+}
+_TOOL_MODES: dict[int, ToolChoice] = {
+    pb.TOOL_CHOICE_MODE_AUTO: "auto",
+    pb.TOOL_CHOICE_MODE_NONE: "none",
+    pb.TOOL_CHOICE_MODE_REQUIRED: "required",
+}
+_FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
+    "content_filter": pb.FINISH_REASON_CONTENT_FILTER,
+    "function_call": pb.FINISH_REASON_FUNCTION_CALL,
+}
+_OUTCOMES = {
+    "completed": pb.OUTCOME_COMPLETED,
+    "deadline_exceeded": pb.OUTCOME_DEADLINE_EXCEEDED,
+    "upstream_error": pb.OUTCOME_UPSTREAM_ERROR,
+    "shutdown": pb.OUTCOME_SHUTDOWN,
+}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TAGS = 16
+MAX_STOP = 4
+
+
+def new_request_id() -> str:
+    """Time-ordered (ms, hex) then random: sorts by creation, which keeps indexes local."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+
+
+def to_domain(msg: pb.CompleteRequest, caller: Caller) -> CompletionRequest:
+    """Validate ``msg`` and build the domain request, or raise InvalidRequest."""
+    v: list[FieldViolation] = []
+
+    def bad(field: str, description: str) -> None:
+        v.append(FieldViolation(field, description))
+
+    if not msg.model.strip():
+        bad("model", "required")
+    if not msg.user_id.strip():
+        bad("user_id", "required: the end user this request is billed to")
+    elif len(msg.user_id) > 256:
+        bad("user_id", "at most 256 characters")
+    if msg.request_id and not _REQUEST_ID.fullmatch(msg.request_id):
+        bad("request_id", "at most 128 characters of A-Z a-z 0-9 . _ : -")
+    if len(msg.tags) > MAX_TAGS:
+        bad("tags", f"at most {MAX_TAGS} tags")
+    for key, value in msg.tags.items():
+        if not key or len(key) > 64 or len(value) > 256:
+            bad(f"tags[{key[:64]}]", "keys 1-64 characters, values at most 256")
+    if not msg.messages:
+        bad("messages", "at least one message is required")
+    messages = tuple(_message(m, f"messages[{i}]", bad) for i, m in enumerate(msg.messages))
+    sampling = _sampling(msg, bad)
+    tools = tuple(_tool(t, f"tools[{i}]", bad) for i, t in enumerate(msg.tools))
+    tool_choice = _tool_choice(msg, bad)
+    response_format = _response_format(msg, bad)
+    if v:
+        raise InvalidRequest(v)
+    return CompletionRequest(
+        request_id=msg.request_id or new_request_id(),
+        model=msg.model.strip(),
+        messages=messages,
+        user_id=msg.user_id,
+        caller=caller,
+        tags=dict(msg.tags),
+        sampling=sampling,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=msg.parallel_tool_calls if msg.HasField("parallel_tool_calls") else None,
+        response_format=response_format,
+    )
+
+
+def _message(m: pb.Message, path: str, bad: Any) -> ChatMessage:
+    role = _ROLES.get(m.role)
+    if role is None:
+        bad(
+            f"{path}.role", "must be one of ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL"
+        )
+    if m.text and m.parts:
+        bad(f"{path}", "set either text or parts, not both")
+    content: str | tuple[ContentPart, ...] | None
+    if m.parts:
+        content = tuple(_part(p, f"{path}.parts[{i}]", role, bad) for i, p in enumerate(m.parts))
+    else:
+        content = m.text if (m.text or role != "assistant") else None
+    if role == "tool" and not m.tool_call_id:
+        bad(f"{path}.tool_call_id", "required for tool messages")
+    if m.tool_calls and role != "assistant":
+        bad(f"{path}.tool_calls", "only assistant messages carry tool calls")
+    if role == "assistant" and content is None and not m.tool_calls and not m.refusal:
+        bad(f"{path}", "an assistant message needs text, parts, tool_calls or a refusal")
+    if role in ("system", "developer", "user") and not m.text and not m.parts:
+        bad(f"{path}.text", "required")
+    calls = []
+    for i, c in enumerate(m.tool_calls):
+        if not c.id or not c.name:
+            bad(f"{path}.tool_calls[{i}]", "id and name are required")
+        calls.append(ToolCall(c.id, c.name, c.arguments))
+    return ChatMessage(
+        role=role or "user",
+        content=content,
+        name=m.name or None,
+        tool_calls=tuple(calls),
+        tool_call_id=m.tool_call_id or None,
+        refusal=m.refusal or None,
+    )
+
+
+def _part(p: pb.ContentPart, path: str, role: Role | None, bad: Any) -> ContentPart:
+    kind = p.WhichOneof("part")
+    if kind == "image_url":
+        url = p.image_url.url
+        if not url.startswith(("https://", "http://", "data:image/")):
+            bad(f"{path}.image_url.url", "must be an http(s) URL or a data:image/… URL")
+        if role not in ("user", None):
+            bad(f"{path}.image_url", "images are allowed in user messages only")
+        return ImagePart(url, _DETAILS.get(p.image_url.detail))
+    if kind is None:
+        bad(path, "set text or image_url")
+    return TextPart(p.text)
+
+
+def _finite_in(value: float, low: float, high: float) -> bool:
+    return math.isfinite(value) and low <= value <= high
+
+
+def _sampling(msg: pb.CompleteRequest, bad: Any) -> SamplingOptions:
+    def opt(name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else None  # type: ignore[arg-type]
+
+    temperature, top_p = opt("temperature"), opt("top_p")
+    presence, frequency = opt("presence_penalty"), opt("frequency_penalty")
+    max_tokens = opt("max_completion_tokens")
+    if temperature is not None and not _finite_in(temperature, 0, 2):
+        bad("temperature", "must be between 0 and 2")
+    if top_p is not None and not _finite_in(top_p, 0, 1):
+        bad("top_p", "must be between 0 and 1")
+    if presence is not None and not _finite_in(presence, -2, 2):
+        bad("presence_penalty", "must be between -2 and 2")
+    if frequency is not None and not _finite_in(frequency, -2, 2):
+        bad("frequency_penalty", "must be between -2 and 2")
+    if max_tokens is not None and max_tokens <= 0:
+        bad("max_completion_tokens", "must be positive")
+    if len(msg.stop) > MAX_STOP:
+        bad("stop", f"at most {MAX_STOP} sequences")
+    if any(not s for s in msg.stop):
+        bad("stop", "sequences must not be empty")
+    return SamplingOptions(
+        temperature=temperature,
+        top_p=top_p,
+        max_completion_tokens=max_tokens,
+        stop=tuple(msg.stop),
+        seed=opt("seed"),
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+    )
+
+
+def _tool(t: pb.Tool, path: str, bad: Any) -> ToolSpec:
+    if not _NAME.fullmatch(t.name):
+        bad(f"{path}.name", "1-64 characters of A-Z a-z 0-9 _ -")
+    return ToolSpec(
+        name=t.name,
+        description=t.description or None,
+        parameters=struct_to_dict(t.parameters) if t.HasField("parameters") else None,
+        strict=t.strict if t.HasField("strict") else None,
+    )
+
+
+def _tool_choice(msg: pb.CompleteRequest, bad: Any) -> ToolChoice | None:
+    if not msg.HasField("tool_choice"):
+        return None
+    kind = msg.tool_choice.WhichOneof("choice")
+    if kind == "function_name":
+        name = msg.tool_choice.function_name
+        if name not in {t.name for t in msg.tools}:
+            bad("tool_choice.function_name", "must name one of the request's tools")
+        return NamedToolChoice(name)
+    if kind == "mode":
+        return _TOOL_MODES.get(msg.tool_choice.mode)
+    return None
+
+
+def _response_format(msg: pb.CompleteRequest, bad: Any) -> ResponseFormat | None:
+    if not msg.HasField("response_format"):
+        return None
+    kind = msg.response_format.WhichOneof("format")
+    if kind == "json_object":
+        return "json_object"
+    if kind == "json_schema":
+        js = msg.response_format.json_schema
+        if not _NAME.fullmatch(js.name):
+            bad("response_format.json_schema.name", "1-64 characters of A-Z a-z 0-9 _ -")
+        if not js.HasField("schema"):
+            bad("response_format.json_schema.schema", "required")
+        return JsonSchemaFormat(
+            name=js.name,
+            schema=struct_to_dict(js.schema),
+            description=js.description or None,
+            strict=js.strict if js.HasField("strict") else None,
+        )
+    if kind == "text":
+        return "text"
+    return None
+
+
+def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain JSON data; whole numbers come back as ints.
+
+    Struct keeps every number as a double, so ``"minItems": 1`` would otherwise
+    reach the upstream as ``1.0``, which strict schema validators reject.
+    """
+    return _ints(json_format.MessageToDict(value))  # type: ignore[no-any-return]
+
+
+def _ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
+
+
+# --- outbound: domain events → protobuf (the per-token hot path) -----------------------
+
+_Response = pb.CompleteResponse
+_Content = pb.ContentDelta
+_Refusal = pb.RefusalDelta
+_ToolCall = pb.ToolCallDelta
+
+
+def to_proto(event: OutboundEvent) -> pb.CompleteResponse:
+    """One outbound event as a CompleteResponse."""
+    # Content deltas are nearly every message: test for them first.
+    if type(event) is ContentDelta:
+        return _Response(content=_Content(text=event.text))
+    if type(event) is ToolCallDelta:
+        return _Response(
+            tool_call=_ToolCall(
+                index=event.index,
+                id=event.id or "",
+                name=event.name or "",
+                arguments_fragment=event.arguments,
+            )
+        )
+    if type(event) is RefusalDelta:
+        return _Response(refusal=_Refusal(text=event.text))
+    if type(event) is StreamStarted:
+        return _Response(
+            started=pb.Started(
+                request_id=event.request_id,
+                model=event.model,
+                upstream_response_id=event.upstream_response_id,
+            )
+        )
+    if type(event) is StreamFinished:
+        return _Response(finished=_finished(event))
+    raise TypeError(f"not an outbound event: {type(event).__name__}")
+
+
+def _finished(event: StreamFinished) -> pb.Finished:
+    u = event.usage
+    cost = pb.Cost(price_version=event.cost.price_version)
+    if event.cost.usd_micros is not None:
+        cost.usd_micros = event.cost.usd_micros
+    return pb.Finished(
+        finish_reason=_FINISH_REASONS.get(event.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
+        outcome=_OUTCOMES.get(event.outcome.value, pb.OUTCOME_UNSPECIFIED),
+        usage=pb.Usage(
+            input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens,
+            cached_input_tokens=u.cached_input_tokens,
+            reasoning_tokens=u.reasoning_tokens,
+            total_tokens=u.total_tokens,
+            source=pb.USAGE_SOURCE_REPORTED if u.source == "reported" else pb.USAGE_SOURCE_ESTIMATED,
+            estimate_encoding=u.estimate_encoding or "",
+        ),
+        cost=cost,
+    )

@@ -1,0 +1,1 @@
+"""The OpenAI upstream: request bodies, the HTTP client and sans-IO stream decoding."""

@@ -1,0 +1,171 @@
+"""The OpenAI chat-completions upstream over a shared ``httpx.AsyncClient``.
+
+This is the only module that talks HTTP. It maps every httpx exception to an
+:class:`~chatgate_server.errors.UpstreamError` in one place (``_translate``), so
+nothing above it sees a foreign exception.
+
+Timeouts: httpx's are per phase (connect, write, pool) and per read; they are bounded
+here by the request's deadline, and the total is enforced by the caller's
+``asyncio.timeout`` on the deadline, never by httpx.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from chatgate_server.config import Secret
+from chatgate_server.deadline import Deadline
+from chatgate_server.domain import CompletionRequest, UpstreamEvent
+from chatgate_server.errors import UpstreamError, UpstreamProtocolError
+from chatgate_server.upstream.chunks import ChunkDecoder
+from chatgate_server.upstream.classify import classify_http_error
+from chatgate_server.upstream.sse import SSEDecoder
+
+log = logging.getLogger(__name__)
+
+# Error bodies are small JSON documents; never read an unbounded one.
+_MAX_ERROR_BODY = 64 * 1024
+
+
+class OpenAIUpstream:
+    """``POST {base_url}/chat/completions`` with ``stream: true``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: Secret,
+        *,
+        connect_timeout: float = 5.0,
+        max_connections: int = 1000,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._url = f"{base_url.rstrip('/')}/chat/completions"
+        parts = urlsplit(base_url)
+        self.server_address = parts.hostname or ""
+        self.server_port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._connect_timeout = connect_timeout
+        self._headers = {
+            "authorization": f"Bearer {api_key.value}",
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+        }
+        self._client = httpx.AsyncClient(
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=30.0,
+            ),
+            transport=transport,
+            # Never follow a redirect to another host with our key.
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    @property
+    def name(self) -> str:
+        return "openai"
+
+    async def open(self, request: CompletionRequest, body: bytes, deadline: Deadline) -> OpenAIStream:
+        remaining = deadline.remaining()
+        timeout = httpx.Timeout(
+            connect=min(self._connect_timeout, remaining),
+            read=remaining,
+            write=remaining,
+            pool=remaining,
+        )
+        headers = {**self._headers, "x-client-request-id": request.request_id}
+        http_request = self._client.build_request(
+            "POST", self._url, content=body, headers=headers, timeout=timeout
+        )
+        try:
+            response = await self._client.send(http_request, stream=True)
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from None
+        if response.status_code != 200:
+            try:
+                await _raise_for_error(response)
+            finally:
+                await response.aclose()
+        return OpenAIStream(response)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class OpenAIStream:
+    """An open streaming response; iterate :meth:`events`, then :meth:`aclose`."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.upstream_request_id = response.headers.get("x-request-id")
+
+    async def events(self) -> AsyncIterator[UpstreamEvent]:
+        sse = SSEDecoder()
+        chunks = ChunkDecoder()
+        try:
+            async for raw in self._response.aiter_raw():
+                for payload in sse.feed(raw):
+                    for event in chunks.decode(payload):
+                        yield event
+                if chunks.done:
+                    return
+            for payload in sse.flush():
+                for event in chunks.decode(payload):
+                    yield event
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from None
+        if not chunks.done:
+            raise UpstreamProtocolError("the upstream stream ended without [DONE]")
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+    async def __aenter__(self) -> OpenAIStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+async def _raise_for_error(response: httpx.Response) -> None:
+    raw = b""
+    try:
+        async for piece in response.aiter_raw():
+            raw += piece
+            if len(raw) > _MAX_ERROR_BODY:
+                break
+    except httpx.HTTPError:
+        pass  # the status alone still classifies the error
+    body: Any = None
+    try:
+        body = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        body = None
+    raise classify_http_error(response.status_code, body, response.headers)
+
+
+def _translate(exc: httpx.HTTPError) -> UpstreamError:
+    """One place that maps httpx's exceptions; the message never includes a URL or header."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UpstreamError("timed out connecting to the upstream")
+    if isinstance(exc, httpx.ReadTimeout):
+        return UpstreamError("the upstream stopped sending")
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError("timed out talking to the upstream")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamError("could not connect to the upstream")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return UpstreamError("the upstream closed the connection mid-response")
+    if isinstance(exc, httpx.NetworkError):
+        return UpstreamError("network error talking to the upstream")
+    log.warning("unexpected upstream transport error: %s", type(exc).__name__)
+    return UpstreamError("error talking to the upstream")
