@@ -13,7 +13,9 @@ from chatgate_server.completion import CompletionService
 from chatgate_server.config import Settings
 from chatgate_server.rpc.server import CHAT_SERVICE, build_server
 from chatgate_server.rpc.servicer import ChatServicer
+from chatgate_server.upstream.breaker import CircuitBreaker
 from chatgate_server.upstream.openai import OpenAIUpstream
+from chatgate_server.upstream.retry import RetryPolicy
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, pending_migrations
 from chatgate_server.usage.store import UsageStore
@@ -37,6 +39,7 @@ class App:
         self.ledger: UsageLedger | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
+        self.breaker: CircuitBreaker | None = None
 
     async def start(self) -> int:
         """Open resources and start serving; returns the bound port."""
@@ -68,7 +71,22 @@ class App:
             connect_timeout=s.upstream_connect_timeout_s,
             max_connections=s.upstream_max_connections,
         )
-        service = CompletionService(self._upstream, self.ledger, CharHeuristicEstimator())
+        self.breaker = CircuitBreaker(
+            self._upstream.name,
+            failure_threshold=s.breaker_failure_threshold,
+            cooldown_s=s.breaker_cooldown_s,
+            max_cooldown_s=s.breaker_max_cooldown_s,
+        )
+        service = CompletionService(
+            self._upstream,
+            self.ledger,
+            CharHeuristicEstimator(),
+            breaker=self.breaker,
+            retry_policy=RetryPolicy(
+                max_attempts=s.retry_max_attempts, base_s=s.retry_base_s, cap_s=s.retry_cap_s
+            ),
+            first_byte_timeout_s=s.upstream_first_byte_timeout_s,
+        )
         chat = ChatServicer(service, deadline_cap_s=s.deadline_cap_s)
         self._server, self._health = build_server(chat, max_concurrent_streams=s.max_concurrent_streams)
         self.port = self._server.add_insecure_port(str(s.listen))

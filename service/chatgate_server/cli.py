@@ -52,6 +52,8 @@ def _serve() -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # httpx logs every request at INFO: noise on the hot path, and a URL per line.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve_async(settings))
 

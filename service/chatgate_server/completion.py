@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,9 +31,11 @@ from chatgate_server.domain import (
     UsageRecord,
     UsageReported,
 )
-from chatgate_server.errors import ChatgateError, DeadlineExceeded, UpstreamProtocolError
+from chatgate_server.errors import ChatgateError, DeadlineExceeded, UpstreamError, UpstreamProtocolError
 from chatgate_server.upstream.base import Upstream, UpstreamStream
+from chatgate_server.upstream.breaker import CircuitBreaker, Permit
 from chatgate_server.upstream.request_body import build_body
+from chatgate_server.upstream.retry import RetryDecision, RetryPolicy, with_retries
 from chatgate_server.usage.ledger import UsageSink
 from chatgate_server.usage.pricing import cost_of
 from chatgate_server.usage.tokens import TokenEstimator
@@ -79,6 +82,25 @@ class _Progress:
     relayed: list[str] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Opened:
+    """An attempt that got as far as its first event."""
+
+    stream: UpstreamStream
+    events: AsyncIterator[UpstreamEvent]
+    first: UpstreamEvent
+
+    async def aclose(self) -> None:
+        await _close(self.events, self.stream)
+
+
+async def _close(events: AsyncIterator[UpstreamEvent] | None, stream: UpstreamStream | None) -> None:
+    if events is not None:
+        await events.aclose()  # type: ignore[attr-defined]
+    if stream is not None:
+        await stream.aclose()
+
+
 class CompletionService:
     """Streams completions from one upstream and bills each request exactly once."""
 
@@ -88,12 +110,20 @@ class CompletionService:
         ledger: UsageSink,
         estimator: TokenEstimator,
         *,
+        breaker: CircuitBreaker | None = None,
+        retry_policy: RetryPolicy | None = None,
+        first_byte_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self._upstream = upstream
         self._ledger = ledger
         self._estimator = estimator
+        self._breaker = breaker or CircuitBreaker(upstream.name)
+        self._retry_policy = retry_policy or RetryPolicy()
+        self._first_byte_timeout_s = first_byte_timeout_s
         self._clock = clock
+        self._rng = rng
 
     async def run(
         self, request: CompletionRequest, deadline: Deadline, send: Send, *, trace_id: str | None = None
@@ -107,13 +137,18 @@ class CompletionService:
         progress = _Progress(started_at=datetime.now(UTC), t0=self._clock())
         outcome = Outcome.INTERNAL_ERROR
         status = "INTERNAL"
+        permit: Permit | None = None
         try:
+            permit = self._breaker.acquire()
             outcome = await self._relay(request, deadline, send, progress)
             status = "OK"
+            permit.success()
         except asyncio.CancelledError:
             # The caller left — or its own deadline ran out and gRPC cancelled us.
             outcome = Outcome.DEADLINE_EXCEEDED if deadline.expired else Outcome.CANCELLED
             status = "DEADLINE_EXCEEDED" if deadline.expired else "CANCELLED"
+            if permit is not None:
+                permit.release()  # says nothing about the upstream's health
             raise
         except ChatgateError as exc:
             outcome = (
@@ -122,37 +157,86 @@ class CompletionService:
             if progress.attempts == 0:
                 outcome = Outcome.REJECTED
             status = exc.status_name
+            if permit is not None:
+                self._judge(permit, exc, progress)
             if progress.started is not None:
                 await send(self._finished(request, progress, outcome))
             raise
         finally:
             self._ledger.submit(self._record(request, progress, outcome, status, trace_id))
 
+    @staticmethod
+    def _judge(permit: Permit, exc: ChatgateError, progress: _Progress) -> None:
+        """Tell the breaker what a failed call says about the upstream."""
+        if isinstance(exc, UpstreamError) and exc.breaker_failure:
+            permit.failure()
+        elif isinstance(exc, DeadlineExceeded) and progress.started is None:
+            permit.failure()  # the upstream never answered in time
+        else:
+            permit.release()  # caller mistakes, our key, a slow but flowing stream
+
     async def _relay(
         self, request: CompletionRequest, deadline: Deadline, send: Send, progress: _Progress
     ) -> Outcome:
         body = build_body(request)
-        stream: UpstreamStream | None = None
-        events: AsyncIterator[UpstreamEvent] | None = None
+        opened: _Opened | None = None
         try:
             async with asyncio.timeout(deadline.remaining()):
-                progress.attempts += 1
-                stream = await self._upstream.open(request, body, deadline)
-                events = stream.events()
-                async for event in events:
+                # Retried only up to the first event: nothing has reached the caller yet.
+                opened = await with_retries(
+                    lambda: self._attempt(request, body, deadline, progress),
+                    self._retry_policy,
+                    deadline,
+                    rng=self._rng,
+                    on_retry=self._on_retry,
+                )
+                await self._handle(opened.first, request, send, progress)
+                async for event in opened.events:
                     await self._handle(event, request, send, progress)
         except TimeoutError:
             raise DeadlineExceeded("the deadline was reached before the completion finished") from None
         finally:
             # Close at once on every path: after a cancel no further tokens are read.
-            if events is not None:
-                await events.aclose()  # type: ignore[attr-defined]
-            if stream is not None:
-                await stream.aclose()
-        if progress.started is None:
-            raise UpstreamProtocolError("the upstream stream ended before its first chunk")
+            if opened is not None:
+                await opened.aclose()
         await send(self._finished(request, progress, Outcome.COMPLETED))
         return Outcome.COMPLETED
+
+    async def _attempt(
+        self, request: CompletionRequest, body: bytes, deadline: Deadline, progress: _Progress
+    ) -> _Opened:
+        """One upstream attempt: open the stream and read its first event."""
+        progress.attempts += 1
+        stream: UpstreamStream | None = None
+        events: AsyncIterator[UpstreamEvent] | None = None
+        try:
+            # Response headers and the first event must come within the first-byte
+            # timeout; a hung attempt then becomes a retry instead of eating the deadline.
+            async with asyncio.timeout(min(self._first_byte_timeout_s, deadline.remaining())):
+                stream = await self._upstream.open(request, body, deadline)
+                events = stream.events()
+                first = await anext(events)
+        except StopAsyncIteration:
+            await _close(events, stream)
+            raise UpstreamProtocolError("the upstream stream ended before its first chunk") from None
+        except TimeoutError:
+            await _close(events, stream)
+            if deadline.expired:
+                raise
+            raise UpstreamError("the upstream did not start answering in time") from None
+        except BaseException:
+            await _close(events, stream)
+            raise
+        return _Opened(stream, events, first)
+
+    def _on_retry(self, attempt: int, error: BaseException, decision: RetryDecision) -> None:
+        log.info(
+            "upstream attempt %d failed (%s); retrying in %.3fs (%s)",
+            attempt,
+            type(error).__name__,
+            decision.wait_s,
+            decision.reason,
+        )
 
     async def _handle(
         self, event: UpstreamEvent, request: CompletionRequest, send: Send, progress: _Progress

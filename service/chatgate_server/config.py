@@ -67,6 +67,20 @@ class Settings:
     """CHATGATE_UPSTREAM_CONNECT_TIMEOUT_SECONDS: TCP+TLS connect limit per attempt."""
     upstream_max_connections: int
     """CHATGATE_UPSTREAM_MAX_CONNECTIONS: size of the upstream HTTP connection pool."""
+    upstream_first_byte_timeout_s: float
+    """CHATGATE_UPSTREAM_FIRST_BYTE_TIMEOUT_SECONDS: an attempt with no first event by then is retried."""
+    retry_max_attempts: int
+    """CHATGATE_RETRY_MAX_ATTEMPTS: upstream attempts per call, the first included (default 3)."""
+    retry_base_s: float
+    """CHATGATE_RETRY_BASE_SECONDS: first backoff ceiling; doubles per attempt (default 0.5)."""
+    retry_cap_s: float
+    """CHATGATE_RETRY_CAP_SECONDS: largest backoff ceiling (default 8)."""
+    breaker_failure_threshold: int
+    """CHATGATE_BREAKER_FAILURE_THRESHOLD: consecutive failed calls that open the breaker (default 5)."""
+    breaker_cooldown_s: float
+    """CHATGATE_BREAKER_COOLDOWN_SECONDS: first open period; doubles on each reopen (default 30)."""
+    breaker_max_cooldown_s: float
+    """CHATGATE_BREAKER_MAX_COOLDOWN_SECONDS: longest open period (default 300)."""
     ledger_queue_size: int
     """CHATGATE_LEDGER_QUEUE_SIZE: usage rows held in memory awaiting the writer."""
     ledger_batch_size: int
@@ -90,6 +104,15 @@ class Settings:
                 e, "CHATGATE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001
             ),
             upstream_max_connections=_int(e, "CHATGATE_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1),
+            upstream_first_byte_timeout_s=_float(
+                e, "CHATGATE_UPSTREAM_FIRST_BYTE_TIMEOUT_SECONDS", 30.0, minimum=0.001
+            ),
+            retry_max_attempts=_int(e, "CHATGATE_RETRY_MAX_ATTEMPTS", 3, minimum=1),
+            retry_base_s=_float(e, "CHATGATE_RETRY_BASE_SECONDS", 0.5, minimum=0),
+            retry_cap_s=_float(e, "CHATGATE_RETRY_CAP_SECONDS", 8.0, minimum=0),
+            breaker_failure_threshold=_int(e, "CHATGATE_BREAKER_FAILURE_THRESHOLD", 5, minimum=1),
+            breaker_cooldown_s=_float(e, "CHATGATE_BREAKER_COOLDOWN_SECONDS", 30.0, minimum=0),
+            breaker_max_cooldown_s=_float(e, "CHATGATE_BREAKER_MAX_COOLDOWN_SECONDS", 300.0, minimum=0),
             ledger_queue_size=_int(e, "CHATGATE_LEDGER_QUEUE_SIZE", 10000, minimum=1),
             ledger_batch_size=_int(e, "CHATGATE_LEDGER_BATCH_SIZE", 500, minimum=1),
             log_level=_choice(e, "CHATGATE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

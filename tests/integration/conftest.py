@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,27 @@ async def app(migrated_database_url: str, simulator: Simulator) -> AsyncIterator
         yield application
     finally:
         await application.stop(0)
+
+
+AppFactory = Callable[..., Awaitable[App]]
+
+
+@pytest.fixture
+async def start_app(migrated_database_url: str, simulator: Simulator) -> AsyncIterator[AppFactory]:
+    """Start chatgate with settings overridden (e.g. ``deadline_cap_s=1``); stopped afterwards."""
+    apps: list[App] = []
+
+    async def factory(**overrides: object) -> App:
+        application = App(make_settings(migrated_database_url, simulator.base_url, **overrides))
+        await application.start()
+        apps.append(application)
+        return application
+
+    try:
+        yield factory
+    finally:
+        for application in apps:
+            await application.stop(0)
 
 
 @pytest.fixture

@@ -1,0 +1,144 @@
+"""When and how long to wait before another upstream attempt.
+
+Retries happen only before the first event has gone to the caller (the completion
+service guarantees that by retrying only the open-and-first-event step). The
+schedule, per failed attempt:
+
+- not retryable (the error says so: caller mistakes, our credentials, billing,
+  request too large, ``x-should-retry: false``) → stop;
+- attempts used up → stop;
+- the upstream asked for a wait (``retry-after-ms`` / ``retry-after``) that fits in the
+  time left → wait exactly that;
+- otherwise exponential backoff with full jitter: uniform(0, min(cap, base·2^(n−1)));
+- a wait that would end at or past the deadline is not slept → stop now.
+
+tenacity runs the loop; :class:`RetrySchedule` supplies its ``stop`` and ``wait``.
+Whether to stop depends on the wait (does it fit in the deadline?), so both come from
+one decision per failed attempt, made by whichever tenacity asks first.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from chatgate_server.deadline import Deadline
+from chatgate_server.errors import UpstreamError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How persistent to be. Defaults follow the OpenAI SDK's calibration."""
+
+    max_attempts: int = 3
+    """Attempts in all, the first included."""
+    base_s: float = 0.5
+    """First backoff ceiling; doubles per attempt."""
+    cap_s: float = 8.0
+    """Largest backoff ceiling."""
+    max_retry_after_s: float = 60.0
+    """Longest upstream-requested wait we honour (longer ones are treated as backoff)."""
+
+    def backoff_ceiling(self, failed_attempts: int) -> float:
+        return float(min(self.cap_s, self.base_s * 2 ** (failed_attempts - 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDecision:
+    """What to do after a failed attempt: wait ``wait_s`` then retry, or stop."""
+
+    retry: bool
+    wait_s: float
+    reason: str  # "retry_after", "backoff", or why we stop
+
+
+def decide(
+    error: BaseException,
+    failed_attempts: int,
+    remaining_s: float,
+    policy: RetryPolicy,
+    rng: Callable[[], float] = random.random,
+) -> RetryDecision:
+    """The pure decision, separated from tenacity so it can be tested with numbers."""
+    if not isinstance(error, UpstreamError) or not error.retryable:
+        return RetryDecision(False, 0.0, "not_retryable")
+    if failed_attempts >= policy.max_attempts:
+        return RetryDecision(False, 0.0, "attempts_exhausted")
+    asked = error.retry_after
+    if asked is not None and asked <= policy.max_retry_after_s and asked < remaining_s:
+        return RetryDecision(True, asked, "retry_after")
+    wait = rng() * policy.backoff_ceiling(failed_attempts)
+    if wait >= remaining_s:
+        return RetryDecision(False, 0.0, "deadline")
+    return RetryDecision(True, wait, "backoff")
+
+
+RetryListener = Callable[[int, BaseException, RetryDecision], None]
+
+
+class RetrySchedule:
+    """tenacity ``stop``/``wait`` for one call, bound to its deadline."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        deadline: Deadline,
+        *,
+        rng: Callable[[], float] = random.random,
+        on_retry: RetryListener | None = None,
+    ) -> None:
+        self._policy = policy
+        self._deadline = deadline
+        self._rng = rng
+        self._on_retry = on_retry
+        self._decided_attempt = 0
+        self.last_decision: RetryDecision | None = None
+
+    def _decision(self, state: RetryCallState) -> RetryDecision | None:
+        error = state.outcome.exception() if state.outcome else None
+        if error is None:
+            return None
+        if self._decided_attempt != state.attempt_number or self.last_decision is None:
+            self._decided_attempt = state.attempt_number
+            self.last_decision = decide(
+                error, state.attempt_number, self._deadline.remaining(), self._policy, self._rng
+            )
+            if self.last_decision.retry and self._on_retry is not None:
+                self._on_retry(state.attempt_number, error, self.last_decision)
+        return self.last_decision
+
+    def stop(self, state: RetryCallState) -> bool:
+        decision = self._decision(state)
+        return decision is None or not decision.retry
+
+    def wait(self, state: RetryCallState) -> float:
+        decision = self._decision(state)
+        return decision.wait_s if decision is not None else 0.0
+
+
+async def with_retries(
+    attempt: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    deadline: Deadline,
+    *,
+    rng: Callable[[], float] = random.random,
+    on_retry: RetryListener | None = None,
+) -> T:
+    """Run ``attempt`` until it succeeds or the schedule says stop; re-raise the last error."""
+    schedule = RetrySchedule(policy, deadline, rng=rng, on_retry=on_retry)
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(UpstreamError),
+        stop=schedule.stop,
+        wait=schedule.wait,
+        reraise=True,
+    )
+    async for try_ in retrying:
+        with try_:
+            return await attempt()
+    raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
