@@ -16,10 +16,10 @@ from chatgate_server.rpc.servicer import ChatServicer
 from chatgate_server.upstream.breaker import CircuitBreaker
 from chatgate_server.upstream.openai import OpenAIUpstream
 from chatgate_server.upstream.retry import RetryPolicy
+from chatgate_server.usage import tokens
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, pending_migrations
 from chatgate_server.usage.store import UsageStore
-from chatgate_server.usage.tokens import CharHeuristicEstimator
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class App:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self.breaker: CircuitBreaker | None = None
+        self.service: CompletionService | None = None
 
     async def start(self) -> int:
         """Open resources and start serving; returns the bound port."""
@@ -61,6 +62,9 @@ class App:
                 f"the database at DATABASE_URL lacks migrations {', '.join(pending)}: "
                 "run `chatgate migrate` (or set CHATGATE_MIGRATE_ON_START=true)"
             )
+        # Estimates happen on cancel paths, where a half-second tokenizer load would
+        # hold up the usage row: load it before serving.
+        await asyncio.to_thread(tokens.warm_up)
         store = UsageStore(self._pool)
         await store.ensure_partitions()
         self.ledger = UsageLedger(store, queue_size=s.ledger_queue_size, batch_size=s.ledger_batch_size)
@@ -77,10 +81,10 @@ class App:
             cooldown_s=s.breaker_cooldown_s,
             max_cooldown_s=s.breaker_max_cooldown_s,
         )
-        service = CompletionService(
+        self.service = service = CompletionService(
             self._upstream,
             self.ledger,
-            CharHeuristicEstimator(),
+            tokens.TiktokenEstimator(),
             breaker=self.breaker,
             retry_policy=RetryPolicy(
                 max_attempts=s.retry_max_attempts, base_s=s.retry_base_s, cap_s=s.retry_cap_s
@@ -99,13 +103,22 @@ class App:
         log.info("chatgate serving on %s:%d, upstream %s", s.listen.host, self.port, s.openai_base_url)
         return self.port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, give running ones ``grace`` seconds, flush usage, close."""
+    async def stop(self, grace: float | None = None, hurry: asyncio.Event | None = None) -> None:
+        """Drain and close, in reverse order of opening.
+
+        Health turns NOT_SERVING and new calls are refused at once; running calls get
+        ``grace`` seconds (the configured grace when None; less when ``hurry`` is set)
+        and are then cut with their final event and usage row; the ledger is flushed.
+        """
         grace = self.settings.shutdown_grace_s if grace is None else grace
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self.service is not None:
+            await self.service.drain(grace, hurry)
+            self.service = None
         if self._server is not None:
-            await self._server.stop(grace)
+            # Calls are over; this closes connections (and cancels any straggler).
+            await self._server.stop(1.0)
             self._server = None
         if self.ledger is not None:
             await self.ledger.close()

@@ -76,13 +76,20 @@ async def _serve_async(settings: Settings) -> int:
     except StartupError as exc:
         print(f"chatgate: {exc}", file=sys.stderr)
         return 1
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        # The first signal drains with the grace period; a second one cuts at once.
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    logging.getLogger(__name__).info("shutting down (grace %.1fs)", settings.shutdown_grace_s)
-    await app.stop()
+    log = logging.getLogger(__name__)
+    log.info("shutting down: draining for up to %.1fs (signal again to cut now)", settings.shutdown_grace_s)
+    await app.stop(hurry=hurry)
+    log.info("stopped")
     return 0
 
 

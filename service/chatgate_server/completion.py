@@ -8,6 +8,7 @@ Whatever the end — finished, caller gone, deadline, upstream failure — exact
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -31,7 +32,13 @@ from chatgate_server.domain import (
     UsageRecord,
     UsageReported,
 )
-from chatgate_server.errors import ChatgateError, DeadlineExceeded, UpstreamError, UpstreamProtocolError
+from chatgate_server.errors import (
+    ChatgateError,
+    DeadlineExceeded,
+    ShuttingDown,
+    UpstreamError,
+    UpstreamProtocolError,
+)
 from chatgate_server.upstream.base import Upstream, UpstreamStream
 from chatgate_server.upstream.breaker import CircuitBreaker, Permit
 from chatgate_server.upstream.request_body import build_body
@@ -41,6 +48,9 @@ from chatgate_server.usage.pricing import cost_of
 from chatgate_server.usage.tokens import TokenEstimator
 
 log = logging.getLogger(__name__)
+
+# How long a cut call waits for the caller to take its final event.
+FINAL_EVENT_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +76,7 @@ OutboundEvent = StreamStarted | ContentDelta | RefusalDelta | ToolCallDelta | St
 Send = Callable[[OutboundEvent], Awaitable[None]]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Progress:
     """What has happened so far in one call; becomes the usage row."""
 
@@ -80,6 +90,18 @@ class _Progress:
     # Text relayed to the caller, kept to estimate output tokens when the upstream
     # never reports usage (the caller left, the deadline cut the stream).
     relayed: list[str] = field(default_factory=list)
+    # The call's deadline scope while it talks to the upstream: shutdown reschedules it
+    # to "now" to cut the call the same way the deadline would.
+    scope: asyncio.Timeout | None = None
+    shutdown_cut: bool = False
+
+    def cut_for_shutdown(self) -> None:
+        self.shutdown_cut = True
+        if self.scope is not None and not self.scope.expired():
+            self.scope.reschedule(asyncio.get_running_loop().time())
+
+    # Identity semantics: progress objects live in a set of running calls.
+    __hash__ = object.__hash__
 
 
 @dataclass(slots=True)
@@ -99,6 +121,16 @@ async def _close(events: AsyncIterator[UpstreamEvent] | None, stream: UpstreamSt
         await events.aclose()  # type: ignore[attr-defined]
     if stream is not None:
         await stream.aclose()
+
+
+def _outcome_of(exc: ChatgateError, progress: _Progress) -> Outcome:
+    if progress.attempts == 0:
+        return Outcome.REJECTED  # never reached the upstream
+    if isinstance(exc, ShuttingDown):
+        return Outcome.SHUTDOWN
+    if isinstance(exc, DeadlineExceeded):
+        return Outcome.DEADLINE_EXCEEDED
+    return Outcome.UPSTREAM_ERROR
 
 
 class CompletionService:
@@ -124,6 +156,9 @@ class CompletionService:
         self._first_byte_timeout_s = first_byte_timeout_s
         self._clock = clock
         self._rng = rng
+        self._calls: set[_Progress] = set()
+        self._idle = asyncio.Event()
+        self._draining = False
 
     async def run(
         self, request: CompletionRequest, deadline: Deadline, send: Send, *, trace_id: str | None = None
@@ -138,7 +173,10 @@ class CompletionService:
         outcome = Outcome.INTERNAL_ERROR
         status = "INTERNAL"
         permit: Permit | None = None
+        self._calls.add(progress)
         try:
+            if self._draining:
+                raise ShuttingDown("chatgate is shutting down; retry on another replica")
             permit = self._breaker.acquire()
             outcome = await self._relay(request, deadline, send, progress)
             status = "OK"
@@ -151,19 +189,63 @@ class CompletionService:
                 permit.release()  # says nothing about the upstream's health
             raise
         except ChatgateError as exc:
-            outcome = (
-                Outcome.DEADLINE_EXCEEDED if isinstance(exc, DeadlineExceeded) else Outcome.UPSTREAM_ERROR
-            )
-            if progress.attempts == 0:
-                outcome = Outcome.REJECTED
+            outcome = _outcome_of(exc, progress)
             status = exc.status_name
             if permit is not None:
                 self._judge(permit, exc, progress)
             if progress.started is not None:
-                await send(self._finished(request, progress, outcome))
+                await self._send_final(send, self._finished(request, progress, outcome))
             raise
         finally:
             self._ledger.submit(self._record(request, progress, outcome, status, trace_id))
+            self._calls.discard(progress)
+            if not self._calls:
+                self._idle.set()
+
+    async def _send_final(self, send: Send, event: StreamFinished) -> None:
+        """The final event after a cut, bounded: a caller that stopped reading must not
+        hold the call (and its usage row) open forever."""
+        try:
+            async with asyncio.timeout(FINAL_EVENT_TIMEOUT_S):
+                await send(event)
+        except TimeoutError:
+            log.warning("caller did not take the final event within %.0fs", FINAL_EVENT_TIMEOUT_S)
+
+    # --- draining on shutdown ---------------------------------------------------------
+
+    @property
+    def active_calls(self) -> int:
+        return len(self._calls)
+
+    def stop_admitting(self) -> None:
+        """From now on, new calls are refused with UNAVAILABLE (SHUTTING_DOWN)."""
+        self._draining = True
+
+    async def drain(self, grace_s: float, hurry: asyncio.Event | None = None) -> None:
+        """Let running calls finish for up to ``grace_s`` (less if ``hurry`` is set), then
+        cut the rest: each sends its final event (outcome shutdown) and writes its row."""
+        self._draining = True
+        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._wait_idle())]
+        if hurry is not None:
+            waiters.append(asyncio.ensure_future(hurry.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if self._calls:
+            log.warning("cutting %d call(s) still running after the grace period", len(self._calls))
+            for progress in list(self._calls):
+                progress.cut_for_shutdown()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FINAL_EVENT_TIMEOUT_S + 1):
+                    await self._wait_idle()
+
+    async def _wait_idle(self) -> object:
+        while self._calls:
+            self._idle.clear()
+            await self._idle.wait()
+        return None
 
     @staticmethod
     def _judge(permit: Permit, exc: ChatgateError, progress: _Progress) -> None:
@@ -181,7 +263,10 @@ class CompletionService:
         body = build_body(request)
         opened: _Opened | None = None
         try:
-            async with asyncio.timeout(deadline.remaining()):
+            async with asyncio.timeout(deadline.remaining()) as scope:
+                progress.scope = scope
+                if progress.shutdown_cut:
+                    scope.reschedule(asyncio.get_running_loop().time())
                 # Retried only up to the first event: nothing has reached the caller yet.
                 opened = await with_retries(
                     lambda: self._attempt(request, body, deadline, progress),
@@ -194,8 +279,11 @@ class CompletionService:
                 async for event in opened.events:
                     await self._handle(event, request, send, progress)
         except TimeoutError:
+            if progress.shutdown_cut:
+                raise ShuttingDown("chatgate is shutting down; the stream was cut") from None
             raise DeadlineExceeded("the deadline was reached before the completion finished") from None
         finally:
+            progress.scope = None
             # Close at once on every path: after a cancel no further tokens are read.
             if opened is not None:
                 await opened.aclose()

@@ -8,7 +8,8 @@
     ├── PermissionDenied                PERMISSION_DENIED
     ├── QuotaExceeded                   RESOURCE_EXHAUSTED, with quota violations
     ├── DeadlineExceeded                DEADLINE_EXCEEDED
-    ├── ServiceUnavailable              UNAVAILABLE (shutting down, ledger full)
+    ├── ServiceUnavailable              UNAVAILABLE (ledger full)
+    │   └── ShuttingDown                UNAVAILABLE (draining; retry on another replica)
     └── UpstreamError                   UNAVAILABLE
         ├── UpstreamRateLimited         UNAVAILABLE, with RetryInfo
         ├── UpstreamCredentialsError    UNAVAILABLE ("upstream credentials")
@@ -92,6 +93,12 @@ class DeadlineExceeded(ChatgateError):
 class ServiceUnavailable(ChatgateError):
     status_name = "UNAVAILABLE"
     reason = "SERVICE_UNAVAILABLE"
+
+
+class ShuttingDown(ServiceUnavailable):
+    """This replica is draining: new calls are refused, calls past the grace period cut."""
+
+    reason = "SHUTTING_DOWN"
 
 
 class UpstreamError(ChatgateError):

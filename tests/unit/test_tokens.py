@@ -1,0 +1,123 @@
+"""Token estimates against tiktoken's own counts (offline, from the seeded cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tiktoken
+
+from chatgate_server.domain import ChatMessage, CompletionRequest, TextPart, ToolCall, ToolSpec
+from chatgate_server.usage.tokens import (
+    REPLY_PRIMING_TOKENS,
+    TOKENS_PER_MESSAGE,
+    TOKENS_PER_NAME,
+    TOOLS_PREAMBLE_TOKENS,
+    TiktokenEstimator,
+    encoding_name_for,
+    seed_tiktoken_cache,
+)
+
+
+def enc(name: str) -> tiktoken.Encoding:
+    seed_tiktoken_cache()
+    return tiktoken.get_encoding(name)
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding"),
+    [
+        ("gpt-4o-mini", "o200k_base"),
+        ("gpt-4o-2024-08-06", "o200k_base"),
+        ("gpt-4.1-nano", "o200k_base"),
+        ("gpt-5", "o200k_base"),
+        ("o3-mini", "o200k_base"),
+        ("o4-mini", "o200k_base"),
+        ("gpt-4-turbo", "cl100k_base"),
+        ("gpt-3.5-turbo", "cl100k_base"),
+        ("some-future-model", "o200k_base"),
+    ],
+)
+def test_encoding_follows_the_model_family(model: str, encoding: str) -> None:
+    assert encoding_name_for(model) == encoding
+
+
+def test_known_counts() -> None:
+    # Reference counts from tiktoken itself for fixed strings.
+    o200k, cl100k = enc("o200k_base"), enc("cl100k_base")
+    assert len(o200k.encode("hello world")) == 2
+    assert len(cl100k.encode("tiktoken is great!")) == 6
+
+
+def test_seeding_works_into_an_empty_cache(tmp_path: Path) -> None:
+    seed_tiktoken_cache(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "9b5ad71b2ce5302211f9c61530b329a4922fc6a4",
+        "fb374d419588a4632f3f557e76b4b70aebbca790",
+    ]
+    assert (tmp_path / "fb374d419588a4632f3f557e76b4b70aebbca790").stat().st_size > 1_000_000
+
+
+def test_messages_are_counted_with_overhead() -> None:
+    o200k = enc("o200k_base")
+    request = CompletionRequest(
+        request_id="r",
+        model="gpt-4o",
+        user_id="u",
+        messages=(
+            ChatMessage("system", "You are terse."),
+            ChatMessage("user", (TextPart("What is 2+2?"), TextPart(" Answer briefly.")), name="alice"),
+        ),
+    )
+    expected = (
+        TOKENS_PER_MESSAGE
+        + len(o200k.encode("system"))
+        + len(o200k.encode("You are terse."))
+        + TOKENS_PER_MESSAGE
+        + len(o200k.encode("user"))
+        + len(o200k.encode("What is 2+2?"))
+        + len(o200k.encode(" Answer briefly."))
+        + TOKENS_PER_NAME
+        + len(o200k.encode("alice"))
+        + REPLY_PRIMING_TOKENS
+    )
+    usage = TiktokenEstimator().estimate(request, ["Four", "."])
+    assert usage.input_tokens == expected
+    assert usage.output_tokens == len(o200k.encode("Four."))
+    assert usage.source == "estimated"
+    assert usage.estimate_encoding == "o200k_base"
+
+
+def test_tool_definitions_and_tool_calls_count() -> None:
+    base = CompletionRequest(
+        request_id="r", model="gpt-4o", user_id="u", messages=(ChatMessage("user", "Weather?"),)
+    )
+    tool = ToolSpec(
+        name="get_weather",
+        description="Get the weather for a city",
+        parameters={"type": "object", "properties": {"city": {"type": "string"}}},
+    )
+    with_tools = CompletionRequest(
+        request_id="r",
+        model="gpt-4o",
+        user_id="u",
+        messages=(
+            ChatMessage("user", "Weather?"),
+            ChatMessage("assistant", None, tool_calls=(ToolCall("c1", "get_weather", '{"city":"Paris"}'),)),
+        ),
+        tools=(tool,),
+    )
+    est = TiktokenEstimator()
+    plain = est.estimate(base, []).input_tokens
+    extra = est.estimate(with_tools, []).input_tokens - plain
+    o200k = enc("o200k_base")
+    assert extra > TOOLS_PREAMBLE_TOKENS + len(o200k.encode("get_weather"))
+    # The tool call's arguments are part of the prompt.
+    assert extra >= len(o200k.encode('{"city":"Paris"}'))
+
+
+def test_special_token_text_in_user_content_does_not_crash() -> None:
+    request = CompletionRequest(
+        request_id="r", model="gpt-4o", user_id="u", messages=(ChatMessage("user", "<|endoftext|>"),)
+    )
+    assert TiktokenEstimator().estimate(request, ["<|endoftext|>"]).output_tokens > 1
