@@ -112,6 +112,9 @@ def expected_row(r: UsageRecord) -> dict[str, Any]:
         "started_at": r.started_at,
         "trace_id": r.trace_id,
         "tags": dict(r.tags),
+        "request_fingerprint": None
+        if r.request_fingerprint is None
+        else bytes.fromhex(r.request_fingerprint),
     }
 
 

@@ -122,3 +122,17 @@ def apply_migrations(database_url: str) -> list[str]:
             if not conn.broken:
                 conn.execute("SELECT pg_advisory_unlock(%s)", [MIGRATION_LOCK_KEY])
     return applied_now
+
+
+# libpq reports a server's refusal as "FATAL:  <reason>"; these reasons are settings to
+# fix (wrong database, user, password, pg_hba), not an outage to ride out.
+_REFUSALS = ("does not exist", "authentication failed", "pg_hba.conf", "permission denied")
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` from connecting means Postgres is away (down, restarting, the
+    network) rather than refusing us because of a setting."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    message = str(exc)
+    return not ("FATAL" in message and any(reason in message for reason in _REFUSALS))

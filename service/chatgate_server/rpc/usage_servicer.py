@@ -1,0 +1,160 @@
+"""UsageService: a report request in, the caller's tenant's usage out.
+
+Only proto ⇄ domain here; the queries are ``usage/reports.py``. The tenant always comes
+from the caller (:data:`~chatgate_server.domain.ANONYMOUS_CALLER` until callers
+authenticate), never from the request, so a caller cannot read another tenant's usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from chatgate.v1 import usage_pb2 as pb
+from chatgate.v1 import usage_pb2_grpc
+from chatgate_server.domain import ANONYMOUS_CALLER, Caller
+from chatgate_server.errors import ChatgateError, FieldViolation, InvalidRequest
+from chatgate_server.rpc.status import to_status
+from chatgate_server.usage.reports import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    Dimension,
+    PageToken,
+    Totals,
+    UsagePage,
+    UsageQuery,
+    UsageReports,
+)
+
+log = logging.getLogger(__name__)
+
+_DIMENSIONS = {
+    pb.USAGE_DIMENSION_TENANT: Dimension.TENANT,
+    pb.USAGE_DIMENSION_USER: Dimension.USER,
+    pb.USAGE_DIMENSION_MODEL: Dimension.MODEL,
+    pb.USAGE_DIMENSION_DAY: Dimension.DAY,
+    pb.USAGE_DIMENSION_TAG: Dimension.TAG,
+}
+_GROUP_FIELDS = {
+    Dimension.TENANT: "tenant",
+    Dimension.USER: "user_id",
+    Dimension.MODEL: "model",
+    Dimension.DAY: "day",
+    Dimension.TAG: "tag_value",
+}
+MAX_FILTER_VALUES = 100
+MAX_TAG_FILTERS = 16
+
+
+def to_query(
+    msg: pb.GetUsageRequest, caller: Caller, now: datetime
+) -> tuple[UsageQuery, int, PageToken | None]:
+    """Validate ``msg``; return the query (scoped to ``caller``'s tenant), the page size and
+    the parsed page token. Raises InvalidRequest with every violation."""
+    v: list[FieldViolation] = []
+    if not msg.HasField("start_time"):
+        v.append(FieldViolation("start_time", "required"))
+    if not 0 <= msg.page_size <= MAX_PAGE_SIZE:
+        v.append(FieldViolation("page_size", f"between 1 and {MAX_PAGE_SIZE} (0: {DEFAULT_PAGE_SIZE})"))
+    group_by = []
+    for i, d in enumerate(msg.group_by):
+        dimension = _DIMENSIONS.get(d)
+        if dimension is None:
+            v.append(FieldViolation(f"group_by[{i}]", "not a known dimension"))
+        else:
+            group_by.append(dimension)
+    if len(msg.user_ids) > MAX_FILTER_VALUES or len(msg.models) > MAX_FILTER_VALUES:
+        v.append(
+            FieldViolation("user_ids", f"at most {MAX_FILTER_VALUES} users and {MAX_FILTER_VALUES} models")
+        )
+    if len(msg.tags) > MAX_TAG_FILTERS:
+        v.append(FieldViolation("tags", f"at most {MAX_TAG_FILTERS} tags"))
+    if v:
+        raise InvalidRequest(v)
+    start = msg.start_time.ToDatetime(tzinfo=UTC)
+    end = msg.end_time.ToDatetime(tzinfo=UTC) if msg.HasField("end_time") else now
+    query = UsageQuery(
+        start=start,
+        end=end,
+        group_by=tuple(group_by),
+        tag_key=msg.tag_key or None,
+        tenant=caller.tenant,
+        user_ids=tuple(msg.user_ids),
+        models=tuple(msg.models),
+        tags=dict(msg.tags),
+    )
+    token = PageToken.decode(msg.page_token, query) if msg.page_token else None
+    if token is not None:
+        # The window an open-ended report was first computed for, on every page.
+        query = replace(query, end=token.end)
+    query.validate()
+    return query, msg.page_size or DEFAULT_PAGE_SIZE, token
+
+
+def _totals(t: Totals) -> pb.UsageTotals:
+    return pb.UsageTotals(
+        requests=t.requests,
+        input_tokens=t.input_tokens,
+        output_tokens=t.output_tokens,
+        cached_input_tokens=t.cached_input_tokens,
+        reasoning_tokens=t.reasoning_tokens,
+        total_tokens=t.total_tokens,
+        cost_usd_micros=t.cost_usd_micros,
+        unpriced_requests=t.unpriced_requests,
+    )
+
+
+def _timestamp(t: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(t)
+    return ts
+
+
+def to_response(query: UsageQuery, page: UsagePage) -> pb.GetUsageResponse:
+    groups = []
+    for g in page.groups:
+        fields = {_GROUP_FIELDS[d]: value for d, value in g.key.items()}
+        groups.append(pb.UsageGroup(totals=_totals(g.totals), **fields))
+    token = ""
+    if page.next_after is not None:
+        token = PageToken(query.fingerprint(), query.end, page.next_after).encode()
+    return pb.GetUsageResponse(
+        totals=_totals(page.totals),
+        groups=groups,
+        next_page_token=token,
+        start_time=_timestamp(query.start),
+        end_time=_timestamp(query.end),
+    )
+
+
+class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
+    """Serves chatgate.v1.UsageService over the usage reports."""
+
+    def __init__(self, reports: UsageReports, *, clock: Callable[[], datetime] | None = None) -> None:
+        self._reports = reports
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    async def GetUsage(
+        self,
+        request: pb.GetUsageRequest,
+        context: grpc.aio.ServicerContext[pb.GetUsageRequest, pb.GetUsageResponse],
+    ) -> pb.GetUsageResponse:
+        try:
+            # Until callers authenticate, every caller is the anonymous one (tenant "default").
+            query, page_size, token = to_query(request, ANONYMOUS_CALLER, self._clock())
+            page = await self._reports.report(query, limit=page_size, after=token.after if token else None)
+            return to_response(query, page)
+        except ChatgateError as exc:
+            await context.abort_with_status(to_status(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("unexpected error in GetUsage")
+            await context.abort_with_status(to_status(ChatgateError("internal error")))
+        raise AssertionError("unreachable: abort_with_status raises")

@@ -1,0 +1,349 @@
+"""Operator commands on the usage ledger: ``chatgate usage``, ``usage-retention``, ``usage-reprice``.
+
+They talk to Postgres directly (``DATABASE_URL``) with an operator's view: every
+tenant unless ``--tenant`` narrows it. Examples::
+
+    chatgate usage --since 7d --by user                 # a table per user, last 7 days
+    chatgate usage --since 2026-11-01 --by day,model --format csv
+    chatgate usage --by tag:feature --user u-42         # one user's usage by the "feature" tag
+    chatgate usage --vs-usual                           # top users in the last hour vs their usual
+    chatgate usage-retention --dry-run                  # what dropping old months would remove
+    chatgate usage-reprice --since 2026-11-01 --until 2026-11-08   # after fixing a price
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import re
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from chatgate_server.usage.reports import Dimension, Group, Totals, UsageSpike
+
+USAGE_COMMANDS = ("usage", "usage-retention", "usage-reprice")
+
+_DURATION = re.compile(r"^(\d+)([mhdw])$")
+_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+_TOTAL_COLUMNS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "cost_usd",
+    "unpriced_requests",
+)
+
+
+def add_usage_commands(sub: Any) -> None:
+    """Add the usage commands to the ``chatgate`` subparsers."""
+    report = sub.add_parser(
+        "usage",
+        help="usage and cost from the ledger, as a table or CSV (DATABASE_URL)",
+        description="Totals and breakdowns of usage over a time window, for every tenant unless --tenant.",
+    )
+    report.add_argument("--since", help="start: a duration back from now (30m, 12h, 7d, 2w) or a date/time")
+    report.add_argument(
+        "--until", help="end (exclusive): a duration back from now or a date/time (default now)"
+    )
+    report.add_argument(
+        "--by",
+        default="",
+        help="comma-separated groupings: tenant, user, model, day, tag:<key> (e.g. --by user,model)",
+    )
+    report.add_argument("--tenant", help="only this tenant")
+    report.add_argument("--user", action="append", default=[], help="only this user (repeatable)")
+    report.add_argument("--model", action="append", default=[], help="only this requested model (repeatable)")
+    report.add_argument(
+        "--tag", action="append", default=[], help="only rows with this tag, key=value (repeatable)"
+    )
+    report.add_argument("--sort", choices=("key", "cost"), default="key", help="group order (default key)")
+    report.add_argument("--limit", type=int, default=1000, help="most groups printed (default 1000)")
+    report.add_argument("--format", choices=("table", "csv"), default="table")
+    report.add_argument(
+        "--vs-usual",
+        action="store_true",
+        help="top users in the window (default 1h) next to their usual usage over --baseline",
+    )
+    report.add_argument(
+        "--baseline", default="7d", help="with --vs-usual: days that define usual (default 7d)"
+    )
+
+    retention = sub.add_parser(
+        "usage-retention",
+        help="drop usage months older than the retention period (DATABASE_URL)",
+        description="Keep the current month and the N months before it; drop older monthly partitions.",
+    )
+    retention.add_argument(
+        "--months",
+        type=int,
+        help="months kept before the current one (default CHATGATE_USAGE_RETENTION_MONTHS, 13)",
+    )
+    retention.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
+
+    reprice = sub.add_parser(
+        "usage-reprice",
+        help="recompute cost for a window with the current price table (DATABASE_URL)",
+        description="Recompute cost_usd_micros and price_version of rows in [--since, --until).",
+    )
+    reprice.add_argument("--since", required=True, help="start: a duration back from now or a date/time")
+    reprice.add_argument("--until", help="end (exclusive), default now")
+    reprice.add_argument("--dry-run", action="store_true", help="count the changes, write nothing")
+
+
+def run_usage_command(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Run one of :data:`USAGE_COMMANDS`; one clear line on stderr and exit 1 on failure."""
+    from chatgate_server.config import database_url_from_env, retention_months_from_env
+    from chatgate_server.errors import ChatgateError
+
+    url = database_url_from_env()
+    try:
+        if args.command == "usage-retention":
+            months = args.months if args.months is not None else retention_months_from_env()
+            return asyncio.run(_retention(url, months, args.dry_run, out))
+        if args.command == "usage-reprice":
+            now = datetime.now(UTC)
+            since, until = parse_when(args.since, now), parse_when(args.until, now) if args.until else now
+            return asyncio.run(_reprice(url, since, until, args.dry_run, out))
+        return asyncio.run(_report(url, args, out))
+    except (ValueError, ChatgateError) as exc:
+        print(f"chatgate: {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
+        first = str(exc).strip().splitlines()
+        print(
+            f"chatgate: {args.command} failed: {type(exc).__name__}: {first[0] if first else ''}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def parse_when(text: str, now: datetime) -> datetime:
+    """``7d`` → now − 7 days; ``2026-11-01`` → that UTC midnight; ISO date-times as given (UTC if naive)."""
+    match = _DURATION.match(text.strip())
+    if match:
+        return now - int(match[1]) * _UNITS[match[2]]
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a duration (30m, 12h, 7d, 2w) nor a date/time") from None
+    return parsed if parsed.utcoffset() is not None else parsed.replace(tzinfo=UTC)
+
+
+def parse_by(text: str) -> tuple[tuple[Dimension, ...], str | None]:
+    """``user,tag:feature`` → ((USER, TAG), "feature")."""
+    from chatgate_server.usage.reports import Dimension
+
+    dims: list[Dimension] = []
+    tag_key = None
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, key = part.partition(":")
+        try:
+            dim = Dimension(name)
+        except ValueError:
+            raise ValueError(f"--by {part!r}: use tenant, user, model, day or tag:<key>") from None
+        if dim is Dimension.TAG:
+            if not key:
+                raise ValueError("--by tag needs a key: tag:<key>")
+            tag_key = key
+        dims.append(dim)
+    return tuple(dims), tag_key
+
+
+def usd(micros: int | float) -> str:
+    """Micro-dollars as dollars with six decimals, exactly (no float for whole values)."""
+    if isinstance(micros, float):
+        return f"{micros / 1_000_000:.6f}"
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), 1_000_000)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+async def _pool(url: str) -> Any:
+    from psycopg_pool import AsyncConnectionPool
+
+    pool: Any = AsyncConnectionPool(url, min_size=1, max_size=1, open=False)
+    await pool.open(wait=True, timeout=10)
+    return pool
+
+
+async def _report(url: str, args: argparse.Namespace, out: TextIO) -> int:
+    from chatgate_server.usage.reports import UsageQuery, usage_report, usage_spikes
+
+    now = datetime.now(UTC)
+    if args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    pool = await _pool(url)
+    try:
+        if args.vs_usual:
+            window = now - parse_when(args.since or "1h", now)
+            baseline = now - parse_when(args.baseline, now)
+            spikes = await usage_spikes(
+                pool, window=window, baseline=baseline, now=now, tenant=args.tenant, limit=args.limit
+            )
+            _print_spikes(spikes, args.format, out)
+            return 0
+        group_by, tag_key = parse_by(args.by)
+        tags = {}
+        for item in args.tag:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--tag {item!r}: use key=value")
+            tags[key] = value
+        query = UsageQuery(
+            start=parse_when(args.since or "7d", now),
+            end=parse_when(args.until, now) if args.until else now,
+            group_by=group_by,
+            tag_key=tag_key,
+            tenant=args.tenant,
+            user_ids=tuple(args.user),
+            models=tuple(args.model),
+            tags=tags,
+        )
+        groups: list[Group] = []
+        after: tuple[str, ...] | None = None
+        while True:
+            page = await usage_report(
+                pool,
+                query,
+                limit=min(args.limit - len(groups), 1000),
+                after=after,
+                order_by_cost=args.sort == "cost",
+            )
+            groups += page.groups
+            after = page.next_after
+            if after is None or len(groups) >= args.limit:
+                break
+        _print_report(query.group_by, groups, page.totals, args.format, out)
+        return 0
+    finally:
+        await pool.close()
+
+
+def _totals_row(t: Totals) -> list[str]:
+    return [
+        str(t.requests),
+        str(t.input_tokens),
+        str(t.output_tokens),
+        str(t.cached_input_tokens),
+        str(t.reasoning_tokens),
+        str(t.total_tokens),
+        usd(t.cost_usd_micros),
+        str(t.unpriced_requests),
+    ]
+
+
+def _print_report(
+    dims: Sequence[Dimension], groups: Sequence[Group], totals: Totals, fmt: str, out: TextIO
+) -> None:
+    header = [d.value for d in dims] + list(_TOTAL_COLUMNS)
+    rows = [[g.key[d] for d in dims] + _totals_row(g.totals) for g in groups]
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(header)
+        writer.writerows(rows if dims else [_totals_row(totals)])
+        return
+    footer = ["TOTAL"] + [""] * (len(dims) - 1) + _totals_row(totals) if dims else _totals_row(totals)
+    _table(header, rows, footer, len(dims), out)
+
+
+def _print_spikes(spikes: Sequence[UsageSpike], fmt: str, out: TextIO) -> None:
+    header = [
+        "tenant",
+        "user",
+        "requests",
+        "total_tokens",
+        "cost_usd",
+        "usual_requests",
+        "usual_tokens",
+        "usual_cost_usd",
+        "x_usual",
+    ]
+    rows = [
+        [
+            s.tenant,
+            s.user_id,
+            str(s.requests),
+            str(s.total_tokens),
+            usd(s.cost_usd_micros),
+            f"{float(s.usual_requests):.1f}",
+            f"{float(s.usual_tokens):.0f}",
+            usd(float(s.usual_cost_usd_micros)),
+            "new" if s.ratio is None else f"{s.ratio:.1f}",
+        ]
+        for s in spikes
+    ]
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(header)
+        writer.writerows(rows)
+        return
+    _table(header, rows, None, 2, out)
+
+
+def _table(
+    header: list[str], rows: list[list[str]], footer: list[str] | None, text_columns: int, out: TextIO
+) -> None:
+    everything = [header, *rows, *([footer] if footer else [])]
+    widths = [max(len(r[i]) for r in everything) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < text_columns else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    print(line(header), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for row in rows:
+        print(line(row), file=out)
+    if footer:
+        print("  ".join("-" * w for w in widths), file=out)
+        print(line(footer), file=out)
+
+
+async def _retention(url: str, months: int, dry_run: bool, out: TextIO) -> int:
+    import psycopg
+
+    from chatgate_server.usage.maintenance import apply_retention
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        result = await apply_retention(conn, months, dry_run=dry_run)
+    verb = "would drop" if dry_run else "dropped"
+    names = ", ".join(result.dropped_partitions) or "none"
+    print(
+        f"retention: keeping usage since {result.cutoff.isoformat()} ({months} month(s) before this one)",
+        file=out,
+    )
+    print(f"{verb} partitions: {names}", file=out)
+    print(
+        f"{verb} {result.deleted_default_rows} row(s) from the default partition and "
+        f"{result.deleted_daily_rows} roll-up row(s)",
+        file=out,
+    )
+    return 0
+
+
+async def _reprice(url: str, since: datetime, until: datetime, dry_run: bool, out: TextIO) -> int:
+    import psycopg
+
+    from chatgate_server.usage.maintenance import reprice
+
+    if until <= since:
+        raise ValueError("--until must be after --since")
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        result = await reprice(conn, since, until, dry_run=dry_run)
+    verb = "would change" if dry_run else "changed"
+    print(
+        f"repriced [{since.isoformat()}, {until.isoformat()}) with price version {result.price_version}: "
+        f"{result.examined} row(s) examined, {verb} {result.changed}, "
+        f"cost delta {usd(result.cost_delta_usd_micros)} USD",
+        file=out,
+    )
+    return 0

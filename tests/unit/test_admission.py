@@ -1,0 +1,249 @@
+"""Caller-supplied request ids: fingerprints, the admission rules, and which attempt's row stays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from chatgate_server.domain import (
+    Caller,
+    ChatMessage,
+    CompletionRequest,
+    Cost,
+    JsonSchemaFormat,
+    Outcome,
+    SamplingOptions,
+    TokenUsage,
+    ToolSpec,
+    UsageRecord,
+)
+from chatgate_server.errors import DuplicateRequest
+from chatgate_server.usage.admission import RequestIdGuard, fingerprint
+from chatgate_server.usage.store import StoredAttempt, settle_attempts
+
+T0 = datetime(2026, 11, 3, 12, 0, tzinfo=UTC)
+
+
+def request(**overrides: object) -> CompletionRequest:
+    base = CompletionRequest(
+        request_id="caller-id-1",
+        model="gpt-4o-mini",
+        messages=(ChatMessage(role="user", content="Hello"),),
+        user_id="u-1",
+        tags={"feature": "x"},
+        sampling=SamplingOptions(temperature=0.5),
+        tools=(ToolSpec("lookup", parameters={"type": "object"}),),
+        response_format=JsonSchemaFormat("answer", {"type": "object"}),
+        request_id_from_caller=True,
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def record(request_id: str = "caller-id-1", *, served: bool, started_at: datetime = T0) -> UsageRecord:
+    return UsageRecord(
+        request_id=request_id,
+        tenant="default",
+        caller_service="svc",
+        user_id="u-1",
+        requested_model="gpt-4o-mini",
+        resolved_model="gpt-4o-mini-2024-07-18" if served else None,
+        upstream_response_id=None,
+        usage=TokenUsage(),
+        cost=Cost(0, "v"),
+        outcome=Outcome.COMPLETED if served else Outcome.UPSTREAM_ERROR,
+        grpc_status="OK" if served else "UNAVAILABLE",
+        finish_reason=None,
+        attempts=1,
+        time_to_first_token_ms=None,
+        duration_ms=1.0,
+        started_at=started_at,
+    )
+
+
+# --- fingerprints ---------------------------------------------------------------------------
+
+
+def test_the_same_request_built_twice_has_the_same_fingerprint() -> None:
+    assert fingerprint(request()) == fingerprint(request())
+    # Tag order is not content.
+    assert fingerprint(request(tags={"a": "1", "b": "2"})) == fingerprint(request(tags={"b": "2", "a": "1"}))
+    # The id itself is not content.
+    assert fingerprint(request(request_id="other")) == fingerprint(request())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": "gpt-4o"},
+        {"messages": (ChatMessage(role="user", content="Hello!"),)},
+        {"user_id": "u-2"},
+        {"caller": Caller(tenant="other", service="svc")},
+        {"tags": {"feature": "y"}},
+        {"sampling": SamplingOptions(temperature=0.6)},
+        {"tools": ()},
+        {"response_format": "json_object"},
+    ],
+)
+def test_any_change_of_content_changes_the_fingerprint(change: dict[str, object]) -> None:
+    assert fingerprint(request(**change)) != fingerprint(request())
+
+
+# --- the guard --------------------------------------------------------------------------------
+
+
+class Lookups:
+    def __init__(self, stored: Sequence[StoredAttempt] = (), fail: bool = False) -> None:
+        self.stored = list(stored)
+        self.fail = fail
+        self.calls: list[str] = []
+
+    async def __call__(self, request_id: str, since: datetime) -> Sequence[StoredAttempt]:
+        self.calls.append(request_id)
+        if self.fail:
+            raise OSError("postgres is away")
+        return self.stored
+
+
+def guard(lookups: Lookups) -> RequestIdGuard:
+    return RequestIdGuard(lookups, window=timedelta(hours=24))
+
+
+async def test_generated_ids_never_look_anything_up() -> None:
+    lookups = Lookups()
+    g = guard(lookups)
+    generated = request(request_id="0190abc", request_id_from_caller=False)
+    await g.admit(generated)
+    await g.admit(generated)  # even "the same id twice": generated ids are unique
+    assert lookups.calls == []
+    assert g.finished(record("0190abc", served=True)).request_fingerprint is None
+
+
+async def test_a_new_caller_id_is_looked_up_once_and_its_record_carries_the_fingerprint() -> None:
+    lookups = Lookups()
+    g = guard(lookups)
+    await g.admit(request())
+    assert lookups.calls == ["caller-id-1"]
+    finished = g.finished(record(served=True))
+    assert finished.request_fingerprint == fingerprint(request())
+
+
+async def test_a_retry_after_an_attempt_that_sent_nothing_is_admitted() -> None:
+    lookups = Lookups()
+    g = guard(lookups)
+    await g.admit(request())
+    g.finished(record(served=False))
+    await g.admit(request())  # same content: the caller's retry
+    assert lookups.calls == ["caller-id-1"]  # answered from memory the second time
+
+
+async def test_reuse_for_different_content_is_refused() -> None:
+    g = guard(Lookups())
+    await g.admit(request())
+    g.finished(record(served=False))
+    with pytest.raises(DuplicateRequest, match="different request"):
+        await g.admit(request(messages=(ChatMessage(role="user", content="Something else"),)))
+
+
+async def test_a_served_request_cannot_run_again_under_its_id() -> None:
+    g = guard(Lookups())
+    await g.admit(request())
+    g.finished(record(served=True))
+    with pytest.raises(DuplicateRequest, match="already served"):
+        await g.admit(request())
+
+
+async def test_an_id_in_flight_is_refused_even_while_its_lookup_runs() -> None:
+    g = guard(Lookups())
+    await g.admit(request())
+    with pytest.raises(DuplicateRequest, match="in progress"):
+        await g.admit(request())
+
+
+@pytest.mark.parametrize(
+    ("stored", "message"),
+    [
+        ([StoredAttempt(T0, "ff" * 16, served=False)], "different request"),
+        ([StoredAttempt(T0, None, served=True)], "different request"),  # a generated id's row
+        ([StoredAttempt(T0, fingerprint(request()), served=True)], "already served"),
+    ],
+)
+async def test_rows_in_postgres_decide_when_memory_has_nothing(
+    stored: list[StoredAttempt], message: str
+) -> None:
+    g = guard(Lookups(stored))
+    with pytest.raises(DuplicateRequest, match=message):
+        await g.admit(request())
+    # A refused call is not left "in flight".
+    g2 = guard(Lookups())
+    await g2.admit(request())
+
+
+async def test_a_stored_attempt_that_sent_nothing_admits_the_retry() -> None:
+    g = guard(Lookups([StoredAttempt(T0, fingerprint(request()), served=False)]))
+    await g.admit(request())
+
+
+async def test_when_postgres_is_away_the_lookup_fails_open() -> None:
+    lookups = Lookups(fail=True)
+    g = guard(lookups)
+    await g.admit(request())
+    assert g.lookups_skipped == 1
+    g.finished(record(served=False))
+    g2 = guard(Lookups())
+    await g2.admit(request(), consult_database=False)  # the ledger knows Postgres is away
+    assert g2.lookups_skipped == 1
+
+
+# --- which attempt's row stays ---------------------------------------------------------------
+
+
+def at(minutes: int) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def test_a_served_retry_supersedes_a_stored_attempt_that_sent_nothing() -> None:
+    delete, skip = settle_attempts(
+        [StoredAttempt(at(0), "f", served=False)], [record(served=True, started_at=at(1))]
+    )
+    assert delete == [at(0)] and skip == set()
+
+
+def test_an_attempt_that_sent_nothing_arriving_late_is_dropped() -> None:
+    # The spool replays the failed first attempt after the retry's row was written.
+    delete, skip = settle_attempts(
+        [StoredAttempt(at(1), "f", served=True)], [record(served=False, started_at=at(0))]
+    )
+    assert delete == [] and skip == {at(0)}
+
+
+def test_both_attempts_in_one_batch_keep_the_served_one() -> None:
+    delete, skip = settle_attempts(
+        [], [record(served=False, started_at=at(0)), record(served=True, started_at=at(1))]
+    )
+    assert delete == [] and skip == {at(0)}
+
+
+def test_of_attempts_that_all_sent_nothing_the_latest_stays() -> None:
+    delete, skip = settle_attempts(
+        [StoredAttempt(at(0), "f", served=False)],
+        [record(served=False, started_at=at(2)), record(served=False, started_at=at(1))],
+    )
+    assert delete == [at(0)] and skip == {at(1)}
+
+
+def test_a_replay_of_a_stored_row_is_skipped_and_two_served_rows_are_both_kept() -> None:
+    delete, skip = settle_attempts(
+        [StoredAttempt(at(0), "f", served=True)],
+        [record(served=True, started_at=at(0)), record(served=True, started_at=at(1))],
+    )
+    # The replay is skipped; the second served attempt is kept: a bill never loses one.
+    assert delete == [] and skip == {at(0)}
+
+
+def test_the_same_record_twice_in_one_batch_is_not_skipped() -> None:
+    # ON CONFLICT keeps one of them; skipping by key here would drop both.
+    delete, skip = settle_attempts([], [record(served=True), record(served=True)])
+    assert delete == [] and skip == set()
