@@ -1,0 +1,121 @@
+// ChatgateClient: one channel, `complete()` as an async iterator of events, `collect()`.
+import grpc from "@grpc/grpc-js";
+import { ChatgateError, fromServiceError } from "./errors.js";
+import { Collector, toEvent } from "./events.js";
+import { chatServiceClient } from "./proto.js";
+
+/** chatgate's own default cap; pick a shorter deadline per use case (docs/CALLING.md). */
+export const DEFAULT_TIMEOUT_MS = 60_000;
+
+export const DEFAULT_CHANNEL_OPTIONS = Object.freeze({
+  // Ping every 30 s, drop the connection when a ping goes 10 s unanswered: a dead peer
+  // or a NAT that forgot the connection is noticed before the next call hangs on it.
+  // chatgate permits pings every 10 s, so this never earns a GOAWAY(too_many_pings).
+  "grpc.keepalive_time_ms": 30_000,
+  "grpc.keepalive_timeout_ms": 10_000,
+  "grpc.keepalive_permit_without_calls": 1,
+  // Reconnect within 10 s after a server restart (gRPC's default backoff grows to 120 s).
+  "grpc.max_reconnect_backoff_ms": 10_000,
+  "grpc.primary_user_agent": "chatgate-client-node/0.1.0",
+});
+
+export class ChatgateClient {
+  #stub;
+  #token;
+  #timeoutMs;
+  #metadata;
+
+  /**
+   * @param address host:port (any gRPC target, e.g. "dns:///chatgate:50051").
+   * @param options token (bearer token sent as `authorization`), credentials
+   *   (grpc.credentials.createSsl(...); plaintext when absent), timeoutMs (each call's
+   *   deadline unless the call gives one; null for none), metadata (sent with every
+   *   call), channelOptions (over the keepalive defaults).
+   */
+  constructor(address, { token, credentials, timeoutMs = DEFAULT_TIMEOUT_MS, metadata = {}, channelOptions = {} } = {}) {
+    const Stub = chatServiceClient();
+    this.#stub = new Stub(address, credentials ?? grpc.credentials.createInsecure(), {
+      ...DEFAULT_CHANNEL_OPTIONS,
+      ...channelOptions,
+    });
+    this.#token = token;
+    this.#timeoutMs = checkTimeout(timeoutMs);
+    this.#metadata = metadata;
+  }
+
+  /**
+   * Start a completion; iterate the result with `for await` to get events as they
+   * arrive. Breaking out of the loop (or aborting `signal`) cancels the call, and
+   * chatgate stops the upstream. A failure throws a ChatgateError after any events
+   * that arrived before it.
+   */
+  async *complete(request, { timeoutMs, metadata = {}, signal } = {}) {
+    const timeout = timeoutMs === undefined ? this.#timeoutMs : checkTimeout(timeoutMs);
+    const options = timeout === null ? {} : { deadline: new Date(Date.now() + timeout) };
+    const call = this.#stub.Complete(request, this.#callMetadata(metadata), options);
+    const abort = () => call.cancel();
+    signal?.addEventListener("abort", abort, { once: true });
+    let received = 0;
+    try {
+      for await (const message of call) {
+        const event = toEvent(message);
+        if (event === null) continue; // an event kind newer than this client
+        received += 1;
+        yield event;
+      }
+    } catch (error) {
+      throw fromServiceError(error, received);
+    } finally {
+      signal?.removeEventListener("abort", abort);
+      // Ending early cancels the call, and grpc-js reports that as an 'error' event after
+      // we stopped reading: swallow it here rather than rely on a listener the stream
+      // iterator may or may not have left behind (an unhandled 'error' kills the process).
+      call.on("error", () => {});
+      call.cancel(); // a no-op when the call already ended
+    }
+  }
+
+  /**
+   * Run a completion to its end: { text, refusal, toolCalls, finishReason, outcome,
+   * usage, cost, requestId, model, ... }. On failure the ChatgateError's `partial`
+   * holds what had arrived (null when nothing had).
+   */
+  async collect(request, options = {}) {
+    const collector = new Collector();
+    try {
+      for await (const event of this.complete(request, options)) collector.add(event);
+    } catch (error) {
+      if (error instanceof ChatgateError && collector.events > 0) error.partial = collector.result();
+      throw error;
+    }
+    const completion = collector.result();
+    if (!completion.finished) {
+      const error = new ChatgateError(grpc.status.UNKNOWN, "the stream ended without its final event", {
+        reason: "INCOMPLETE_STREAM",
+        eventsReceived: collector.events,
+      });
+      error.partial = completion;
+      throw error;
+    }
+    return completion;
+  }
+
+  /** Close the channel; running calls are cancelled. */
+  close() {
+    this.#stub.close();
+  }
+
+  #callMetadata(extra) {
+    const md = new grpc.Metadata();
+    if (this.#token) md.set("authorization", `Bearer ${this.#token}`);
+    for (const [key, value] of Object.entries({ ...this.#metadata, ...extra })) md.set(key, value);
+    return md;
+  }
+}
+
+function checkTimeout(timeoutMs) {
+  if (timeoutMs !== null && !(Number.isFinite(timeoutMs) && timeoutMs > 0)) {
+    throw new RangeError(`timeoutMs must be a positive number of milliseconds or null, got ${timeoutMs}`);
+  }
+  return timeoutMs;
+}

@@ -1,0 +1,182 @@
+"""Typed events of a completion stream, decoded from ``CompleteResponse``.
+
+A stream is one :class:`Started`, then :class:`ContentDelta`, :class:`RefusalDelta` and
+:class:`ToolCallDelta` events in the order the model produced them, then exactly one
+:class:`Finished`. Events are plain frozen dataclasses, so ``match`` works on them::
+
+    match event:
+        case ContentDelta(text=text):
+            print(text, end="")
+        case Finished(usage=usage):
+            print(usage.total_tokens)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from chatgate.v1 import chat_pb2 as pb
+
+
+class FinishReason(enum.StrEnum):
+    """Why the model stopped (``UNSPECIFIED`` when the stream was cut)."""
+
+    UNSPECIFIED = "unspecified"
+    STOP = "stop"
+    LENGTH = "length"
+    TOOL_CALLS = "tool_calls"
+    CONTENT_FILTER = "content_filter"
+    FUNCTION_CALL = "function_call"
+
+
+class Outcome(enum.StrEnum):
+    """How the stream ended from chatgate's side."""
+
+    UNSPECIFIED = "unspecified"
+    COMPLETED = "completed"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    UPSTREAM_ERROR = "upstream_error"
+    SHUTDOWN = "shutdown"
+
+
+class UsageSource(enum.StrEnum):
+    """Where token counts came from: the upstream's report, or chatgate's estimate."""
+
+    UNSPECIFIED = "unspecified"
+    REPORTED = "reported"
+    ESTIMATED = "estimated"
+
+
+# Explicit tables rather than name mangling: a value added to the contract later
+# decodes as UNSPECIFIED instead of raising in the middle of a stream.
+_FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: FinishReason.STOP,
+    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    pb.FINISH_REASON_TOOL_CALLS: FinishReason.TOOL_CALLS,
+    pb.FINISH_REASON_CONTENT_FILTER: FinishReason.CONTENT_FILTER,
+    pb.FINISH_REASON_FUNCTION_CALL: FinishReason.FUNCTION_CALL,
+}
+_OUTCOMES = {
+    pb.OUTCOME_COMPLETED: Outcome.COMPLETED,
+    pb.OUTCOME_DEADLINE_EXCEEDED: Outcome.DEADLINE_EXCEEDED,
+    pb.OUTCOME_UPSTREAM_ERROR: Outcome.UPSTREAM_ERROR,
+    pb.OUTCOME_SHUTDOWN: Outcome.SHUTDOWN,
+}
+_USAGE_SOURCES = {
+    pb.USAGE_SOURCE_REPORTED: UsageSource.REPORTED,
+    pb.USAGE_SOURCE_ESTIMATED: UsageSource.ESTIMATED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """First event: the request id (yours or generated) and the model that answers."""
+
+    request_id: str
+    model: str
+    upstream_response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContentDelta:
+    """A piece of the answer's text; concatenate them in order."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalDelta:
+    """A piece of a refusal (the model declined); concatenate them in order."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of tool call ``index``: ``id`` and ``name`` come on its first piece only."""
+
+    index: int
+    id: str
+    name: str
+    arguments_fragment: str
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens used. ``cached_input_tokens`` is part of ``input_tokens``; reasoning of output."""
+
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    source: UsageSource
+    estimate_encoding: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What the request cost: ``usd_micros`` is None when the model has no price."""
+
+    usd_micros: int | None
+    price_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """Last event: why the model stopped, how the stream ended, usage and cost."""
+
+    finish_reason: FinishReason
+    outcome: Outcome
+    usage: Usage
+    cost: Cost
+
+
+Event = Started | ContentDelta | RefusalDelta | ToolCallDelta | Finished
+"""One event of a completion stream."""
+
+
+def event_from_proto(message: pb.CompleteResponse) -> Event | None:
+    """The typed event in ``message``, or None for an event kind this client does not know.
+
+    Unknown kinds (added to the contract after this client was built) are skipped by
+    the clients, so an older client keeps working against a newer server.
+    """
+    kind = message.WhichOneof("event")
+    if kind == "content":
+        return ContentDelta(message.content.text)
+    if kind == "tool_call":
+        d = message.tool_call
+        return ToolCallDelta(d.index, d.id, d.name, d.arguments_fragment)
+    if kind == "refusal":
+        return RefusalDelta(message.refusal.text)
+    if kind == "started":
+        s = message.started
+        return Started(s.request_id, s.model, s.upstream_response_id)
+    if kind == "finished":
+        return _finished(message.finished)
+    return None
+
+
+def _finished(f: pb.Finished) -> Finished:
+    u = f.usage
+    usage = Usage(
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cached_input_tokens=u.cached_input_tokens,
+        reasoning_tokens=u.reasoning_tokens,
+        total_tokens=u.total_tokens,
+        source=_USAGE_SOURCES.get(u.source, UsageSource.UNSPECIFIED),
+        estimate_encoding=u.estimate_encoding,
+    )
+    cost = Cost(
+        usd_micros=f.cost.usd_micros if f.cost.HasField("usd_micros") else None,
+        price_version=f.cost.price_version,
+    )
+    return Finished(
+        finish_reason=_FINISH_REASONS.get(f.finish_reason, FinishReason.UNSPECIFIED),
+        outcome=_OUTCOMES.get(f.outcome, Outcome.UNSPECIFIED),
+        usage=usage,
+        cost=cost,
+    )
