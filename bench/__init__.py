@@ -1,0 +1,1 @@
+"""chatgate's benchmark suite: ``python -m bench`` (see docs/PERFORMANCE.md)."""

@@ -1,0 +1,124 @@
+"""The benchmark's scenarios: what load, against which targets, for how long.
+
+Targets: ``direct`` (the upstream itself, through the cheapest HTTP client: the floor
+for time to first event), ``relay`` (the minimal grpc.aio → httpx relay),
+``ceiling`` (grpc.aio writing the same messages with no upstream) and ``chatgate``.
+Every scenario runs its targets one after another in the same invocation, against
+the same upstream, so ratios between them hold on a noisy machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    description: str
+    concurrency: int
+    chunks: int
+    delay_ms: int = 0
+    targets: tuple[str, ...] = ("direct", "relay", "chatgate")
+    duration_s: float = 6.0
+    warmup_s: float = 2.0
+    ramp_s: float = 0.0
+    # Slow consumer: the caller sleeps this long after each message.
+    read_delay_ms: float = 0.0
+    # Extra simulator scenario keys appended to the model suffix.
+    extra: str = ""
+    # Restart the server before measuring it, so RSS per stream starts from a clean process.
+    fresh: bool = False
+    # Rounds for this scenario (None: the suite's --rounds).
+    rounds: int | None = None
+
+    @property
+    def model(self) -> str:
+        spec = f"chunks={self.chunks},delay_ms={self.delay_ms}"
+        if self.extra:
+            spec += "," + self.extra
+        return f"gpt-4o-mini::{spec}"
+
+    @property
+    def slow_consumer(self) -> bool:
+        return self.read_delay_ms > 0
+
+
+FULL: tuple[Scenario, ...] = (
+    Scenario(
+        "short",
+        "20 chunks per stream, concurrency 8",
+        8,
+        20,
+        targets=("direct", "relay", "ceiling", "chatgate"),
+    ),
+    Scenario(
+        "long",
+        "200 chunks per stream, concurrency 8",
+        8,
+        200,
+        targets=("direct", "relay", "ceiling", "chatgate"),
+    ),
+    Scenario("idle", "concurrency 1: latency added when idle", 1, 20, duration_s=10.0),
+    Scenario("saturation", "concurrency 32, 50 chunks", 32, 50),
+    Scenario(
+        "paced",
+        "50 open streams of 50 chunks, 20 ms apart (what one core holds in real time)",
+        50,
+        50,
+        delay_ms=20,
+        duration_s=8.0,
+        warmup_s=3.0,
+        fresh=True,
+    ),
+    Scenario(
+        "slow",
+        "2,000 open streams of 50 chunks, 20 ms apart",
+        2000,
+        50,
+        delay_ms=20,
+        duration_s=10.0,
+        warmup_s=6.0,
+        ramp_s=2.0,
+        fresh=True,
+        rounds=1,
+    ),
+    Scenario(
+        "slow-consumer",
+        "50 callers read one event per 50 ms of a 100,000-chunk stream sent as fast as TCP allows",
+        50,
+        100_000,
+        targets=("relay", "chatgate"),
+        read_delay_ms=50.0,
+        fresh=True,
+        rounds=1,
+        duration_s=10.0,
+        warmup_s=2.0,
+        # headers_delay_ms makes the simulator send chunk by chunk, pausing when the
+        # socket pushes back (its one-write fast path would hand the kernel everything).
+        extra="headers_delay_ms=1",
+    ),
+)
+
+# Seconds, not minutes: proves the suite works (the smoke test), measures nothing.
+QUICK_OVERRIDES = {
+    "short": {"duration_s": 1.0, "warmup_s": 0.3},
+    "long": {"duration_s": 1.0, "warmup_s": 0.3},
+    "idle": {"duration_s": 1.0, "warmup_s": 0.3},
+    "saturation": {"duration_s": 1.0, "warmup_s": 0.3},
+    "paced": {"duration_s": 1.0, "warmup_s": 1.0},
+    "slow": {"duration_s": 1.5, "warmup_s": 1.0, "concurrency": 100, "ramp_s": 0.0},
+    "slow-consumer": {"duration_s": 1.5, "warmup_s": 0.5, "concurrency": 5, "chunks": 20_000},
+}
+
+
+def select(names: list[str] | None, *, quick: bool) -> list[Scenario]:
+    """The scenarios to run, in the suite's order; unknown names are an error."""
+    known = {s.name: s for s in FULL}
+    unknown = [n for n in names or () if n not in known]
+    if unknown:
+        raise SystemExit(f"bench: unknown scenario(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    chosen = [s for s in FULL if names is None or s.name in names]
+    if quick:
+        chosen = [replace(s, **QUICK_OVERRIDES.get(s.name, {})) for s in chosen]  # type: ignore[arg-type]
+    return chosen

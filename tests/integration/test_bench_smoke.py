@@ -1,0 +1,62 @@
+"""The benchmark suite still runs: a seconds-long smoke run of ``python -m bench --quick``.
+
+It measures nothing worth reading (one-second windows); it checks that every process
+starts, every target serves streams without errors, and the JSON report has its
+figures. No timing is asserted: benchmarks are read by people, not by tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+
+
+def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--scenarios",
+            "short,slow-consumer",
+            "--no-workers",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "targets:" in result.stdout  # the table was printed
+
+    report = json.loads((tmp_path / "latest.json").read_text())
+    short = report["scenarios"]["short"]["results"]
+    assert set(short) == {"direct", "relay", "ceiling", "chatgate"}
+    for target, r in short.items():
+        assert r["streams"] > 0, target
+        assert r["chunks"] >= 20 * r["streams"] // 2, target
+        assert r["errors_total"] == 0, (target, r["error_kinds"])
+        assert r["ttfe_ms"]["p50"] is not None, target
+        if target != "direct":
+            assert r["server"]["cpu_s"] > 0, target
+            assert r["server"]["rss_kb_peak"] > 0, target
+
+    slow = report["scenarios"]["slow-consumer"]["results"]["chatgate"]
+    assert slow["errors_total"] == 0, slow["error_kinds"]
+    assert slow["chunks"] > 0  # the slow callers did take events
+    assert slow["upstream_records"]["streams"] > 0
+
+    summary = report["summary"]
+    ratio = summary["scenarios"]["short"]["chatgate"]["cpu_per_1k_chunks_vs_relay"]
+    assert ratio is not None and ratio > 0
+    assert {t["target"] for t in summary["targets"]} >= {"short: CPU per 1k chunks vs relay"}
