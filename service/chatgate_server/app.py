@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -11,14 +12,21 @@ from psycopg_pool import AsyncConnectionPool
 
 from chatgate_server.completion import CompletionService
 from chatgate_server.config import Settings
+from chatgate_server.rpc.convert import RequestLimits
+from chatgate_server.rpc.ledger_health import LedgerHealth
 from chatgate_server.rpc.server import CHAT_SERVICE, build_server
 from chatgate_server.rpc.servicer import ChatServicer
+from chatgate_server.rpc.usage_servicer import UsageServicer
+from chatgate_server.telemetry import Providers, Telemetry, providers_from_env
 from chatgate_server.upstream.breaker import CircuitBreaker
 from chatgate_server.upstream.openai import OpenAIUpstream
 from chatgate_server.upstream.retry import RetryPolicy
 from chatgate_server.usage import tokens
+from chatgate_server.usage.admission import RequestIdGuard
 from chatgate_server.usage.ledger import UsageLedger
-from chatgate_server.usage.migrate import apply_migrations, pending_migrations
+from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
+from chatgate_server.usage.reports import UsageReports
+from chatgate_server.usage.spool import Spool, SpoolError
 from chatgate_server.usage.store import UsageStore
 
 log = logging.getLogger(__name__)
@@ -31,10 +39,19 @@ class StartupError(Exception):
 class App:
     """chatgate, assembled. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
+        """``telemetry`` defaults to OTLP export configured by the OTEL_* variables."""
         self.settings = settings
+        self._providers: Providers | None = None
+        if telemetry is None:
+            self._providers = providers_from_env()
+            telemetry = Telemetry(self._providers.tracer_provider, self._providers.meter_provider)
+        self.telemetry = telemetry
         self.port: int | None = None
         self._pool: AsyncConnectionPool | None = None
+        self._report_pool: AsyncConnectionPool | None = None
+        self._spool: Spool | None = None
+        self.ledger_health: LedgerHealth | None = None
         self._upstream: OpenAIUpstream | None = None
         self.ledger: UsageLedger | None = None
         self._server: grpc.aio.Server | None = None
@@ -45,17 +62,23 @@ class App:
     async def start(self) -> int:
         """Open resources and start serving; returns the bound port."""
         s = self.settings
+        postgres_ok = True
         try:
             if s.migrate_on_start:
                 applied = await asyncio.to_thread(apply_migrations, s.database_url)
                 if applied:
                     log.info("applied migrations: %s", ", ".join(applied))
             pending = await asyncio.to_thread(pending_migrations, s.database_url)
-            self._pool = AsyncConnectionPool(s.database_url, min_size=1, max_size=4, open=False)
-            await self._pool.open(wait=True, timeout=10)
         except Exception as exc:  # noqa: BLE001 - any failure here means: no database
-            await self.stop(0)
-            raise StartupError(f"cannot use the database at DATABASE_URL ({type(exc).__name__})") from None
+            if not database_unreachable(exc):
+                await self.stop(0)
+                raise StartupError(
+                    f"cannot use the database at DATABASE_URL ({type(exc).__name__})"
+                ) from None
+            # Away rather than misconfigured: serve, and keep usage rows in the spool until
+            # it answers (the next start checks migrations again).
+            log.warning("Postgres at DATABASE_URL is unreachable; serving, usage rows go to the spool")
+            postgres_ok, pending = False, []
         if pending:
             await self.stop(0)
             raise StartupError(
@@ -65,9 +88,35 @@ class App:
         # Estimates happen on cancel paths, where a half-second tokenizer load would
         # hold up the usage row: load it before serving.
         await asyncio.to_thread(tokens.warm_up)
-        store = UsageStore(self._pool)
-        await store.ensure_partitions()
-        self.ledger = UsageLedger(store, queue_size=s.ledger_queue_size, batch_size=s.ledger_batch_size)
+        # Opened in the background: a Postgres that is away must not hold up serving.
+        # The pool retries connecting with backoff; capping a retry chain keeps it from
+        # sleeping for minutes after a long outage while Postgres is back.
+        self._pool = AsyncConnectionPool(
+            s.database_url, min_size=1, max_size=8, open=False, reconnect_timeout=s.ledger_retry_cap_s
+        )
+        self._report_pool = AsyncConnectionPool(s.database_url, min_size=1, max_size=4, open=False)
+        await self._pool.open(wait=False)
+        await self._report_pool.open(wait=False)
+        self._spool = Spool(s.spool_dir, max_bytes=s.spool_max_bytes)
+        try:
+            await asyncio.to_thread(self._spool.open)
+        except SpoolError as exc:
+            self._spool = None
+            await self.stop(0)
+            raise StartupError(f"{exc} (CHATGATE_SPOOL_DIR)") from None
+        window = timedelta(hours=s.request_id_window_h)
+        store = UsageStore(self._pool, attempt_window=window)
+        self.ledger = UsageLedger(
+            store,
+            self._spool,
+            queue_size=s.ledger_queue_size,
+            batch_size=s.ledger_batch_size,
+            write_timeout_s=s.ledger_write_timeout_s,
+            retry_cap_s=s.ledger_retry_cap_s,
+            guard=RequestIdGuard(store.find_attempts, window=window),
+            postgres_ok=postgres_ok,
+            tracer=self.telemetry.tracer,
+        )
         self.ledger.start()
         self._upstream = OpenAIUpstream(
             s.openai_base_url,
@@ -90,9 +139,22 @@ class App:
                 max_attempts=s.retry_max_attempts, base_s=s.retry_base_s, cap_s=s.retry_cap_s
             ),
             first_byte_timeout_s=s.upstream_first_byte_timeout_s,
+            telemetry=self.telemetry,
+            admission=self.ledger,
         )
-        chat = ChatServicer(service, deadline_cap_s=s.deadline_cap_s)
-        self._server, self._health = build_server(chat, max_concurrent_streams=s.max_concurrent_streams)
+        self._observe()
+        chat = ChatServicer(
+            service,
+            deadline_cap_s=s.deadline_cap_s,
+            limits=RequestLimits(max_request_bytes=s.max_request_bytes, allowed_models=s.allowed_models),
+            telemetry=self.telemetry,
+        )
+        self._server, self._health = build_server(
+            chat,
+            max_concurrent_streams=s.max_concurrent_streams,
+            max_request_bytes=s.max_request_bytes,
+            usage=UsageServicer(UsageReports(self._report_pool)),
+        )
         self.port = self._server.add_insecure_port(str(s.listen))
         if self.port == 0:
             await self.stop(0)
@@ -100,6 +162,9 @@ class App:
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(CHAT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self.ledger_health = LedgerHealth(self._health, ("", CHAT_SERVICE))
+        self.ledger.add_listener(self.ledger_health)
+        self.ledger_health(self.ledger.state)
         log.info("chatgate serving on %s:%d, upstream %s", s.listen.host, self.port, s.openai_base_url)
         return self.port
 
@@ -123,9 +188,55 @@ class App:
         if self.ledger is not None:
             await self.ledger.close()
             self.ledger = None
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         if self._upstream is not None:
             await self._upstream.aclose()
             self._upstream = None
+        if self._report_pool is not None:
+            await self._report_pool.close()
+            self._report_pool = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+        if self._providers is not None:
+            # Last: flushes the spans and metrics of everything above.
+            await asyncio.to_thread(self._providers.shutdown)
+            self._providers = None
+
+    def _observe(self) -> None:
+        """Gauges read at each metrics export."""
+        breaker, ledger = self.breaker, self.ledger
+        if breaker is not None:
+            self.telemetry.observe(
+                "chatgate.breaker.state",
+                "1",
+                "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
+                lambda: [(float(breaker.state), {"chatgate.upstream": breaker.name})],
+            )
+        if ledger is not None:
+            self.telemetry.observe(
+                "chatgate.ledger.queue_depth",
+                "{record}",
+                "Usage records waiting for the ledger writer",
+                lambda: [(float(ledger.depth), {})],
+            )
+            self.telemetry.observe(
+                "chatgate.ledger.spool_records",
+                "{record}",
+                "Usage records in the spool waiting for Postgres (non-zero: rows not in Postgres yet)",
+                lambda: [(float(ledger.stats().spooled_records), {})],
+            )
+            self.telemetry.observe(
+                "chatgate.ledger.spool_size",
+                "By",
+                "Bytes in the usage spool",
+                lambda: [(float(ledger.stats().spool_bytes), {})],
+            )
+            self.telemetry.observe(
+                "chatgate.ledger.state",
+                "1",
+                "Usage ledger: 0 writing to Postgres, 1 spooling, 2 full (calls refused)",
+                lambda: [(float(ledger.state), {})],
+            )

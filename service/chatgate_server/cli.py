@@ -10,14 +10,28 @@ import sys
 from collections.abc import Callable, Sequence
 
 from chatgate_server.config import ConfigError, Settings, database_url_from_env
+from chatgate_server.logs import configure_logging
+from chatgate_server.usage.commands import USAGE_COMMANDS, add_usage_commands, run_usage_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chatgate", description="gRPC gateway for OpenAI chat completions")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the gRPC server (configured by environment variables; see README)")
+    serve = sub.add_parser("serve", help="run the gRPC server (configured by environment variables)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="server processes sharing the port (default: $CHATGATE_WORKERS, else one per core)",
+    )
     sub.add_parser("migrate", help="apply pending database migrations (DATABASE_URL)")
     sub.add_parser("simulator", help="run the OpenAI-compatible simulator", add_help=False)
+    health = sub.add_parser(
+        "health", help="exit 0 when a chatgate server reports SERVING (for container health checks)"
+    )
+    health.add_argument("--address", default="127.0.0.1:50051", help="host:port of the server")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
+    add_usage_commands(sub)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "simulator":
@@ -28,7 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "migrate":
             return _migrate()
-        return _serve()
+        if args.command == "health":
+            return _health(args.address, args.timeout)
+        if args.command in USAGE_COMMANDS:
+            return run_usage_command(args)
+        return _serve(args.workers)
     except ConfigError as exc:
         print(f"chatgate: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -47,13 +65,14 @@ def _migrate() -> int:
     return 0
 
 
-def _serve() -> int:
+def _serve(workers: int | None = None) -> int:
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # httpx logs every request at INFO: noise on the hot path, and a URL per line.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(settings.log_level, json_lines=settings.log_format == "json")
+    from chatgate_server.workers import resolve_workers, supervise
+
+    count = resolve_workers(workers, settings)
+    if count > 1:
+        return supervise(settings, count)  # N children, each this function with --workers 1
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve_async(settings))
 
@@ -70,27 +89,52 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 async def _serve_async(settings: Settings) -> int:
     from chatgate_server.app import App, StartupError
 
-    app = App(settings)
-    try:
-        await app.start()
-    except StartupError as exc:
-        print(f"chatgate: {exc}", file=sys.stderr)
-        return 1
     stop, hurry = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:
         # The first signal drains with the grace period; a second one cuts at once.
         (hurry if stop.is_set() else stop).set()
 
+    # Handlers first: a signal that arrives while start-up is still under way (a worker
+    # starting while its supervisor already forwards SIGTERM) must stop us cleanly, not
+    # kill us with the default action.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    app = App(settings)
+    try:
+        await app.start()
+    except StartupError as exc:
+        print(f"chatgate: {exc}", file=sys.stderr)
+        return 1
     await stop.wait()
     log = logging.getLogger(__name__)
     log.info("shutting down: draining for up to %.1fs (signal again to cut now)", settings.shutdown_grace_s)
     await app.stop(hurry=hurry)
+    # From here the process only exits. Ignore further signals rather than let the
+    # default action kill it once the loop drops its handlers: a supervisor forwarding
+    # a second SIGTERM would otherwise see this clean exit as "killed by SIGTERM".
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     log.info("stopped")
     return 0
+
+
+def _health(address: str, timeout: float) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            print(f"chatgate: health check failed: {exc.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,6 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from chatgate_server.access_log import access_log
 from chatgate_server.deadline import Deadline
 from chatgate_server.domain import (
     CompletionRequest,
@@ -39,11 +43,13 @@ from chatgate_server.errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
+from chatgate_server.genai_spans import AttemptTelemetry, error_type
+from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
 from chatgate_server.upstream.base import Upstream, UpstreamStream
-from chatgate_server.upstream.breaker import CircuitBreaker, Permit
+from chatgate_server.upstream.breaker import BreakerState, CircuitBreaker, Permit
 from chatgate_server.upstream.request_body import build_body
 from chatgate_server.upstream.retry import RetryDecision, RetryPolicy, with_retries
-from chatgate_server.usage.ledger import UsageSink
+from chatgate_server.usage.ledger import Admission, UsageSink
 from chatgate_server.usage.pricing import cost_of
 from chatgate_server.usage.tokens import TokenEstimator
 
@@ -82,6 +88,7 @@ class _Progress:
 
     started_at: datetime
     t0: float
+    spans: AttemptTelemetry
     attempts: int = 0
     started: StreamStarted | None = None
     first_token_at: float | None = None
@@ -94,6 +101,7 @@ class _Progress:
     # to "now" to cut the call the same way the deadline would.
     scope: asyncio.Timeout | None = None
     shutdown_cut: bool = False
+    estimate: TokenUsage | None = None
 
     def cut_for_shutdown(self) -> None:
         self.shutdown_cut = True
@@ -111,6 +119,9 @@ class _Opened:
     stream: UpstreamStream
     events: AsyncIterator[UpstreamEvent]
     first: UpstreamEvent
+    span: Span
+    span_started: float
+    first_at: float
 
     async def aclose(self) -> None:
         await _close(self.events, self.stream)
@@ -121,6 +132,18 @@ async def _close(events: AsyncIterator[UpstreamEvent] | None, stream: UpstreamSt
         await events.aclose()  # type: ignore[attr-defined]
     if stream is not None:
         await stream.aclose()
+
+
+def _breaker_event(name: str, old: BreakerState, new: BreakerState) -> None:
+    """Breaker transitions show up on the span of the call that caused them."""
+    trace.get_current_span().add_event(
+        "chatgate.breaker.transition",
+        {
+            "chatgate.breaker.name": name,
+            "chatgate.breaker.from": old.name.lower(),
+            "chatgate.breaker.to": new.name.lower(),
+        },
+    )
 
 
 def _outcome_of(exc: ChatgateError, progress: _Progress) -> Outcome:
@@ -145,13 +168,18 @@ class CompletionService:
         breaker: CircuitBreaker | None = None,
         retry_policy: RetryPolicy | None = None,
         first_byte_timeout_s: float = 30.0,
+        telemetry: Telemetry = NO_TELEMETRY,
+        admission: Admission | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._upstream = upstream
+        self._admission = admission
+        self._telemetry = telemetry
         self._ledger = ledger
         self._estimator = estimator
         self._breaker = breaker or CircuitBreaker(upstream.name)
+        self._breaker.add_listener(_breaker_event)
         self._retry_policy = retry_policy or RetryPolicy()
         self._first_byte_timeout_s = first_byte_timeout_s
         self._clock = clock
@@ -161,7 +189,13 @@ class CompletionService:
         self._draining = False
 
     async def run(
-        self, request: CompletionRequest, deadline: Deadline, send: Send, *, trace_id: str | None = None
+        self,
+        request: CompletionRequest,
+        deadline: Deadline,
+        send: Send,
+        *,
+        trace_id: str | None = None,
+        span_id: str | None = None,
     ) -> None:
         """Stream one completion to ``send``; raise a ChatgateError if it does not complete.
 
@@ -169,7 +203,15 @@ class CompletionService:
         pushes back on a slow caller. A CancelledError (the caller left) propagates
         after the upstream is closed and usage recorded.
         """
-        progress = _Progress(started_at=datetime.now(UTC), t0=self._clock())
+        if self._admission is not None:
+            # Before anything is recorded: a call refused here (its request id is taken,
+            # the ledger is full) leaves no usage row; the id's row belongs to another call.
+            await self._admission.admit(request)
+        progress = _Progress(
+            started_at=datetime.now(UTC),
+            t0=self._clock(),
+            spans=AttemptTelemetry(self._telemetry, request, self._upstream),
+        )
         outcome = Outcome.INTERNAL_ERROR
         status = "INTERNAL"
         permit: Permit | None = None
@@ -177,6 +219,7 @@ class CompletionService:
         try:
             if self._draining:
                 raise ShuttingDown("chatgate is shutting down; retry on another replica")
+            trace.get_current_span().set_attribute("chatgate.breaker.state", self._breaker.state.name.lower())
             permit = self._breaker.acquire()
             outcome = await self._relay(request, deadline, send, progress)
             status = "OK"
@@ -197,7 +240,9 @@ class CompletionService:
                 await self._send_final(send, self._finished(request, progress, outcome))
             raise
         finally:
-            self._ledger.submit(self._record(request, progress, outcome, status, trace_id))
+            record = self._record(request, progress, outcome, status, trace_id, span_id)
+            self._ledger.submit(record)
+            access_log(record)
             self._calls.discard(progress)
             if not self._calls:
                 self._idle.set()
@@ -262,6 +307,7 @@ class CompletionService:
     ) -> Outcome:
         body = build_body(request)
         opened: _Opened | None = None
+        error: BaseException | None = None
         try:
             async with asyncio.timeout(deadline.remaining()) as scope:
                 progress.scope = scope
@@ -280,13 +326,19 @@ class CompletionService:
                     await self._handle(event, request, send, progress)
         except TimeoutError:
             if progress.shutdown_cut:
-                raise ShuttingDown("chatgate is shutting down; the stream was cut") from None
-            raise DeadlineExceeded("the deadline was reached before the completion finished") from None
+                error = ShuttingDown("chatgate is shutting down; the stream was cut")
+            else:
+                error = DeadlineExceeded("the deadline was reached before the completion finished")
+            raise error from None
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             progress.scope = None
             # Close at once on every path: after a cancel no further tokens are read.
             if opened is not None:
                 await opened.aclose()
+                self._end_attempt(opened, request, progress, error)
         await send(self._finished(request, progress, Outcome.COMPLETED))
         return Outcome.COMPLETED
 
@@ -297,6 +349,7 @@ class CompletionService:
         progress.attempts += 1
         stream: UpstreamStream | None = None
         events: AsyncIterator[UpstreamEvent] | None = None
+        span, span_started = progress.spans.start(request.model)
         try:
             # Response headers and the first event must come within the first-byte
             # timeout; a hung attempt then becomes a retry instead of eating the deadline.
@@ -304,20 +357,52 @@ class CompletionService:
                 stream = await self._upstream.open(request, body, deadline)
                 events = stream.events()
                 first = await anext(events)
-        except StopAsyncIteration:
+            first_at = time.monotonic()
+        except BaseException as exc:
             await _close(events, stream)
-            raise UpstreamProtocolError("the upstream stream ended before its first chunk") from None
-        except TimeoutError:
-            await _close(events, stream)
-            if deadline.expired:
+            error: BaseException = exc
+            if isinstance(exc, StopAsyncIteration):
+                error = UpstreamProtocolError("the upstream stream ended before its first chunk")
+            elif isinstance(exc, TimeoutError) and not deadline.expired:
+                error = UpstreamError("the upstream did not start answering in time")
+            if isinstance(error, asyncio.CancelledError):
+                span.set_attribute("chatgate.cancelled", True)
+                span.end()
+            else:
+                progress.spans.failed(span, span_started, error)
+            if error is exc:
                 raise
-            raise UpstreamError("the upstream did not start answering in time") from None
-        except BaseException:
-            await _close(events, stream)
-            raise
-        return _Opened(stream, events, first)
+            raise error from None
+        return _Opened(stream, events, first, span, span_started, first_at)
+
+    def _end_attempt(
+        self, opened: _Opened, request: CompletionRequest, progress: _Progress, error: BaseException | None
+    ) -> None:
+        if isinstance(error, asyncio.CancelledError):
+            opened.span.set_attribute("chatgate.cancelled", True)
+            error = None
+        started = progress.started
+        progress.spans.streamed(
+            opened.span,
+            opened.span_started,
+            first_chunk_at=opened.first_at,
+            response_id=started.upstream_response_id if started else None,
+            response_model=started.model if started else None,
+            finish_reason=progress.finish_reason,
+            usage=self._usage(request, progress),
+            error=error,
+        )
 
     def _on_retry(self, attempt: int, error: BaseException, decision: RetryDecision) -> None:
+        trace.get_current_span().add_event(
+            "chatgate.retry",
+            {
+                "chatgate.retry.attempt": attempt,
+                "chatgate.retry.reason": decision.reason,
+                "chatgate.retry.wait_s": decision.wait_s,
+                "error.type": error_type(error),
+            },
+        )
         log.info(
             "upstream attempt %d failed (%s); retrying in %.3fs (%s)",
             attempt,
@@ -352,11 +437,14 @@ class CompletionService:
             progress.first_token_at = self._clock()
 
     def _usage(self, request: CompletionRequest, progress: _Progress) -> TokenUsage:
+        """Reported usage, else an estimate (computed once: it tokenizes the whole prompt)."""
         if progress.reported_usage is not None:
             return progress.reported_usage
         if progress.attempts == 0:
             return TokenUsage(source="estimated")
-        return self._estimator.estimate(request, progress.relayed)
+        if progress.estimate is None:
+            progress.estimate = self._estimator.estimate(request, progress.relayed)
+        return progress.estimate
 
     def _finished(self, request: CompletionRequest, progress: _Progress, outcome: Outcome) -> StreamFinished:
         usage = self._usage(request, progress)
@@ -370,6 +458,7 @@ class CompletionService:
         outcome: Outcome,
         status: str,
         trace_id: str | None,
+        span_id: str | None,
     ) -> UsageRecord:
         usage = self._usage(request, progress)
         started = progress.started
@@ -397,5 +486,6 @@ class CompletionService:
             duration_ms=(now - progress.t0) * 1000.0,
             started_at=progress.started_at,
             trace_id=trace_id,
+            span_id=span_id,
             tags=dict(request.tags),
         )

@@ -66,7 +66,10 @@ class Settings:
     upstream_connect_timeout_s: float
     """CHATGATE_UPSTREAM_CONNECT_TIMEOUT_SECONDS: TCP+TLS connect limit per attempt."""
     upstream_max_connections: int
-    """CHATGATE_UPSTREAM_MAX_CONNECTIONS: size of the upstream HTTP connection pool."""
+    """CHATGATE_UPSTREAM_MAX_CONNECTIONS: size of the upstream HTTP connection pool (default 4096).
+
+    HTTP/1.1 holds one connection per stream, so a pool smaller than
+    CHATGATE_MAX_CONCURRENT_STREAMS makes the calls beyond it wait for a connection."""
     upstream_first_byte_timeout_s: float
     """CHATGATE_UPSTREAM_FIRST_BYTE_TIMEOUT_SECONDS: an attempt with no first event by then is retried."""
     retry_max_attempts: int
@@ -85,8 +88,27 @@ class Settings:
     """CHATGATE_LEDGER_QUEUE_SIZE: usage rows held in memory awaiting the writer."""
     ledger_batch_size: int
     """CHATGATE_LEDGER_BATCH_SIZE: most rows written in one insert."""
+    ledger_write_timeout_s: float
+    """CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS: longest wait for one insert, connection included,
+    before its rows go to the spool (default 5)."""
+    ledger_retry_cap_s: float
+    """CHATGATE_LEDGER_RETRY_CAP_SECONDS: longest pause between probes of an absent Postgres (default 30)."""
+    spool_dir: Path
+    """CHATGATE_SPOOL_DIR: where usage rows wait while Postgres is away (each process takes a
+    slot in it); keep it on a persistent volume (default .chatgate/spool in the working directory)."""
+    spool_max_bytes: int
+    """CHATGATE_SPOOL_MAX_MB: the spool's size limit (default 1024 MB); queue and spool both
+    full means new calls are refused."""
+    request_id_window_h: float
+    """CHATGATE_REQUEST_ID_WINDOW_HOURS: how long a caller-supplied request_id stays taken (default 24)."""
     log_level: str
     """CHATGATE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR (default INFO)."""
+    log_format: str
+    """CHATGATE_LOG_FORMAT: json (one object per line, with trace ids; default) or text."""
+    max_request_bytes: int
+    """CHATGATE_MAX_REQUEST_BYTES: largest CompleteRequest accepted (default 4 MiB)."""
+    allowed_models: tuple[str, ...] | None
+    """CHATGATE_ALLOWED_MODELS: comma-separated model names or globs (gpt-4o*); unset allows all."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -103,7 +125,7 @@ class Settings:
             upstream_connect_timeout_s=_float(
                 e, "CHATGATE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001
             ),
-            upstream_max_connections=_int(e, "CHATGATE_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1),
+            upstream_max_connections=_int(e, "CHATGATE_UPSTREAM_MAX_CONNECTIONS", 4096, minimum=1),
             upstream_first_byte_timeout_s=_float(
                 e, "CHATGATE_UPSTREAM_FIRST_BYTE_TIMEOUT_SECONDS", 30.0, minimum=0.001
             ),
@@ -115,8 +137,22 @@ class Settings:
             breaker_max_cooldown_s=_float(e, "CHATGATE_BREAKER_MAX_COOLDOWN_SECONDS", 300.0, minimum=0),
             ledger_queue_size=_int(e, "CHATGATE_LEDGER_QUEUE_SIZE", 10000, minimum=1),
             ledger_batch_size=_int(e, "CHATGATE_LEDGER_BATCH_SIZE", 500, minimum=1),
+            ledger_write_timeout_s=_float(e, "CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS", 5.0, minimum=0.01),
+            ledger_retry_cap_s=_float(e, "CHATGATE_LEDGER_RETRY_CAP_SECONDS", 30.0, minimum=0.01),
+            spool_dir=Path(e.get("CHATGATE_SPOOL_DIR", "").strip() or ".chatgate/spool"),
+            spool_max_bytes=_int(e, "CHATGATE_SPOOL_MAX_MB", 1024, minimum=1) * 1024 * 1024,
+            request_id_window_h=_float(e, "CHATGATE_REQUEST_ID_WINDOW_HOURS", 24.0, minimum=0.001),
             log_level=_choice(e, "CHATGATE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            log_format=_choice(e, "CHATGATE_LOG_FORMAT", "JSON", ("JSON", "TEXT")).lower(),
+            max_request_bytes=_int(e, "CHATGATE_MAX_REQUEST_BYTES", 4 * 1024 * 1024, minimum=1024),
+            allowed_models=_list(e, "CHATGATE_ALLOWED_MODELS"),
         )
+
+
+def retention_months_from_env(env: Mapping[str, str] | None = None) -> int:
+    """CHATGATE_USAGE_RETENTION_MONTHS: whole months of usage rows kept before the current
+    one by ``chatgate usage-retention`` (default 13: a year plus the month it started)."""
+    return _int(os.environ if env is None else env, "CHATGATE_USAGE_RETENTION_MONTHS", 13, minimum=1)
 
 
 def database_url_from_env(env: Mapping[str, str] | None = None) -> str:
@@ -194,6 +230,16 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> in
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
     return value
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...] | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    if not items:
+        raise ConfigError(f"{name} must list at least one model (or be unset)")
+    return items
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -137,6 +137,9 @@ class CompletionRequest:
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    # True when the caller supplied request_id (an idempotency key); False when chatgate
+    # generated it. Only supplied ids can be reused, so only they are checked at admission.
+    request_id_from_caller: bool = False
 
 
 # --- what the upstream sends back ----------------------------------------------------
@@ -252,4 +255,9 @@ class UsageRecord:
     duration_ms: float
     started_at: datetime
     trace_id: str | None = None
+    # The request's server span, so the ledger's write span can link to it.
+    span_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+    # Hash of the request's content when the caller supplied the request id (see
+    # usage/admission.py): tells a retry of the same request from a reuse of its id.
+    request_fingerprint: str | None = None

@@ -9,7 +9,8 @@
     ├── QuotaExceeded                   RESOURCE_EXHAUSTED, with quota violations
     ├── DeadlineExceeded                DEADLINE_EXCEEDED
     ├── ServiceUnavailable              UNAVAILABLE (ledger full)
-    │   └── ShuttingDown                UNAVAILABLE (draining; retry on another replica)
+    │   ├── ShuttingDown                UNAVAILABLE (draining; retry on another replica)
+    │   └── LedgerFull                  UNAVAILABLE (Postgres away and the usage spool full)
     └── UpstreamError                   UNAVAILABLE
         ├── UpstreamRateLimited         UNAVAILABLE, with RetryInfo
         ├── UpstreamCredentialsError    UNAVAILABLE ("upstream credentials")
@@ -99,6 +100,13 @@ class ShuttingDown(ServiceUnavailable):
     """This replica is draining: new calls are refused, calls past the grace period cut."""
 
     reason = "SHUTTING_DOWN"
+
+
+class LedgerFull(ServiceUnavailable):
+    """Usage rows can go neither to Postgres nor to the spool: calls that could not be
+    billed are refused."""
+
+    reason = "USAGE_LEDGER_FULL"
 
 
 class UpstreamError(ChatgateError):

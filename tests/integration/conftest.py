@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from chatgate.v1 import chat_pb2_grpc
 from chatgate_server.app import App
 from chatgate_server.config import ListenAddress, Secret, Settings
 from chatgate_server.simulator import Simulator
+from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
 from chatgate_server.usage.migrate import apply_migrations
 
 if TYPE_CHECKING:
@@ -47,6 +49,8 @@ def make_settings(database_url: str, base_url: str, **overrides: object) -> Sett
             "DATABASE_URL": database_url,
             "CHATGATE_LISTEN": "127.0.0.1:0",
             "CHATGATE_SHUTDOWN_GRACE_SECONDS": "1",
+            # A spool of its own per app: spool directories are owned by one process.
+            "CHATGATE_SPOOL_DIR": tempfile.mkdtemp(prefix="chatgate-spool-"),
         }
     )
     return replace(settings, **overrides)  # type: ignore[arg-type]
@@ -54,7 +58,7 @@ def make_settings(database_url: str, base_url: str, **overrides: object) -> Sett
 
 @pytest.fixture
 async def app(migrated_database_url: str, simulator: Simulator) -> AsyncIterator[App]:
-    application = App(make_settings(migrated_database_url, simulator.base_url))
+    application = App(make_settings(migrated_database_url, simulator.base_url), telemetry=NO_TELEMETRY)
     await application.start()
     try:
         yield application
@@ -70,8 +74,11 @@ async def start_app(migrated_database_url: str, simulator: Simulator) -> AsyncIt
     """Start chatgate with settings overridden (e.g. ``deadline_cap_s=1``); stopped afterwards."""
     apps: list[App] = []
 
-    async def factory(**overrides: object) -> App:
-        application = App(make_settings(migrated_database_url, simulator.base_url, **overrides))
+    async def factory(telemetry: Telemetry | None = None, **overrides: object) -> App:
+        application = App(
+            make_settings(migrated_database_url, simulator.base_url, **overrides),
+            telemetry=telemetry or NO_TELEMETRY,
+        )
         await application.start()
         apps.append(application)
         return application

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.integration.conftest import TEST_API_KEY
 
@@ -48,8 +49,14 @@ def test_bad_configuration_is_one_line_naming_the_variable(env: dict[str, str], 
     assert TEST_API_KEY not in result.stderr + result.stdout
 
 
-def test_unreachable_database_is_one_line_too() -> None:
-    result = run_chatgate("serve", env={**GOOD, "CHATGATE_LISTEN": "127.0.0.1:0"})
+def test_a_database_that_refuses_us_is_one_line_too(database_url: str) -> None:
+    # A wrong database name is a setting to fix, not an outage to ride out. (An
+    # unreachable Postgres is different: chatgate serves and spools usage rows, see
+    # test_ledger_outage.py.)
+    params = conninfo_to_dict(database_url)
+    params["dbname"] = "chatgate_no_such_database"
+    wrong = make_conninfo(**params)  # type: ignore[arg-type]
+    result = run_chatgate("serve", env={**GOOD, "DATABASE_URL": wrong, "CHATGATE_LISTEN": "127.0.0.1:0"})
     assert result.returncode != 0
     assert "DATABASE_URL" in result.stderr
     assert "Traceback" not in result.stderr

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,9 +33,17 @@ def free_port() -> int:
 class Chatgate:
     """``chatgate serve`` as a child process."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, log_path: Path) -> None:
         self.proc = proc
         self.target = f"127.0.0.1:{port}"
+        self.log_path = log_path
+
+    async def exit_code(self) -> int:
+        """Wait for the process to exit; its log is in the assertion message if it fails."""
+        return await asyncio.wait_for(self.proc.wait(), timeout=15)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
 
     async def health(self) -> int:
         async with grpc.aio.insecure_channel(self.target) as channel:
@@ -46,9 +55,11 @@ class Chatgate:
 
 @pytest.fixture
 async def chatgate(
-    migrated_database_url: str, simulator: Simulator, request: pytest.FixtureRequest
+    migrated_database_url: str, simulator: Simulator, request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Chatgate]:
     grace = getattr(request, "param", "1.5")
+    log_path = tmp_path / "chatgate.log"
+    log_file = log_path.open("wb")
     port = free_port()
     env = {
         **os.environ,
@@ -56,12 +67,15 @@ async def chatgate(
         "OPENAI_BASE_URL": simulator.base_url,
         "DATABASE_URL": migrated_database_url,
         "CHATGATE_LISTEN": f"127.0.0.1:{port}",
+        # One process: these tests are about one server's behaviour (test_workers.py
+        # covers the supervisor), and one process keeps them deterministic.
+        "CHATGATE_WORKERS": "1",
         "CHATGATE_SHUTDOWN_GRACE_SECONDS": grace,
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatgate_server", "serve", env=env, stderr=asyncio.subprocess.PIPE
+        sys.executable, "-m", "chatgate_server", "serve", env=env, stderr=log_file
     )
-    gate = Chatgate(proc, port)
+    gate = Chatgate(proc, port, log_path)
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -78,6 +92,7 @@ async def chatgate(
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+        log_file.close()
 
 
 def req(model: str, request_id: str) -> pb.CompleteRequest:
@@ -146,7 +161,7 @@ async def test_sigterm_drains_then_cuts_and_bills_every_stream(
     assert long_events[-1].finished.outcome == pb.OUTCOME_SHUTDOWN
     assert long_events[-1].finished.usage.output_tokens > 0
 
-    assert await asyncio.wait_for(chatgate.proc.wait(), timeout=15) == 0
+    assert await chatgate.exit_code() == 0, chatgate.log_tail()
     assert outcomes(migrated_database_url, [short_id, long_id, late_id]) == {
         short_id: ["completed"],
         long_id: ["shutdown"],
@@ -170,8 +185,8 @@ async def test_a_second_sigterm_cuts_at_once(
         chatgate.proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         events, code = await drain_call(long)
-    assert code == grpc.StatusCode.UNAVAILABLE
+    assert code == grpc.StatusCode.UNAVAILABLE, chatgate.log_tail()
     assert events[-1].finished.outcome == pb.OUTCOME_SHUTDOWN
-    assert await asyncio.wait_for(chatgate.proc.wait(), timeout=15) == 0
+    assert await chatgate.exit_code() == 0, chatgate.log_tail()
     assert time.monotonic() - t0 < 10  # not the 60 s grace
     assert outcomes(migrated_database_url, [long_id]) == {long_id: ["shutdown"]}

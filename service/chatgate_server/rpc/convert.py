@@ -6,10 +6,12 @@ at once, and it happens before anything reaches the upstream.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -79,15 +81,37 @@ def new_request_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
-def to_domain(msg: pb.CompleteRequest, caller: Caller) -> CompletionRequest:
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Operator limits checked with the rest of validation."""
+
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Model names or fnmatch globs ("gpt-4o*"); None allows every model.
+    allowed_models: tuple[str, ...] | None = None
+
+    def model_allowed(self, model: str) -> bool:
+        return self.allowed_models is None or any(fnmatch.fnmatchcase(model, p) for p in self.allowed_models)
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+
+def to_domain(
+    msg: pb.CompleteRequest, caller: Caller, limits: RequestLimits = DEFAULT_LIMITS
+) -> CompletionRequest:
     """Validate ``msg`` and build the domain request, or raise InvalidRequest."""
     v: list[FieldViolation] = []
 
     def bad(field: str, description: str) -> None:
         v.append(FieldViolation(field, description))
 
+    size = msg.ByteSize()
+    if size > limits.max_request_bytes:
+        bad("", f"the request is {size} bytes; the limit is {limits.max_request_bytes}")
     if not msg.model.strip():
         bad("model", "required")
+    elif not limits.model_allowed(msg.model.strip()):
+        bad("model", "not one of the models this service allows")
     if not msg.user_id.strip():
         bad("user_id", "required: the end user this request is billed to")
     elif len(msg.user_id) > 256:
@@ -110,6 +134,7 @@ def to_domain(msg: pb.CompleteRequest, caller: Caller) -> CompletionRequest:
         raise InvalidRequest(v)
     return CompletionRequest(
         request_id=msg.request_id or new_request_id(),
+        request_id_from_caller=bool(msg.request_id),
         model=msg.model.strip(),
         messages=messages,
         user_id=msg.user_id,

@@ -10,6 +10,7 @@ anything that could contain the key.
 from __future__ import annotations
 
 import email.utils
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,8 @@ from chatgate_server.errors import (
 )
 
 # Codes OpenAI uses when our organisation/project cannot pay for more.
+log = logging.getLogger(__name__)
+
 _BILLING_CODES = frozenset(
     {
         "insufficient_quota",
@@ -51,9 +54,10 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
         return max(float(value), 0.0)
     except ValueError:
         pass
-    parsed = email.utils.parsedate_to_datetime(value) if value else None
-    if parsed is None:
-        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None  # neither seconds nor an HTTP date: ignore it
     return max(parsed.timestamp() - (time.time() if now is None else now), 0.0)
 
 
@@ -68,17 +72,22 @@ def classify_http_error(status: int, body: Mapping[str, Any] | None, headers: Ma
     should_retry = headers.get("x-should-retry")
 
     if status in (401, 403) or etype in _BILLING_CODES or code in _BILLING_CODES:
+        # An operator problem: say so loudly here, and only briefly to the caller.
+        log.error(
+            "upstream refused our credentials or billing (HTTP %d, type=%s, code=%s)", status, etype, code
+        )
         return UpstreamCredentialsError(
-            "upstream credentials were rejected or its billing limit is reached; operators have been told",
-            http_status=status,
+            "upstream credentials were rejected or the upstream billing limit is reached", http_status=status
         )
     if status == 429 and "request too large" in text.lower():
         return RequestTooLarge("the request is too large for the model's token-per-minute limit")
     if status in (400, 404, 422):
         detail = f" ({code})" if code and code.isidentifier() else ""
-        return UpstreamRejected(f"the upstream rejected the request as invalid{detail}", http_status=status)
-    if status == 429:
-        error: UpstreamError = UpstreamRateLimited(
+        error: UpstreamError = UpstreamRejected(
+            f"the upstream rejected the request as invalid{detail}", http_status=status
+        )
+    elif status == 429:
+        error = UpstreamRateLimited(
             "the upstream is rate limiting requests", retry_after=retry_after, http_status=status
         )
     elif status in (408, 409) or status >= 500:
