@@ -99,12 +99,24 @@ def check_error_details(ran: Ran) -> None:
     assert ran.simulator.requests == []  # rejected before any upstream call
 
 
+def check_usage(ran: Ran) -> None:
+    assert ran.code == 0, ran.err
+    [report] = json_objects(ran.out)
+    # The "complete" recipe above ran first (README order) as user-1 and was billed.
+    [group] = report["groups"]
+    assert group["user_id"] == "user-1"
+    assert int(group["totals"]["requests"]) >= 1
+    assert int(group["totals"]["output_tokens"]) >= 12
+    assert int(report["totals"]["requests"]) == int(group["totals"]["requests"])
+
+
 # (what identifies the recipe, what it must do)
 EXPECTATIONS: dict[str, tuple[Callable[[str], bool], Callable[[Ran], None]]] = {
     "list": (lambda r: r.rstrip().endswith(" list"), check_list),
     "describe": (lambda r: " describe chatgate.v1.ChatService.Complete" in r, check_describe),
     "health": (lambda r: r.rstrip().endswith("grpc.health.v1.Health/Check"), check_health),
     "complete": (lambda r: "ChatService/Complete" in r and '"user_id"' in r, check_complete),
+    "usage": (lambda r: "UsageService/GetUsage" in r, check_usage),
     "error-details": (lambda r: "ChatService/Complete" in r and '"user_id"' not in r, check_error_details),
 }
 
