@@ -32,18 +32,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+LOGS = ROOT / ".chatgate"
+
+
 @contextlib.contextmanager
-def running(cmd: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def running(cmd: list[str], env: dict[str, str], log_name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` with its output in .chatgate/<log_name>, so the terminal shows the stream."""
+    LOGS.mkdir(exist_ok=True)
+    with (LOGS / log_name).open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 def wait_serving(target: str, timeout: float = 30.0) -> None:
@@ -88,6 +94,7 @@ def main() -> int:
                 running(
                     [*chatgate, "simulator", "--port", str(sim_port), "--delay-ms", "40", "--chunks", "40"],
                     env,
+                    "demo-simulator.log",
                 )
             )
             wait_http(sim_port)
@@ -99,8 +106,8 @@ def main() -> int:
         subprocess.run([*chatgate, "migrate"], env=env, check=True)
         port = free_port()
         env["CHATGATE_LISTEN"] = f"127.0.0.1:{port}"
-        print(f"==> starting chatgate on 127.0.0.1:{port}")
-        stack.enter_context(running([*chatgate, "serve"], env))
+        print(f"==> starting chatgate on 127.0.0.1:{port} (its JSON logs: .chatgate/demo-chatgate.log)")
+        stack.enter_context(running([*chatgate, "serve"], env, "demo-chatgate.log"))
         wait_serving(f"127.0.0.1:{port}")
         request_id = stream_completion(f"127.0.0.1:{port}", model)
         print_usage_row(env["DATABASE_URL"], request_id)
