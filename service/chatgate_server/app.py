@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -30,6 +32,16 @@ from chatgate_server.usage.spool import Spool, SpoolError
 from chatgate_server.usage.store import UsageStore
 
 log = logging.getLogger(__name__)
+
+
+async def _bounded(what: str, step: Coroutine[Any, Any, object], timeout_s: float) -> None:
+    """One shutdown step, bounded: a stop that hangs (a lost completion in a library)
+    must not keep the process, and the usage rows behind it, from the next steps."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await step
+    except TimeoutError:
+        log.error("shutdown: %s did not stop within %.0fs; going on", what, timeout_s)
 
 
 class StartupError(Exception):
@@ -177,22 +189,22 @@ class App:
         """
         grace = self.settings.shutdown_grace_s if grace is None else grace
         if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+            await _bounded("health", self._health.enter_graceful_shutdown(), 5)
         if self.service is not None:
             await self.service.drain(grace, hurry)
             self.service = None
         if self._server is not None:
             # Calls are over; this closes connections (and cancels any straggler).
-            await self._server.stop(1.0)
+            await _bounded("grpc server", self._server.stop(1.0), 10)
             self._server = None
         if self.ledger is not None:
-            await self.ledger.close()
+            await _bounded("usage ledger", self.ledger.close(), 60)
             self.ledger = None
         if self._spool is not None:
             self._spool.close()
             self._spool = None
         if self._upstream is not None:
-            await self._upstream.aclose()
+            await _bounded("upstream client", self._upstream.aclose(), 5)
             self._upstream = None
         if self._report_pool is not None:
             await self._report_pool.close()
