@@ -168,7 +168,9 @@ def test_top_users_versus_their_usual(migrated_database_url: str, tenant: str) -
     for d in range(1, 8):  # the seven whole days before today
         noon = today - timedelta(days=d) + timedelta(hours=12)
         baseline += [record(tenant, "steady", noon, tokens=2400), record(tenant, "spiky", noon, tokens=240)]
-    recent = now - timedelta(minutes=10)
+    # Within the last hour but never before midnight: the baseline is the whole days
+    # before today, so a "recent" row from 23:5x yesterday would land in it.
+    recent = max(now - timedelta(minutes=10), today)
     last_hour = [
         record(tenant, "steady", recent, tokens=100),
         record(tenant, "spiky", recent, tokens=50_000),
