@@ -252,7 +252,18 @@ class CompletionService:
         hold the call (and its usage row) open forever."""
         try:
             async with asyncio.timeout(FINAL_EVENT_TIMEOUT_S):
-                await send(event)
+                while True:
+                    try:
+                        await send(event)
+                        return
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:  # noqa: BLE001 - the write that the cut interrupted
+                        # The cut (deadline or shutdown) can land while a write is in
+                        # flight; gRPC then refuses a second write until that one is
+                        # done ("too many operations"). It finishes as soon as the
+                        # caller reads: try again shortly, within the bound above.
+                        await asyncio.sleep(0.01)
         except TimeoutError:
             log.warning("caller did not take the final event within %.0fs", FINAL_EVENT_TIMEOUT_S)
 
