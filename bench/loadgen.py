@@ -53,7 +53,12 @@ class Stats:
     """Counters shared by all workers; read at the window's edges."""
 
     streams: int = 0
+    # Upstream chunks relayed by completed streams (or, for a slow consumer, messages
+    # taken). chatgate may carry several chunks in one message when they arrive
+    # together (CHATGATE_COALESCE_DELTAS), so chunks are counted from what the upstream
+    # was asked to send, and the messages that carried them separately.
     chunks: int = 0
+    messages: int = 0
     errors: int = 0
     open: int = 0
     peak_open: int = 0
@@ -70,6 +75,7 @@ class Stats:
 @dataclass(slots=True)
 class Options:
     model: str
+    chunks_per_stream: int
     read_delay_s: float
     stream_timeout_s: float
 
@@ -102,6 +108,7 @@ async def grpc_worker(
         stats.peak_open = max(stats.peak_open, stats.open)
         call = complete(request, timeout=opts.stream_timeout_s)
         last = b""
+        messages = 0
         try:
             read = call.read
             first = await read()
@@ -117,12 +124,13 @@ async def grpc_worker(
                 msg = await read()
                 if not isinstance(msg, bytes):  # grpc.aio.EOF
                     break
-                stats.chunks += 1
+                messages += 1
                 last = msg
-            stats.chunks -= 1  # the last message was `finished`, not a chunk
             if pb.CompleteResponse.FromString(last).WhichOneof("event") != "finished":
                 raise _Bad("last event is not finished")
             stats.streams += 1
+            stats.messages += messages - 1  # the last message was `finished`
+            stats.chunks += opts.chunks_per_stream
             if counted:
                 stats.duration_ms.append((clock() - t0) * 1000.0)
         except grpc.aio.AioRpcError as exc:
@@ -170,7 +178,8 @@ async def raw_worker(
             if pb.CompleteResponse.FromString(stream.last).WhichOneof("event") != "finished":
                 raise _Bad("ended without finished (an error status)")
             if not delay:
-                stats.chunks += stream.messages - 2  # started and finished are not chunks
+                stats.messages += stream.messages - 2  # started and finished carry no text
+                stats.chunks += opts.chunks_per_stream
             stats.streams += 1
         except (ConnectionError, TimeoutError) as exc:
             stats.error(f"{type(exc).__name__}: {exc}")
@@ -190,6 +199,7 @@ async def _read_slowly(stream: h2client.Stream, delay: float, stats: Stats) -> N
     """A slow consumer: take one message, then sleep, and so on; count each one taken."""
     while await stream.next() is not None:
         stats.chunks += 1
+        stats.messages += 1
         await asyncio.sleep(delay)
 
 
@@ -293,6 +303,7 @@ async def http_worker(base: str, worker: int, opts: Options, stats: Stats, stop:
                 events = await conn.done
             # Role chunk, finish chunk, usage chunk and [DONE] are not content.
             stats.chunks += max(events - 4, 0)
+            stats.messages += max(events - 4, 0)
             stats.streams += 1
             if counted:
                 stats.duration_ms.append((clock() - t0) * 1000.0)
@@ -310,6 +321,15 @@ async def http_worker(base: str, worker: int, opts: Options, stats: Stats, stop:
 # --- the run --------------------------------------------------------------------------
 
 
+def chunks_per_stream(model: str) -> int:
+    """The content chunks the simulator sends for ``model`` (its ``chunks=N`` key)."""
+    for item in model.partition("::")[2].split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "chunks":
+            return int(value)
+    raise SystemExit(f"loadgen: the model {model!r} does not say how many chunks (chunks=N)")
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """The q-th percentile (nearest rank) of ``values``, or None when empty."""
     if not values:
@@ -322,6 +342,7 @@ def percentile(values: list[float], q: float) -> float | None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     opts = Options(
         model=args.model,
+        chunks_per_stream=chunks_per_stream(args.model),
         read_delay_s=args.read_delay_ms / 1000.0,
         stream_timeout_s=args.stream_timeout,
     )
@@ -388,6 +409,7 @@ def _snapshot(stats: Stats, watch: list[int], upstream: list[int]) -> dict[str, 
         "t": time.monotonic(),
         "streams": stats.streams,
         "chunks": stats.chunks,
+        "messages": stats.messages,
         "errors": stats.errors,
         "client_cpu_s": procstat.self_cpu_seconds(),
         "server_cpu_s": server.cpu_s if server else None,
@@ -431,6 +453,7 @@ def _report(
         "window_s": wall,
         "streams": streams,
         "chunks": chunks,
+        "messages": final["messages"] - base["messages"],
         "errors": final["errors"] - base["errors"],
         "errors_total": stats.errors,
         "error_kinds": stats.error_kinds,

@@ -30,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench import procstat, report
 from bench.procs import ROOT, Pinning, Proc, child_env, free_port, plan_pinning, start
-from bench.scenarios import Scenario, select
+from bench.scenarios import VARIANTS, Scenario, select
 
 API_KEY = "sk-bench-not-a-real-key"
 
@@ -85,6 +85,8 @@ class Suite:
         self.servers[mode] = (proc, proc.first_line.split()[-1])
 
     def start_chatgate(self, name: str, *, workers: int | None, pinned: bool) -> None:
+        """``name`` is ``chatgate`` (as configured by default), a key of VARIANTS, or
+        ``chatgate-<n>w``."""
         port = free_port()
         env = {
             "OPENAI_API_KEY": API_KEY,
@@ -97,6 +99,7 @@ class Suite:
             "CHATGATE_MAX_CONCURRENT_STREAMS": "10000",
             "CHATGATE_UPSTREAM_MAX_CONNECTIONS": "4096",
             **self.tracing_env(),
+            **VARIANTS.get(name, {}),
         }
         args = ["-m", "chatgate_server", "serve"]
         if workers is not None:
@@ -118,7 +121,7 @@ class Suite:
         if name in ("relay", "ceiling"):
             self.start_baseline(name)
         else:
-            self.start_chatgate(name, workers=None, pinned=True)
+            self.start_chatgate(name, workers=None, pinned=True)  # chatgate or a variant
 
     def stop_server(self, name: str) -> int | None:
         proc, _ = self.servers.pop(name)
@@ -395,14 +398,18 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("relay", "ceiling"):
             if mode in needed:
                 suite.start_baseline(mode)
-        suite.start_chatgate("chatgate", workers=None, pinned=True)
+        for name in ("chatgate", *VARIANTS):
+            if name in needed:
+                suite.start_chatgate(name, workers=None, pinned=True)
         for scenario in scenarios:
             print(f"scenario {scenario.name}: {scenario.description}", file=sys.stderr, flush=True)
             results["scenarios"][scenario.name] = {
                 "scenario": asdict(scenario),
                 "results": run_scenario(suite, scenario, scenario.rounds or args.rounds),
             }
-        results["chatgate_exit_code"] = suite.stop_server("chatgate")
+        for name in ("chatgate", *VARIANTS):
+            if name in suite.servers:
+                results[f"{name}_exit_code"] = suite.stop_server(name)
         if want_workers:
             results["workers"] = run_workers(suite, args.quick, args.rounds)
     results["summary"] = report.summarize(results)

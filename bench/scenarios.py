@@ -11,6 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+# chatgate with one setting changed, measured beside the default configuration.
+# chatgate-1msg relays one message per upstream chunk, as the minimal relay does: the
+# like-for-like comparison of the hot path, with delta coalescing (which the default
+# has on, and which writes fewer messages when chunks arrive together) taken out.
+VARIANTS: dict[str, dict[str, str]] = {
+    "chatgate-1msg": {"CHATGATE_COALESCE_DELTAS": "false"},
+}
+_WITH_1MSG = ("direct", "relay", "chatgate-1msg", "chatgate")
+
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
@@ -50,17 +59,17 @@ FULL: tuple[Scenario, ...] = (
         "20 chunks per stream, concurrency 8",
         8,
         20,
-        targets=("direct", "relay", "ceiling", "chatgate"),
+        targets=("direct", "relay", "ceiling", "chatgate-1msg", "chatgate"),
     ),
     Scenario(
         "long",
         "200 chunks per stream, concurrency 8",
         8,
         200,
-        targets=("direct", "relay", "ceiling", "chatgate"),
+        targets=("direct", "relay", "ceiling", "chatgate-1msg", "chatgate"),
     ),
-    Scenario("idle", "concurrency 1: latency added when idle", 1, 20, duration_s=10.0),
-    Scenario("saturation", "concurrency 32, 50 chunks", 32, 50),
+    Scenario("idle", "concurrency 1: latency added when idle", 1, 20, duration_s=10.0, targets=_WITH_1MSG),
+    Scenario("saturation", "concurrency 32, 50 chunks", 32, 50, targets=_WITH_1MSG),
     Scenario(
         "paced",
         "50 open streams of 50 chunks, 20 ms apart (what one core holds in real time)",
@@ -70,6 +79,7 @@ FULL: tuple[Scenario, ...] = (
         duration_s=8.0,
         warmup_s=3.0,
         fresh=True,
+        targets=_WITH_1MSG,
     ),
     Scenario(
         "slow",
@@ -82,6 +92,7 @@ FULL: tuple[Scenario, ...] = (
         ramp_s=2.0,
         fresh=True,
         rounds=1,
+        targets=_WITH_1MSG,
     ),
     Scenario(
         "slow-consumer",

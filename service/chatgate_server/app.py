@@ -135,6 +135,7 @@ class App:
             s.openai_api_key,
             connect_timeout=s.upstream_connect_timeout_s,
             max_connections=s.upstream_max_connections,
+            coalesce_deltas=s.coalesce_deltas,
         )
         self.breaker = CircuitBreaker(
             self._upstream.name,

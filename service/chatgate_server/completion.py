@@ -333,8 +333,14 @@ class CompletionService:
                     on_retry=self._on_retry,
                 )
                 await self._handle(opened.first, request, send, progress)
+                relayed = progress.relayed
                 async for event in opened.events:
-                    await self._handle(event, request, send, progress)
+                    # Nearly every event is answer text: relay it without the dispatch.
+                    if type(event) is ContentDelta and progress.first_token_at is not None:
+                        relayed.append(event.text)
+                        await send(event)
+                    else:
+                        await self._handle(event, request, send, progress)
         except TimeoutError:
             if progress.shutdown_cut:
                 error = ShuttingDown("chatgate is shutting down; the stream was cut")

@@ -72,6 +72,9 @@ class Settings:
     CHATGATE_MAX_CONCURRENT_STREAMS makes the calls beyond it wait for a connection."""
     upstream_first_byte_timeout_s: float
     """CHATGATE_UPSTREAM_FIRST_BYTE_TIMEOUT_SECONDS: an attempt with no first event by then is retried."""
+    coalesce_deltas: bool
+    """CHATGATE_COALESCE_DELTAS: relay the text deltas already in hand together as one
+    message (default true); false relays one message per upstream chunk."""
     retry_max_attempts: int
     """CHATGATE_RETRY_MAX_ATTEMPTS: upstream attempts per call, the first included (default 3)."""
     retry_base_s: float
@@ -129,6 +132,7 @@ class Settings:
             upstream_first_byte_timeout_s=_float(
                 e, "CHATGATE_UPSTREAM_FIRST_BYTE_TIMEOUT_SECONDS", 30.0, minimum=0.001
             ),
+            coalesce_deltas=_flag(e, "CHATGATE_COALESCE_DELTAS", True),
             retry_max_attempts=_int(e, "CHATGATE_RETRY_MAX_ATTEMPTS", 3, minimum=1),
             retry_base_s=_float(e, "CHATGATE_RETRY_BASE_SECONDS", 0.5, minimum=0),
             retry_cap_s=_float(e, "CHATGATE_RETRY_CAP_SECONDS", 8.0, minimum=0),

@@ -56,7 +56,8 @@ async def test_stream_arrives_in_order_and_one_usage_row_matches(
     record = simulator.requests[-1]
     assert record.content_chunks_sent == 25
     assert "".join(e.content.text for e in events[1:-1]) == text_of(25)
-    assert len(events) == 25 + 2
+    # The simulator sent all 25 in one write: they arrive together and go out merged.
+    assert 1 <= len(events) - 2 < 25
 
     # The final event carries the upstream-reported usage.
     assert finished.outcome == pb.OUTCOME_COMPLETED

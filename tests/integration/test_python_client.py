@@ -164,7 +164,8 @@ async def test_collect_joins_parallel_tool_calls_and_parses_their_arguments(clie
 async def test_tool_call_deltas_stream_with_id_and_name_on_the_first_piece(client: AsyncClient) -> None:
     deltas = [
         e
-        async for e in client.complete(request("gpt-4o-mini", tools=[WEATHER]))
+        # Paced: fragments that arrived together would go out merged as one.
+        async for e in client.complete(request("gpt-4o-mini::delay_ms=30", tools=[WEATHER]))
         if isinstance(e, ToolCallDelta)
     ]
     assert len(deltas) > 1

@@ -36,10 +36,12 @@ describe("complete()", () => {
     for await (const event of client.complete(request("gpt-4o-mini::chunks=5", { requestId: "node-req-1" }))) {
       events.push(event);
     }
-    assert.deepEqual(
-      events.map((e) => e.type),
-      ["started", "content", "content", "content", "content", "content", "finished"],
-    );
+    // The simulator sends the 5 chunks in one write; chatgate may relay what arrives
+    // together as one delta, so the count of content events is 1 to 5.
+    const types = events.map((e) => e.type);
+    assert.equal(types[0], "started");
+    assert.equal(types.at(-1), "finished");
+    assert.ok(types.length >= 3 && types.slice(1, -1).every((t) => t === "content"), types.join(","));
     const [started, finished] = [events[0], events.at(-1)];
     assert.equal(started.requestId, "node-req-1");
     assert.equal(started.model, "gpt-4o-mini-2024-07-18");

@@ -270,15 +270,15 @@ class SimulatorApp:
         conn.write(plan.head)
         if plan.status is not None:
             self.recorder.sent_status(record, plan.status)
-        delay = plan.delay
-        for event, is_content in plan.events:
-            if delay:
-                await asyncio.sleep(delay)
-            conn.write(frame_chunk(event))
-            if is_content:
-                record.content_chunks_sent += 1
-            if conn.paused:
-                await conn.drain()
+        if plan.delay:
+            await self._send_paced(conn, record, plan.events, plan.delay)
+        else:
+            for event, is_content in plan.events:
+                conn.write(frame_chunk(event))
+                if is_content:
+                    record.content_chunks_sent += 1
+                if conn.paused:
+                    await conn.drain()
         if plan.end == "stall":
             await _forever()
         if plan.end == "disconnect":
@@ -289,6 +289,29 @@ class SimulatorApp:
             conn.write(LAST_CHUNK)
         self.recorder.end(record, completed=True)
         conn.end_response()
+
+    @staticmethod
+    async def _send_paced(conn: Connection, record: RequestRecord, events: list[Event], delay: float) -> None:
+        """Event i goes out ``(i + 1) * delay`` after the head, on a schedule, not after
+        a sleep per event: when this process is busy (thousands of paced streams), the
+        events that fell due meanwhile leave together in one write, as a real upstream
+        that keeps its own pace would have sent them. Sleeping ``delay`` after each write
+        would instead slow every stream down with the simulator's own load."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sent = 0
+        while sent < len(events):
+            due_at = start + (sent + 1) * delay
+            now = loop.time()
+            if due_at > now:
+                await asyncio.sleep(due_at - now)
+                now = loop.time()
+            due = min(len(events), sent + 1 + int((now - due_at) / delay))
+            conn.write(b"".join(frame_chunk(event) for event, _ in events[sent:due]))
+            record.content_chunks_sent += sum(1 for _, is_content in events[sent:due] if is_content)
+            sent = due
+            if conn.paused:
+                await conn.drain()
 
     def _client_gone(self, record: RequestRecord, task: asyncio.Task[None]) -> None:
         if self.stopping:

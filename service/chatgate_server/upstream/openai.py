@@ -28,6 +28,7 @@ from chatgate_server.domain import CompletionRequest, UpstreamEvent
 from chatgate_server.errors import UpstreamError, UpstreamProtocolError
 from chatgate_server.upstream.chunks import ChunkDecoder
 from chatgate_server.upstream.classify import classify_http_error
+from chatgate_server.upstream.coalesce import coalesce
 from chatgate_server.upstream.sse import SSEDecoder
 from chatgate_server.upstream.transport import pooled_transport
 
@@ -50,7 +51,9 @@ class OpenAIUpstream:
         connect_timeout: float = 5.0,
         max_connections: int = 1000,
         transport: httpx.AsyncBaseTransport | None = None,
+        coalesce_deltas: bool = True,
     ) -> None:
+        self._coalesce = coalesce_deltas
         # Parsed once: httpx would parse the string again for every request.
         self._url = httpx.URL(f"{base_url.rstrip('/')}/chat/completions")
         parts = urlsplit(base_url)
@@ -97,7 +100,7 @@ class OpenAIUpstream:
                 await _raise_for_error(response)
             finally:
                 await response.aclose()
-        return OpenAIStream(response)
+        return OpenAIStream(response, coalesce_deltas=self._coalesce)
 
     async def aclose(self) -> None:
         await self._transport.aclose()
@@ -106,27 +109,40 @@ class OpenAIUpstream:
 class OpenAIStream:
     """An open streaming response; iterate :meth:`events`, then :meth:`aclose`."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, *, coalesce_deltas: bool = True) -> None:
         self._response = response
+        self._coalesce = coalesce_deltas
         self.upstream_request_id = response.headers.get("x-request-id")
 
     async def events(self) -> AsyncIterator[UpstreamEvent]:
+        """Each read's events in order; with ``coalesce_deltas``, the deltas that one
+        read brought merged (upstream/coalesce.py). Nothing waits for more to merge."""
         sse = SSEDecoder()
         chunks = ChunkDecoder()
+        merge = coalesce if self._coalesce else _as_is
         body = self._response.aiter_raw()
         try:
             async for raw in body:
-                for payload in sse.feed(raw):
-                    for event in chunks.decode(payload):
+                payloads = sse.feed(raw)
+                if len(payloads) == 1:
+                    # The usual read once tokens come apart: one event, nothing to merge.
+                    for event in chunks.decode(payloads[0]):
+                        yield event
+                else:
+                    for event in merge(_decode_all(chunks, payloads)):
                         yield event
                 if chunks.done:
                     await _finish_body(body)
                     return
-            for payload in sse.flush():
-                for event in chunks.decode(payload):
-                    yield event
+            for event in merge(_decode_all(chunks, sse.flush())):
+                yield event
         except httpx.HTTPError as exc:
             raise _translate(exc) from None
+        except _DecodedThenFailed as failed:
+            # What the read held before the bad payload still reaches the caller.
+            for event in merge(failed.events):
+                yield event
+            raise failed.error from None
         if not chunks.done:
             raise UpstreamProtocolError("the upstream stream ended without [DONE]")
 
@@ -140,6 +156,30 @@ class OpenAIStream:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+class _DecodedThenFailed(Exception):
+    """A read's payload failed to decode after earlier ones in the same read had."""
+
+    def __init__(self, events: list[UpstreamEvent], error: UpstreamError) -> None:
+        self.events = events
+        self.error = error
+
+
+def _decode_all(chunks: ChunkDecoder, payloads: list[str]) -> list[UpstreamEvent]:
+    events: list[UpstreamEvent] = []
+    for payload in payloads:
+        try:
+            events += chunks.decode(payload)
+        except UpstreamError as exc:
+            if not events:
+                raise
+            raise _DecodedThenFailed(events, exc) from None
+    return events
+
+
+def _as_is(events: list[UpstreamEvent]) -> list[UpstreamEvent]:
+    return events
 
 
 async def _finish_body(body: AsyncIterator[bytes]) -> None:
