@@ -19,6 +19,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "chatgate-1msg": {"CHATGATE_COALESCE_DELTAS": "false"},
 }
 _WITH_1MSG = ("direct", "relay", "chatgate-1msg", "chatgate")
+_IDLE = ("direct", "relay", "ceiling", "chatgate-1msg", "chatgate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ FULL: tuple[Scenario, ...] = (
         200,
         targets=("direct", "relay", "ceiling", "chatgate-1msg", "chatgate"),
     ),
-    Scenario("idle", "concurrency 1: latency added when idle", 1, 20, duration_s=10.0, targets=_WITH_1MSG),
+    Scenario("idle", "concurrency 1: latency added when idle", 1, 20, duration_s=10.0, targets=_IDLE),
     Scenario("saturation", "concurrency 32, 50 chunks", 32, 50, targets=_WITH_1MSG),
     Scenario(
         "paced",

@@ -121,9 +121,17 @@ class OpenAIStream:
         chunks = ChunkDecoder()
         merge = coalesce if self._coalesce else _as_is
         body = self._response.aiter_raw()
+        started = False
         try:
             async for raw in body:
                 payloads = sse.feed(raw)
+                if not started and payloads:
+                    # The first chunk alone, before the rest of its read is decoded: the
+                    # caller's first event waits for nothing else.
+                    for event in chunks.decode(payloads[0]):
+                        yield event
+                    started = True
+                    del payloads[0]
                 if len(payloads) == 1:
                     # The usual read once tokens come apart: one event, nothing to merge.
                     for event in chunks.decode(payloads[0]):
