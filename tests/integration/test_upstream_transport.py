@@ -14,6 +14,7 @@ from chatgate_server.deadline import Deadline
 from chatgate_server.domain import ChatMessage, CompletionRequest, ContentDelta
 from chatgate_server.simulator import Simulator
 from chatgate_server.upstream.openai import OpenAIUpstream
+from chatgate_server.upstream.pool import UpstreamPool
 from chatgate_server.upstream.request_body import build_body
 from chatgate_server.upstream.transport import AsyncioBackend, pooled_transport
 from tests.integration.conftest import TEST_API_KEY
@@ -49,11 +50,11 @@ async def relay_all(upstream: OpenAIUpstream, req: CompletionRequest) -> str:
     return "".join(text)
 
 
-def test_the_pool_is_built_on_our_backend() -> None:
-    # httpx takes no network backend argument; pooled_transport swaps the pool it built.
+def test_the_pool_is_ours_on_our_backend() -> None:
+    # httpx takes no pool or backend argument; pooled_transport swaps the pool it built.
     transport = pooled_transport(max_connections=10, keepalive_expiry=5)
-    assert isinstance(transport._pool, httpcore.AsyncConnectionPool)
-    assert isinstance(transport._pool._network_backend, AsyncioBackend)
+    assert isinstance(transport._pool, UpstreamPool)
+    assert isinstance(transport._pool._backend, AsyncioBackend)
 
 
 async def test_sequential_streams_reuse_one_connection(

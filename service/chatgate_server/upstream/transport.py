@@ -14,8 +14,8 @@ reasons to give httpcore an asyncio-native network backend instead:
 - Cost per read: anyio wraps every read in cancel scopes and checkpoints; here a read
   is one ``StreamReader.read`` (inside ``asyncio.timeout`` when httpcore passes one).
 
-Everything above the socket (HTTP/1.1 parsing, pooling, keep-alive, TLS through
-``start_tls``, exception types) stays httpx/httpcore's own.
+Everything above the socket (HTTP/1.1 parsing, keep-alive, TLS through ``start_tls``,
+exception types) stays httpx/httpcore's own; the pool is ours (``pool.py`` says why).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import Any
 
 import httpcore
 import httpx
+
+from chatgate_server.upstream.pool import UpstreamPool
 
 # The method signatures are httpcore's (AsyncNetworkStream/Backend), timeouts included.
 # ruff: noqa: ASYNC109
@@ -130,17 +132,16 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 
 
 def pooled_transport(*, max_connections: int, keepalive_expiry: float) -> httpx.AsyncHTTPTransport:
-    """httpx's own transport, its pool built on :class:`AsyncioBackend`.
+    """httpx's own transport, its pool replaced by :class:`UpstreamPool` on :class:`AsyncioBackend`.
 
-    httpx does not take a network backend as an argument, so the pool it builds is
-    swapped for one that uses ours (same settings; verify=True, no proxies from the
-    environment). ``tests/unit/test_upstream_transport.py`` checks the swap still takes.
+    httpx does not take a pool or a network backend as an argument, so the pool it
+    builds is swapped (verify=True, no proxies from the environment).
+    ``tests/integration/test_upstream_transport.py`` checks the swap still takes.
     """
     transport = httpx.AsyncHTTPTransport(trust_env=False)
-    transport._pool = httpcore.AsyncConnectionPool(
+    transport._pool = UpstreamPool(  # type: ignore[assignment]
         ssl_context=httpx.create_ssl_context(trust_env=False),
         max_connections=max_connections,
-        max_keepalive_connections=max_connections,
         keepalive_expiry=keepalive_expiry,
         network_backend=AsyncioBackend(),
     )

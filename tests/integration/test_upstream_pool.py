@@ -1,0 +1,164 @@
+"""The upstream connection pool (upstream/pool.py) over real sockets: connections are
+reused, capped, handed to waiting requests, and never leaked by a request that gives up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpcore
+import httpx
+import pytest
+
+from chatgate_server.simulator import Simulator
+from chatgate_server.upstream.pool import UpstreamPool
+from chatgate_server.upstream.transport import pooled_transport
+
+BODY = b'{"model": "%s", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[httpx.AsyncHTTPTransport]:
+    t = pooled_transport(max_connections=2, keepalive_expiry=30)
+    try:
+        yield t
+    finally:
+        await t.aclose()
+
+
+def pool_of(transport: httpx.AsyncHTTPTransport) -> UpstreamPool:
+    pool = transport._pool
+    assert isinstance(pool, UpstreamPool)
+    return pool
+
+
+def post(simulator: Simulator, model: str, *, pool_timeout: float = 10.0) -> httpx.Request:
+    return httpx.Request(
+        "POST",
+        f"{simulator.base_url}/chat/completions",
+        content=BODY % model.encode(),
+        headers={"authorization": "Bearer sk-test", "content-type": "application/json"},
+        extensions={"timeout": {"connect": 5, "read": 10, "write": 5, "pool": pool_timeout}},
+    )
+
+
+async def stream_all(transport: httpx.AsyncHTTPTransport, request: httpx.Request) -> bytes:
+    response = await transport.handle_async_request(request)
+    try:
+        assert response.status_code == 200
+        return b"".join([part async for part in response.aiter_raw()])
+    finally:
+        await response.aclose()
+
+
+async def test_streams_one_after_another_share_one_connection(
+    transport: httpx.AsyncHTTPTransport, simulator: Simulator
+) -> None:
+    for _ in range(5):
+        assert b"[DONE]" in await stream_all(transport, post(simulator, "gpt-4o-mini::chunks=3"))
+    assert (pool_of(transport).connections, pool_of(transport).idle_connections) == (1, 1)
+    assert len(simulator._connections) == 1
+
+
+async def test_more_streams_than_connections_wait_their_turn_and_all_finish(
+    transport: httpx.AsyncHTTPTransport, simulator: Simulator
+) -> None:
+    pool = pool_of(transport)
+    peak = 0
+
+    async def one() -> bytes:
+        nonlocal peak
+        body = await stream_all(transport, post(simulator, "gpt-4o-mini::chunks=5,delay_ms=10"))
+        peak = max(peak, pool.connections)
+        return body
+
+    bodies = await asyncio.gather(*(one() for _ in range(8)))
+    assert all(b"[DONE]" in body for body in bodies)
+    assert peak <= 2
+    assert len(simulator._connections) <= 2
+    assert pool.idle_connections == pool.connections <= 2
+
+
+async def test_a_request_that_waits_too_long_gets_a_pool_timeout_and_leaks_nothing(
+    transport: httpx.AsyncHTTPTransport, simulator: Simulator
+) -> None:
+    pool = pool_of(transport)
+    # Two streams that stall after their first chunk hold both connections.
+    stalling = post(simulator, "gpt-4o-mini::stall_after=1")
+    held = [await transport.handle_async_request(stalling) for _ in range(2)]
+    with pytest.raises(httpcore.PoolTimeout):
+        await pool.handle_async_request(_core(post(simulator, "gpt-4o-mini", pool_timeout=0.2)))
+    waiter = asyncio.ensure_future(stream_all(transport, post(simulator, "gpt-4o-mini::chunks=2")))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()  # waiting for a connection
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    for response in held:
+        await response.aclose()  # closed mid-body: these connections cannot be reused
+    assert pool.connections == 0
+    # Every slot came back: new streams get connections at once.
+    bodies = await asyncio.gather(*(stream_all(transport, post(simulator, "gpt-4o-mini")) for _ in range(2)))
+    assert all(b"[DONE]" in body for body in bodies)
+    assert pool.connections == 2
+
+
+async def test_a_waiting_request_takes_the_connection_the_moment_it_is_free(
+    transport: httpx.AsyncHTTPTransport, simulator: Simulator
+) -> None:
+    pool = pool_of(transport)
+    first = [
+        asyncio.ensure_future(stream_all(transport, post(simulator, "gpt-4o-mini::chunks=3,delay_ms=30")))
+        for _ in range(2)
+    ]
+    await asyncio.sleep(0.01)
+    queued = asyncio.ensure_future(stream_all(transport, post(simulator, "gpt-4o-mini::chunks=2")))
+    assert b"[DONE]" in await queued  # handed a connection that finished, not a third one
+    await asyncio.gather(*first)
+    assert pool.connections == 2
+    assert len(simulator._connections) == 2
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    served = 0
+
+    async def one_response_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await reader.readuntil(b"\r\n\r\n")
+        served += 1
+        # Keep-alive by the headers, then closed anyway (as servers do when idle).
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(one_response_per_connection, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = pooled_transport(max_connections=4, keepalive_expiry=30)
+    try:
+        for _ in range(3):
+            request = httpx.Request("GET", f"http://127.0.0.1:{port}/", extensions={"timeout": {"pool": 5}})
+            response = await transport.handle_async_request(request)
+            assert await response.aread() == b"ok"
+            await response.aclose()
+            await asyncio.sleep(0.05)  # the server's close arrives
+        assert served == 3  # each request got a fresh connection, none failed on a dead one
+        assert pool_of(transport).connections <= 1
+    finally:
+        await transport.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+def _core(request: httpx.Request) -> httpcore.Request:
+    return httpcore.Request(
+        method=request.method,
+        url=httpcore.URL(
+            scheme=request.url.raw_scheme,
+            host=request.url.raw_host,
+            port=request.url.port,
+            target=request.url.raw_path,
+        ),
+        headers=request.headers.raw,
+        content=request.content,
+        extensions=request.extensions,
+    )
