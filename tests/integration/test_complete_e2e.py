@@ -11,10 +11,11 @@ import pytest
 from google.protobuf import struct_pb2
 
 from chatgate.v1 import chat_pb2 as pb
+from chatgate.v1 import chat_pb2_grpc
 from chatgate_server.app import App
 from chatgate_server.simulator import Simulator
 from chatgate_server.simulator.content import text_of
-from tests.integration.conftest import TEST_API_KEY
+from tests.integration.conftest import TEST_API_KEY, AppFactory
 
 if TYPE_CHECKING:
     from chatgate.v1.chat_pb2_grpc import ChatServiceAsyncStub
@@ -262,3 +263,13 @@ async def test_invalid_request_gets_field_violations_and_never_reaches_the_upstr
     fields = {v.field for v in violations.field_violations}
     assert {"user_id", "messages[0].role", "temperature"} <= fields
     assert simulator.requests == []
+
+
+async def test_with_coalescing_off_every_upstream_chunk_is_its_own_message(
+    start_app: AppFactory, simulator: Simulator
+) -> None:
+    app = await start_app(coalesce_deltas=False)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        events = await collect(chat_pb2_grpc.ChatServiceStub(channel), request("gpt-4o-mini::chunks=25"))
+    assert [e.WhichOneof("event") for e in events] == ["started", *["content"] * 25, "finished"]
+    assert "".join(e.content.text for e in events[1:-1]) == text_of(25)
