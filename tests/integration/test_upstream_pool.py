@@ -7,68 +7,67 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import httpcore
-import httpx
 import pytest
 
 from chatgate_server.simulator import Simulator
 from chatgate_server.upstream.pool import UpstreamPool
-from chatgate_server.upstream.transport import pooled_transport
+from chatgate_server.upstream.transport import upstream_pool
 
 BODY = b'{"model": "%s", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
 
 
 @pytest.fixture
-async def transport() -> AsyncIterator[httpx.AsyncHTTPTransport]:
-    t = pooled_transport(max_connections=2, keepalive_expiry=30)
+async def pool() -> AsyncIterator[UpstreamPool]:
+    p = upstream_pool(max_connections=2, keepalive_expiry=30)
     try:
-        yield t
+        yield p
     finally:
-        await t.aclose()
+        await p.aclose()
 
 
-def pool_of(transport: httpx.AsyncHTTPTransport) -> UpstreamPool:
-    pool = transport._pool
-    assert isinstance(pool, UpstreamPool)
-    return pool
-
-
-def post(simulator: Simulator, model: str, *, pool_timeout: float = 10.0) -> httpx.Request:
-    return httpx.Request(
+def post(simulator: Simulator, model: str, *, pool_timeout: float = 10.0) -> httpcore.Request:
+    body = BODY % model.encode()
+    url = httpcore.URL(f"{simulator.base_url}/chat/completions")
+    return httpcore.Request(
         "POST",
-        f"{simulator.base_url}/chat/completions",
-        content=BODY % model.encode(),
-        headers={"authorization": "Bearer sk-test", "content-type": "application/json"},
+        url,
+        content=body,
+        headers=[
+            (b"host", url.host),
+            (b"authorization", b"Bearer sk-test"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
         extensions={"timeout": {"connect": 5, "read": 10, "write": 5, "pool": pool_timeout}},
     )
 
 
-async def stream_all(transport: httpx.AsyncHTTPTransport, request: httpx.Request) -> bytes:
-    response = await transport.handle_async_request(request)
+async def stream_all(pool: UpstreamPool, request: httpcore.Request) -> bytes:
+    response = await pool.handle_async_request(request)
     try:
-        assert response.status_code == 200
-        return b"".join([part async for part in response.aiter_raw()])
+        assert response.status == 200
+        return b"".join([part async for part in response.aiter_stream()])
     finally:
         await response.aclose()
 
 
 async def test_streams_one_after_another_share_one_connection(
-    transport: httpx.AsyncHTTPTransport, simulator: Simulator
+    pool: UpstreamPool, simulator: Simulator
 ) -> None:
     for _ in range(5):
-        assert b"[DONE]" in await stream_all(transport, post(simulator, "gpt-4o-mini::chunks=3"))
-    assert (pool_of(transport).connections, pool_of(transport).idle_connections) == (1, 1)
+        assert b"[DONE]" in await stream_all(pool, post(simulator, "gpt-4o-mini::chunks=3"))
+    assert (pool.connections, pool.idle_connections) == (1, 1)
     assert len(simulator._connections) == 1
 
 
 async def test_more_streams_than_connections_wait_their_turn_and_all_finish(
-    transport: httpx.AsyncHTTPTransport, simulator: Simulator
+    pool: UpstreamPool, simulator: Simulator
 ) -> None:
-    pool = pool_of(transport)
     peak = 0
 
     async def one() -> bytes:
         nonlocal peak
-        body = await stream_all(transport, post(simulator, "gpt-4o-mini::chunks=5,delay_ms=10"))
+        body = await stream_all(pool, post(simulator, "gpt-4o-mini::chunks=5,delay_ms=10"))
         peak = max(peak, pool.connections)
         return body
 
@@ -80,15 +79,14 @@ async def test_more_streams_than_connections_wait_their_turn_and_all_finish(
 
 
 async def test_a_request_that_waits_too_long_gets_a_pool_timeout_and_leaks_nothing(
-    transport: httpx.AsyncHTTPTransport, simulator: Simulator
+    pool: UpstreamPool, simulator: Simulator
 ) -> None:
-    pool = pool_of(transport)
     # Two streams that stall after their first chunk hold both connections.
     stalling = post(simulator, "gpt-4o-mini::stall_after=1")
-    held = [await transport.handle_async_request(stalling) for _ in range(2)]
+    held = [await pool.handle_async_request(stalling) for _ in range(2)]
     with pytest.raises(httpcore.PoolTimeout):
-        await pool.handle_async_request(_core(post(simulator, "gpt-4o-mini", pool_timeout=0.2)))
-    waiter = asyncio.ensure_future(stream_all(transport, post(simulator, "gpt-4o-mini::chunks=2")))
+        await pool.handle_async_request(post(simulator, "gpt-4o-mini", pool_timeout=0.2))
+    waiter = asyncio.ensure_future(stream_all(pool, post(simulator, "gpt-4o-mini::chunks=2")))
     await asyncio.sleep(0.05)
     assert not waiter.done()  # waiting for a connection
     waiter.cancel()
@@ -98,21 +96,20 @@ async def test_a_request_that_waits_too_long_gets_a_pool_timeout_and_leaks_nothi
         await response.aclose()  # closed mid-body: these connections cannot be reused
     assert pool.connections == 0
     # Every slot came back: new streams get connections at once.
-    bodies = await asyncio.gather(*(stream_all(transport, post(simulator, "gpt-4o-mini")) for _ in range(2)))
+    bodies = await asyncio.gather(*(stream_all(pool, post(simulator, "gpt-4o-mini")) for _ in range(2)))
     assert all(b"[DONE]" in body for body in bodies)
     assert pool.connections == 2
 
 
 async def test_a_waiting_request_takes_the_connection_the_moment_it_is_free(
-    transport: httpx.AsyncHTTPTransport, simulator: Simulator
+    pool: UpstreamPool, simulator: Simulator
 ) -> None:
-    pool = pool_of(transport)
     first = [
-        asyncio.ensure_future(stream_all(transport, post(simulator, "gpt-4o-mini::chunks=3,delay_ms=30")))
+        asyncio.ensure_future(stream_all(pool, post(simulator, "gpt-4o-mini::chunks=3,delay_ms=30")))
         for _ in range(2)
     ]
     await asyncio.sleep(0.01)
-    queued = asyncio.ensure_future(stream_all(transport, post(simulator, "gpt-4o-mini::chunks=2")))
+    queued = asyncio.ensure_future(stream_all(pool, post(simulator, "gpt-4o-mini::chunks=2")))
     assert b"[DONE]" in await queued  # handed a connection that finished, not a third one
     await asyncio.gather(*first)
     assert pool.connections == 2
@@ -133,32 +130,19 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None
 
     server = await asyncio.start_server(one_response_per_connection, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    transport = pooled_transport(max_connections=4, keepalive_expiry=30)
+    pool = upstream_pool(max_connections=4, keepalive_expiry=30)
     try:
         for _ in range(3):
-            request = httpx.Request("GET", f"http://127.0.0.1:{port}/", extensions={"timeout": {"pool": 5}})
-            response = await transport.handle_async_request(request)
+            url = f"http://127.0.0.1:{port}/"
+            headers = [(b"host", b"127.0.0.1")]
+            request = httpcore.Request("GET", url, headers=headers, extensions={"timeout": {"pool": 5}})
+            response = await pool.handle_async_request(request)
             assert await response.aread() == b"ok"
             await response.aclose()
             await asyncio.sleep(0.05)  # the server's close arrives
         assert served == 3  # each request got a fresh connection, none failed on a dead one
-        assert pool_of(transport).connections <= 1
+        assert pool.connections <= 1
     finally:
-        await transport.aclose()
+        await pool.aclose()
         server.close()
         await server.wait_closed()
-
-
-def _core(request: httpx.Request) -> httpcore.Request:
-    return httpcore.Request(
-        method=request.method,
-        url=httpcore.URL(
-            scheme=request.url.raw_scheme,
-            host=request.url.raw_host,
-            port=request.url.port,
-            target=request.url.raw_path,
-        ),
-        headers=request.headers.raw,
-        content=request.content,
-        extensions=request.extensions,
-    )

@@ -16,7 +16,7 @@ from chatgate_server.simulator import Simulator
 from chatgate_server.upstream.openai import OpenAIUpstream
 from chatgate_server.upstream.pool import UpstreamPool
 from chatgate_server.upstream.request_body import build_body
-from chatgate_server.upstream.transport import AsyncioBackend, pooled_transport
+from chatgate_server.upstream.transport import AsyncioBackend
 from tests.integration.conftest import TEST_API_KEY
 
 
@@ -50,11 +50,10 @@ async def relay_all(upstream: OpenAIUpstream, req: CompletionRequest) -> str:
     return "".join(text)
 
 
-def test_the_pool_is_ours_on_our_backend() -> None:
-    # httpx takes no pool or backend argument; pooled_transport swaps the pool it built.
-    transport = pooled_transport(max_connections=10, keepalive_expiry=5)
-    assert isinstance(transport._pool, UpstreamPool)
-    assert isinstance(transport._pool._backend, AsyncioBackend)
+def test_the_upstream_goes_through_our_pool_on_our_backend() -> None:
+    upstream = OpenAIUpstream("http://127.0.0.1:1/v1", Secret(TEST_API_KEY))
+    assert isinstance(upstream._pool, UpstreamPool)
+    assert isinstance(upstream._pool._backend, AsyncioBackend)
 
 
 async def test_sequential_streams_reuse_one_connection(

@@ -1,12 +1,12 @@
-"""The OpenAI chat-completions upstream over a shared ``httpx.AsyncClient``.
+"""The OpenAI chat-completions upstream, over httpcore and our connection pool.
 
-This is the only module that talks HTTP. It maps every httpx exception to an
+This is the only module that talks HTTP. It maps every httpcore exception to an
 :class:`~chatgate_server.errors.UpstreamError` in one place (``_translate``), so
 nothing above it sees a foreign exception.
 
-Timeouts: httpx's are per phase (connect, write, pool) and per read; they are bounded
+Timeouts: httpcore's are per phase (connect, write, pool) and per read; they are bounded
 here by the request's deadline, and the total is enforced by the caller's
-``asyncio.timeout`` on the deadline, never by httpx.
+``asyncio.timeout`` on the deadline, never by httpcore.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import httpcore
 import orjson
 
 from chatgate_server.config import Secret
@@ -30,7 +30,7 @@ from chatgate_server.upstream.chunks import ChunkDecoder
 from chatgate_server.upstream.classify import classify_http_error
 from chatgate_server.upstream.coalesce import coalesce
 from chatgate_server.upstream.sse import SSEDecoder
-from chatgate_server.upstream.transport import pooled_transport
+from chatgate_server.upstream.transport import upstream_pool
 
 log = logging.getLogger(__name__)
 
@@ -50,30 +50,31 @@ class OpenAIUpstream:
         *,
         connect_timeout: float = 5.0,
         max_connections: int = 1000,
-        transport: httpx.AsyncBaseTransport | None = None,
         coalesce_deltas: bool = True,
     ) -> None:
         self._coalesce = coalesce_deltas
-        # Parsed once: httpx would parse the string again for every request.
-        self._url = httpx.URL(f"{base_url.rstrip('/')}/chat/completions")
         parts = urlsplit(base_url)
         self.server_address = parts.hostname or ""
         self.server_port = parts.port or (443 if parts.scheme == "https" else 80)
         self._connect_timeout = connect_timeout
-        self._headers = {
-            "authorization": f"Bearer {api_key.value}",
-            "content-type": "application/json",
-            "accept": "text/event-stream",
-        }
-        # The transport is called directly, without an AsyncClient: the client's
-        # cookie jar, auth and redirect machinery and URL merging cost ~0.15 ms per
-        # request and do nothing here (redirects are never followed: a 3xx is an error,
-        # so our key never goes to another host). Our asyncio-native pool
-        # (upstream/transport.py) makes reads push back on the upstream when the caller
-        # is slow, and costs less than anyio's.
-        self._transport = transport or pooled_transport(
-            max_connections=max_connections, keepalive_expiry=30.0
+        # Requests go to our pool as httpcore requests, built from parts made once
+        # here: httpx's Request and Response models (header normalisation, URL
+        # merging, content streams) cost ~150 µs before the response headers, and
+        # its client's cookie jar, auth and redirect layers did nothing here
+        # (redirects are never followed: a 3xx is an error, so our key never goes to
+        # another host). bench/http_clients.py measures the difference.
+        path = f"{parts.path.rstrip('/')}/chat/completions".encode()
+        self._url = httpcore.URL(
+            scheme=parts.scheme.encode(), host=self.server_address.encode(), port=parts.port, target=path
         )
+        host = parts.netloc.rsplit("@", 1)[-1].encode()
+        self._headers = [
+            (b"host", host),
+            (b"authorization", f"Bearer {api_key.value}".encode()),
+            (b"content-type", b"application/json"),
+            (b"accept", b"text/event-stream"),
+        ]
+        self._pool = upstream_pool(max_connections=max_connections, keepalive_expiry=30.0)
 
     @property
     def name(self) -> str:
@@ -87,15 +88,19 @@ class OpenAIUpstream:
             "write": remaining,
             "pool": remaining,
         }
-        headers = {**self._headers, "x-client-request-id": request.request_id}
-        http_request = httpx.Request(
-            "POST", self._url, content=body, headers=headers, extensions={"timeout": timeout}
+        headers = [
+            *self._headers,
+            (b"content-length", str(len(body)).encode()),
+            (b"x-client-request-id", request.request_id.encode()),
+        ]
+        http_request = httpcore.Request(
+            b"POST", self._url, headers=headers, content=body, extensions={"timeout": timeout}
         )
         try:
-            response = await self._transport.handle_async_request(http_request)
-        except httpx.HTTPError as exc:
+            response = await self._pool.handle_async_request(http_request)
+        except _TRANSPORT_ERRORS as exc:
             raise _translate(exc) from None
-        if response.status_code != 200:
+        if response.status != 200:
             try:
                 await _raise_for_error(response)
             finally:
@@ -103,16 +108,16 @@ class OpenAIUpstream:
         return OpenAIStream(response, coalesce_deltas=self._coalesce)
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        await self._pool.aclose()
 
 
 class OpenAIStream:
     """An open streaming response; iterate :meth:`events`, then :meth:`aclose`."""
 
-    def __init__(self, response: httpx.Response, *, coalesce_deltas: bool = True) -> None:
+    def __init__(self, response: httpcore.Response, *, coalesce_deltas: bool = True) -> None:
         self._response = response
         self._coalesce = coalesce_deltas
-        self.upstream_request_id = response.headers.get("x-request-id")
+        self.upstream_request_id = _header(response, b"x-request-id")
 
     async def events(self) -> AsyncIterator[UpstreamEvent]:
         """Each read's events in order; with ``coalesce_deltas``, the deltas that one
@@ -120,7 +125,7 @@ class OpenAIStream:
         sse = SSEDecoder()
         chunks = ChunkDecoder()
         merge = coalesce if self._coalesce else _as_is
-        body = self._response.aiter_raw()
+        body = self._response.aiter_stream()
         started = False
         try:
             async for raw in body:
@@ -144,7 +149,7 @@ class OpenAIStream:
                     return
             for event in merge(_decode_all(chunks, sse.flush())):
                 yield event
-        except httpx.HTTPError as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise _translate(exc) from None
         except _DecodedThenFailed as failed:
             # What the read held before the bad payload still reaches the caller.
@@ -199,7 +204,7 @@ async def _finish_body(body: AsyncIterator[bytes]) -> None:
     from a well-behaved upstream; one that dawdles or sends more is cut after a short
     wait (its connection is then closed rather than reused).
     """
-    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+    with contextlib.suppress(TimeoutError, *_TRANSPORT_ERRORS):
         async with asyncio.timeout(_FINISH_BODY_S):
             read = 0
             async for piece in body:
@@ -208,36 +213,53 @@ async def _finish_body(body: AsyncIterator[bytes]) -> None:
                     break
 
 
-async def _raise_for_error(response: httpx.Response) -> None:
+async def _raise_for_error(response: httpcore.Response) -> None:
     raw = b""
     try:
-        async for piece in response.aiter_raw():
+        async for piece in response.aiter_stream():
             raw += piece
             if len(raw) > _MAX_ERROR_BODY:
                 break
-    except httpx.HTTPError:
+    except _TRANSPORT_ERRORS:
         pass  # the status alone still classifies the error
     body: Any = None
     try:
         body = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         body = None
-    raise classify_http_error(response.status_code, body, response.headers)
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
+    raise classify_http_error(response.status, body, headers)
 
 
-def _translate(exc: httpx.HTTPError) -> UpstreamError:
-    """One place that maps httpx's exceptions; the message never includes a URL or header."""
-    if isinstance(exc, httpx.ConnectTimeout):
+def _header(response: httpcore.Response, name: bytes) -> str | None:
+    for key, value in response.headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+# What httpcore raises for a request that fails on the way (httpcore has no common base).
+_TRANSPORT_ERRORS = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
+)
+
+
+def _translate(exc: Exception) -> UpstreamError:
+    """One place that maps httpcore's exceptions; the message never includes a URL or header."""
+    if isinstance(exc, httpcore.ConnectTimeout):
         return UpstreamError("timed out connecting to the upstream")
-    if isinstance(exc, httpx.ReadTimeout):
+    if isinstance(exc, httpcore.ReadTimeout):
         return UpstreamError("the upstream stopped sending")
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpcore.TimeoutException):
         return UpstreamError("timed out talking to the upstream")
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, httpcore.ConnectError):
         return UpstreamError("could not connect to the upstream")
-    if isinstance(exc, httpx.RemoteProtocolError):
+    if isinstance(exc, httpcore.RemoteProtocolError):
         return UpstreamError("the upstream closed the connection mid-response")
-    if isinstance(exc, httpx.NetworkError):
+    if isinstance(exc, httpcore.NetworkError):
         return UpstreamError("network error talking to the upstream")
     log.warning("unexpected upstream transport error: %s", type(exc).__name__)
     return UpstreamError("error talking to the upstream")

@@ -1,7 +1,7 @@
-"""httpx's connection pool on plain asyncio streams instead of anyio's.
+"""httpcore's connections on plain asyncio streams instead of anyio's.
 
-httpx talks to sockets through httpcore, which on asyncio goes through anyio. Two
-reasons to give httpcore an asyncio-native network backend instead:
+httpcore (httpx's engine) talks to sockets, on asyncio, through anyio. Two reasons to
+give it an asyncio-native network backend instead:
 
 - Back-pressure. anyio's socket stream pauses reading only after it had to wait for
   data; when a response's first bytes are already there on the first read (the usual
@@ -15,7 +15,7 @@ reasons to give httpcore an asyncio-native network backend instead:
   is one ``StreamReader.read`` (inside ``asyncio.timeout`` when httpcore passes one).
 
 Everything above the socket (HTTP/1.1 parsing, keep-alive, TLS through ``start_tls``,
-exception types) stays httpx/httpcore's own; the pool is ours (``pool.py`` says why).
+exception types) stays httpcore's own; the pool is ours (``pool.py`` says why).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ READ_LIMIT = 64 * 1024
 
 @contextlib.contextmanager
 def _mapped(timeout: type[Exception], error: type[Exception]) -> Iterator[None]:
-    """asyncio's and the OS's exceptions as the httpcore ones httpx expects."""
+    """asyncio's and the OS's exceptions as the httpcore ones its connections expect."""
     try:
         yield
     except TimeoutError as exc:
@@ -131,18 +131,12 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def pooled_transport(*, max_connections: int, keepalive_expiry: float) -> httpx.AsyncHTTPTransport:
-    """httpx's own transport, its pool replaced by :class:`UpstreamPool` on :class:`AsyncioBackend`.
-
-    httpx does not take a pool or a network backend as an argument, so the pool it
-    builds is swapped (verify=True, no proxies from the environment).
-    ``tests/integration/test_upstream_transport.py`` checks the swap still takes.
-    """
-    transport = httpx.AsyncHTTPTransport(trust_env=False)
-    transport._pool = UpstreamPool(  # type: ignore[assignment]
+def upstream_pool(*, max_connections: int, keepalive_expiry: float) -> UpstreamPool:
+    """The pool chatgate talks to its upstream through: httpcore connections on
+    :class:`AsyncioBackend`, certificates verified (no proxies from the environment)."""
+    return UpstreamPool(
         ssl_context=httpx.create_ssl_context(trust_env=False),
         max_connections=max_connections,
         keepalive_expiry=keepalive_expiry,
         network_backend=AsyncioBackend(),
     )
-    return transport
