@@ -69,3 +69,19 @@ def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
         "short: chatgate CPU per 1k chunks vs relay",
         "short: chatgate-1msg CPU per 1k chunks vs relay",
     }
+
+
+def test_the_http_client_comparison_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.http_clients", "--requests", "20", "--rounds", "1"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
+    assert {"chatgate", "httpcore", "httpx"} <= set(rows)
+    assert rows["chatgate"][-1] == "1.00x"  # the others are reported relative to chatgate's path
