@@ -14,7 +14,6 @@ from psycopg_pool import AsyncConnectionPool
 
 from chatgate_server.completion import CompletionService
 from chatgate_server.config import Settings
-from chatgate_server.loop_lag import LoopLagMonitor
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.ledger_health import LedgerHealth
 from chatgate_server.rpc.server import CHAT_SERVICE, build_server
@@ -71,7 +70,6 @@ class App:
         self._health: health.aio.HealthServicer | None = None
         self.breaker: CircuitBreaker | None = None
         self.service: CompletionService | None = None
-        self.loop_lag: LoopLagMonitor | None = None
 
     async def start(self) -> int:
         """Open resources and start serving; returns the bound port."""
@@ -180,8 +178,6 @@ class App:
         self.ledger_health = LedgerHealth(self._health, ("", CHAT_SERVICE))
         self.ledger.add_listener(self.ledger_health)
         self.ledger_health(self.ledger.state)
-        self.loop_lag = LoopLagMonitor(self.telemetry.loop_lag.record)
-        self.loop_lag.start()
         log.info("chatgate serving on %s:%d, upstream %s", s.listen.host, self.port, s.openai_base_url)
         return self.port
 
@@ -193,9 +189,6 @@ class App:
         and are then cut with their final event and usage row; the ledger is flushed.
         """
         grace = self.settings.shutdown_grace_s if grace is None else grace
-        if self.loop_lag is not None:
-            await self.loop_lag.stop()
-            self.loop_lag = None
         if self._health is not None:
             await _bounded("health", self._health.enter_graceful_shutdown(), 5)
         if self.service is not None:

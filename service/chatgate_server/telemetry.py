@@ -37,7 +37,6 @@ INSTRUMENTATION = "chatgate"
 # Bucket boundaries from the GenAI semantic conventions.
 TOKEN_BUCKETS = [float(4**i) for i in range(14)]  # 1, 4, 16, … 67108864
 DURATION_BUCKETS = [0.01 * 2**i for i in range(14)]  # 0.01 … 81.92 s
-LAG_BUCKETS = [0.001 * 2**i for i in range(15)]  # 1 ms … 16.4 s
 
 
 def _enabled(env: Mapping[str, str], signal: str) -> bool:
@@ -116,12 +115,6 @@ class Telemetry:
         )
         self.active_streams = meter.create_up_down_counter(
             "chatgate.streams.active", unit="{stream}", description="Complete calls in progress"
-        )
-        self.loop_lag = meter.create_histogram(
-            "chatgate.event_loop.lag",
-            unit="s",
-            description="How late the worker's event loop ran a 250 ms timer; seconds mean saturated",
-            explicit_bucket_boundaries_advisory=LAG_BUCKETS,
         )
         self._meter = meter
 
