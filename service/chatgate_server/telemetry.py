@@ -116,6 +116,16 @@ class Telemetry:
         self.active_streams = meter.create_up_down_counter(
             "chatgate.streams.active", unit="{stream}", description="Complete calls in progress"
         )
+        # Each worker is its own process: its CPU time says how close it is to its core.
+        # Under overload grpc.aio admits calls only as running ones finish, so the excess
+        # waits inside gRPC, where chatgate's spans, rows and call metrics cannot see it;
+        # a worker using ~1 s of CPU per second is that signal (docs/PERFORMANCE.md).
+        meter.create_observable_counter(
+            "process.cpu.time",
+            callbacks=[_process_cpu_time],
+            unit="s",
+            description="CPU time this worker process has used, by cpu.mode",
+        )
         self._meter = meter
 
     def observe(
@@ -131,6 +141,11 @@ class Telemetry:
             return [Observation(value, attributes) for value, attributes in read()]
 
         self._meter.create_observable_gauge(name, callbacks=[callback], unit=unit, description=description)
+
+
+def _process_cpu_time(_: CallbackOptions) -> Iterable[Observation]:
+    times = os.times()
+    return [Observation(times.user, {"cpu.mode": "user"}), Observation(times.system, {"cpu.mode": "system"})]
 
 
 NO_TELEMETRY = Telemetry()

@@ -272,3 +272,11 @@ async def test_without_traceparent_a_new_trace_starts(
     server = captured.server_span()
     assert server.parent is None
     assert f"{server.context.trace_id:032x}" != CALLER_TRACE
+
+
+async def test_each_worker_reports_its_cpu_time(start_app: AppFactory, captured: Captured) -> None:
+    _, channel = await started(start_app, captured)
+    async with channel:
+        points = {p.attributes["cpu.mode"]: p.value for p in captured.metric_points("process.cpu.time")}
+    assert set(points) == {"user", "system"}
+    assert points["user"] > 0
