@@ -150,9 +150,10 @@ class UpstreamPool:
         await self._sweep()
 
     async def _drop(self, connection: httpcore.AsyncHTTPConnection) -> None:
+        # The slot first: a cancellation landing in the close must not leak it.
+        self._free_slot()
         with contextlib.suppress(Exception):
             await connection.aclose()
-        self._free_slot()
 
     def _free_slot(self) -> None:
         while self._waiters:
