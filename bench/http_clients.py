@@ -120,8 +120,8 @@ async def _httpx(base: str, model: str) -> tuple[One, Callable[[], Awaitable[Non
 
 
 async def _aiohttp(base: str, model: str) -> tuple[One, Callable[[], Awaitable[None]]]:
-    import aiohttp
-
+    # Imported by name: aiohttp is optional, and the type checker must not need it.
+    aiohttp: Any = importlib.import_module("aiohttp")
     session = aiohttp.ClientSession(skip_auto_headers=("User-Agent",))
     body = _body(model)
     url = base + "/chat/completions"
