@@ -11,8 +11,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 
 class PgProxy:
-    """Forwards 127.0.0.1:<port> to Postgres. ``cut()``: every open connection is dropped
-    and new ones are closed on arrival (Postgres "gone"); ``restore()``: forwarding again."""
+    """Forwards 127.0.0.1:<port> to Postgres (over TCP, or to its Unix socket).
+
+    ``cut()``: every open connection is dropped and new ones are closed on arrival
+    (Postgres "gone"); ``restore()``: forwarding again."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self._target = (target_host, target_port)
@@ -54,8 +56,14 @@ class PgProxy:
         if not self.up:
             writer.transport.abort()
             return
+        host, port = self._target
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            if host.startswith("/"):
+                # A socket directory (the embedded Postgres of ./scripts/test listens
+                # only there): libpq's naming, <dir>/.s.PGSQL.<port>.
+                up_reader, up_writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+            else:
+                up_reader, up_writer = await asyncio.open_connection(host, port)
         except OSError:
             writer.transport.abort()
             return
