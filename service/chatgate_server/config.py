@@ -185,9 +185,11 @@ def _api_key(env: Mapping[str, str]) -> Secret:
             raise ConfigError("OPENAI_API_KEY_FILE names an empty file")
     if not key:
         raise ConfigError("OPENAI_API_KEY is not set (or set OPENAI_API_KEY_FILE)")
-    if any(c.isspace() for c in key):
-        # Never echo the value: it is a secret even when malformed.
-        raise ConfigError("OPENAI_API_KEY contains whitespace")
+    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+        # It goes into an HTTP header verbatim: anything else would fail every call, in
+        # an HTTP library error that may quote the header. Never echo the value: it is a
+        # secret even when malformed.
+        raise ConfigError("OPENAI_API_KEY must be printable ASCII with no whitespace")
     return Secret(key)
 
 

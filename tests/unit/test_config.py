@@ -1,0 +1,33 @@
+"""The OpenAI key from the environment: taken as given when sane, refused (without being
+echoed) when it could not go into an HTTP header."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatgate_server.config import ConfigError, Settings
+
+BASE = {"DATABASE_URL": "postgresql://127.0.0.1/x"}
+
+
+def test_a_normal_key_is_taken_and_masked() -> None:
+    settings = Settings.from_env({**BASE, "OPENAI_API_KEY": "sk-proj-AbC123_xyz"})
+    assert settings.openai_api_key.value == "sk-proj-AbC123_xyz"
+    assert "AbC123" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-has space-SECRETPART",
+        "sk-tab\tSECRETPART",
+        "sk-ctrl\x01SECRETPART",
+        "sk-é-SECRETPART",
+        "sk-\x7fSECRETPART",
+    ],
+)
+def test_a_key_that_cannot_be_a_header_is_refused_without_echoing_it(key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "OPENAI_API_KEY": key})
+    assert "SECRETPART" not in str(caught.value)
+    assert "OPENAI_API_KEY" in str(caught.value)
