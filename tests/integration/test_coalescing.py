@@ -68,8 +68,8 @@ async def test_a_burst_is_relayed_as_few_deltas_with_the_same_text(
 
 
 async def test_chunks_that_come_apart_still_stream_one_by_one(upstream: OpenAIUpstream) -> None:
-    # 60 ms apart, each chunk is its own read: nothing is held back to merge it.
-    events, error = await read_events(upstream, "gpt-4o-mini::chunks=4,delay_ms=60")
+    # 100 ms apart, each chunk is its own read: nothing is held back to merge it.
+    events, error = await read_events(upstream, "gpt-4o-mini::chunks=4,delay_ms=100")
     assert error is None
     assert "".join(deltas(events)) == text_of(4)
     assert len(deltas(events)) >= 3  # (a very busy machine may merge two that fell due together)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -157,6 +158,31 @@ async def test_delay_spreads_chunks_over_time(client: httpx.AsyncClient) -> None
                 arrivals.append(loop.time() - start)
     assert len(arrivals) == 4
     assert arrivals[-1] - arrivals[0] >= 0.1  # three 40 ms gaps between four chunks
+
+
+async def test_a_busy_simulator_keeps_its_pace_by_sending_what_fell_due_together(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    # Paced chunks follow a schedule: when the process was busy (here: blocked), the
+    # chunks that fell due meanwhile go out at once, as a real upstream that keeps its
+    # own pace would have sent them, instead of each waiting its delay after the last.
+    body = chat("gpt-4o-mini::chunks=20,delay_ms=30", usage=False)
+    async with client.stream("POST", "/chat/completions", json=body) as response:
+        lines = response.aiter_lines()
+        async for line in lines:
+            if '"content":"' in line and '"content":""' not in line:
+                break  # the first chunk is here
+        record = sim.requests[-1]
+        before = record.content_chunks_sent
+        time.sleep(0.2)  # noqa: ASYNC251 - blocking on purpose: ~6 delays fall due meanwhile
+        for _ in range(1000):  # loop turns until the simulator's overdue timer has run
+            if record.content_chunks_sent != before:
+                break
+            await asyncio.sleep(0)
+        assert record.content_chunks_sent - before >= 5  # in one go, not one per delay
+        async for _ in lines:
+            pass
+    assert record.content_chunks_sent == 20
 
 
 async def test_max_completion_tokens_cuts_with_length(client: httpx.AsyncClient) -> None:

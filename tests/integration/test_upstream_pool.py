@@ -4,7 +4,7 @@ reused, capped, handed to waiting requests, and never leaked by a request that g
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpcore
 import pytest
@@ -23,6 +23,13 @@ async def pool() -> AsyncIterator[UpstreamPool]:
         yield p
     finally:
         await p.aclose()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop turn until ``condition`` holds (a sync point, not a guess at timing)."""
+    async with asyncio.timeout(10):
+        while not condition():  # noqa: ASYNC110 - the states polled here have no event
+            await asyncio.sleep(0.001)
 
 
 def post(simulator: Simulator, model: str, *, pool_timeout: float = 10.0) -> httpcore.Request:
@@ -87,7 +94,7 @@ async def test_a_request_that_waits_too_long_gets_a_pool_timeout_and_leaks_nothi
     with pytest.raises(httpcore.PoolTimeout):
         await pool.handle_async_request(post(simulator, "gpt-4o-mini", pool_timeout=0.2))
     waiter = asyncio.ensure_future(stream_all(pool, post(simulator, "gpt-4o-mini::chunks=2")))
-    await asyncio.sleep(0.05)
+    await until(lambda: pool.waiting == 1)
     assert not waiter.done()  # waiting for a connection
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -108,7 +115,7 @@ async def test_a_waiting_request_takes_the_connection_the_moment_it_is_free(
         asyncio.ensure_future(stream_all(pool, post(simulator, "gpt-4o-mini::chunks=3,delay_ms=30")))
         for _ in range(2)
     ]
-    await asyncio.sleep(0.01)
+    await until(lambda: pool.connections == 2)  # both taken
     queued = asyncio.ensure_future(stream_all(pool, post(simulator, "gpt-4o-mini::chunks=2")))
     assert b"[DONE]" in await queued  # handed a connection that finished, not a third one
     await asyncio.gather(*first)
@@ -139,7 +146,7 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None
             response = await pool.handle_async_request(request)
             assert await response.aread() == b"ok"
             await response.aclose()
-            await asyncio.sleep(0.05)  # the server's close arrives
+            await until(lambda: pool.idle_connections == 0 or pool._idle[-1].has_expired())
         assert served == 3  # each request got a fresh connection, none failed on a dead one
         assert pool.connections <= 1
     finally:

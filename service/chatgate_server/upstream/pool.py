@@ -64,6 +64,11 @@ class UpstreamPool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection to become free."""
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
         """Send ``request`` on an idle connection or a new one; the connection returns to
         the pool when the response is closed."""
