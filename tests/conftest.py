@@ -18,7 +18,6 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "openai-streams"
 
 
 def _admin_url() -> str:

@@ -24,7 +24,7 @@ from chatgate_server.errors import UpstreamError, UpstreamProtocolError
 from chatgate_server.upstream.chunks import ChunkDecoder
 from chatgate_server.upstream.sse import SSEDecoder
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "openai-streams"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "openai-streams"
 FIXTURE_NAMES = ["sse_toolcall_sample.txt", "sse_parallel_tools_sample.txt", "sse_refusal_sample.txt"]
 
 

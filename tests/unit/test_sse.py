@@ -11,7 +11,7 @@ import pytest
 
 from chatgate_server.upstream.sse import SSEDecoder
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "openai-streams"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "openai-streams"
 FIXTURE_NAMES = ["sse_toolcall_sample.txt", "sse_parallel_tools_sample.txt", "sse_refusal_sample.txt"]
 
 

@@ -1,7 +1,7 @@
 """OpenAI-shaped error responses: ``{"error": {"message", "type", "param", "code"}}``.
 
-Bodies and messages follow what api.openai.com sends for each status (see the shared
-REFERENCE.md). None of them ever echoes the caller's API key.
+Bodies and messages follow what api.openai.com sends for each status (the error
+bodies OpenAI documents). None of them ever echoes the caller's API key.
 """
 
 from __future__ import annotations

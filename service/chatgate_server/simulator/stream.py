@@ -1,6 +1,6 @@
 """The bytes of a reply: SSE chunk events for streams, a JSON body otherwise.
 
-Shaped like the recorded streams in shared/fixtures/openai-streams. Every event is
+Shaped like the recorded streams in tests/fixtures/openai-streams. Every event is
 ``prefix + tail``: the prefix (id, object, created, model, system_fingerprint) is built
 once per response, and the tails of the text chunks are encoded once at import, so a
 text stream costs a few byte concatenations per chunk.
