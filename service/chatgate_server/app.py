@@ -27,6 +27,7 @@ from chatgate_server.usage import tokens
 from chatgate_server.usage.admission import RequestIdGuard
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
+from chatgate_server.usage.pricing import load_prices
 from chatgate_server.usage.reports import UsageReports
 from chatgate_server.usage.spool import Spool, SpoolError
 from chatgate_server.usage.store import UsageStore
@@ -154,6 +155,7 @@ class App:
             first_byte_timeout_s=s.upstream_first_byte_timeout_s,
             telemetry=self.telemetry,
             admission=self.ledger,
+            prices=load_prices(s.prices_file),
         )
         self._observe()
         chat = ChatServicer(
