@@ -10,9 +10,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from chatgate_server.config import ConfigError, Settings, prices_file_from_env
 from chatgate_server.domain import Cost, CostBasis, Outcome, TokenUsage
+from chatgate_server.telemetry import Telemetry
 from chatgate_server.usage.pricing import (
     NO_PRICE_VERSION,
     PRICE_VERSION,
@@ -163,6 +166,27 @@ def test_an_unknown_model_is_logged_once_per_model(caplog: pytest.LogCaptureFixt
     assert sum(model in w for w in warnings) == 1
     assert sum(other in w for w in warnings) == 1
     assert len(warnings) == 2
+
+
+def test_the_unpriced_metric_counts_by_model_with_bounded_names() -> None:
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+    telemetry.count_unpriced("gpt-4o-minii")
+    telemetry.count_unpriced("gpt-4o-minii")
+    for i in range(150):  # caller-chosen names must not grow the metric without bound
+        telemetry.count_unpriced(f"made-up-{i}")
+    data = reader.get_metrics_data()
+    assert data is not None
+    counts = {
+        str((p.attributes or {})["chatgate.priced_model"]): p.value  # type: ignore[union-attr]
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "chatgate.usage.unpriced"
+        for p in m.data.data_points
+    }
+    assert counts["gpt-4o-minii"] == 2
+    assert len(counts) == 101 and counts["(other)"] == 51
 
 
 # --- versions: a later valid_from takes effect by itself ---------------------------------
