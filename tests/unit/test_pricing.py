@@ -33,9 +33,10 @@ from chatgate_server.usage.pricing import (
 
 # The source figures, typed from OpenAI's pricing page (https://openai.com/api/pricing,
 # Standard tier, USD per 1M tokens: input, cached input, output; None where the page
-# lists no cached-input price), as of 2026-11-01. Kept apart from usage/prices.csv on
-# purpose: a slip in either one fails the test below.
-PUBLISHED: dict[str, tuple[str, str | None, str]] = {
+# lists no cached-input price), as read on the date of each block. Kept apart from
+# usage/prices.csv on purpose: a slip in either one fails the tests below. A new price
+# version is a new block here (its date = the row's valid_from) and a new row there.
+PUBLISHED_2026_11_01: dict[str, tuple[str, str | None, str]] = {
     "gpt-5": ("$1.25", "$0.125", "$10.00"),
     "gpt-5-mini": ("$0.25", "$0.025", "$2.00"),
     "gpt-5-nano": ("$0.05", "$0.005", "$0.40"),
@@ -56,6 +57,10 @@ PUBLISHED: dict[str, tuple[str, str | None, str]] = {
     "o4-mini": ("$1.10", "$0.275", "$4.40"),
     "o4-mini-deep-research": ("$2.00", "$0.50", "$8.00"),
 }
+# (model, valid_from) → figures.
+PUBLISHED: dict[tuple[str, str], tuple[str, str | None, str]] = {
+    (model, "2026-11-01"): figures for model, figures in PUBLISHED_2026_11_01.items()
+}
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 
@@ -75,22 +80,21 @@ def row(model: str, day: str, input_usd: str, cached_usd: str, output_usd: str, 
 # --- the shipped table -------------------------------------------------------------------
 
 
-def test_the_shipped_table_lists_exactly_the_published_models() -> None:
-    shipped = [r.model for r in shipped_rows()]
-    assert len(shipped) == len(set(shipped))  # one version each, for now
-    assert set(shipped) == set(PUBLISHED)
+def test_the_shipped_table_lists_exactly_the_published_rows() -> None:
+    shipped = [(r.model, r.valid_from.isoformat()) for r in shipped_rows()]
+    assert sorted(shipped) == sorted(PUBLISHED)
+    assert max(day for _, day in PUBLISHED) == PRICE_VERSION
 
 
-@pytest.mark.parametrize("model", sorted(PUBLISHED))
-def test_every_shipped_row_matches_its_published_figure(model: str) -> None:
-    input_usd, cached_usd, output_usd = PUBLISHED[model]
-    (shipped,) = [r for r in shipped_rows() if r.model == model]
+@pytest.mark.parametrize(("model", "valid_from"), sorted(PUBLISHED))
+def test_every_shipped_row_matches_its_published_figure(model: str, valid_from: str) -> None:
+    input_usd, cached_usd, output_usd = PUBLISHED[(model, valid_from)]
+    (shipped,) = [r for r in shipped_rows() if (r.model, r.valid_from.isoformat()) == (model, valid_from)]
     assert shipped.price == ModelPrice(
         input=micros(input_usd),
         cached_input=micros(cached_usd or input_usd),  # no discount: cached is input
         output=micros(output_usd),
     )
-    assert shipped.valid_from.isoformat() == PRICE_VERSION
     assert not shipped.operator
 
 
