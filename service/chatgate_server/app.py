@@ -27,6 +27,7 @@ from chatgate_server.usage import tokens
 from chatgate_server.usage.admission import RequestIdGuard
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
+from chatgate_server.usage.pricing import PriceFileError, load_prices
 from chatgate_server.usage.reports import UsageReports
 from chatgate_server.usage.spool import Spool, SpoolError
 from chatgate_server.usage.store import UsageStore
@@ -143,6 +144,11 @@ class App:
             cooldown_s=s.breaker_cooldown_s,
             max_cooldown_s=s.breaker_max_cooldown_s,
         )
+        try:
+            prices = load_prices(s.prices_file)
+        except PriceFileError as exc:  # checked with the settings; changed since?
+            await self.stop(0)
+            raise StartupError(f"CHATGATE_PRICES_FILE: {exc}") from None
         self.service = service = CompletionService(
             self._upstream,
             self.ledger,
@@ -154,6 +160,7 @@ class App:
             first_byte_timeout_s=s.upstream_first_byte_timeout_s,
             telemetry=self.telemetry,
             admission=self.ledger,
+            prices=prices,
         )
         self._observe()
         chat = ChatServicer(

@@ -25,6 +25,7 @@ from chatgate_server.domain import (
     CompletionRequest,
     ContentDelta,
     Cost,
+    CostBasis,
     Finish,
     FinishReason,
     Outcome,
@@ -50,7 +51,7 @@ from chatgate_server.upstream.breaker import BreakerState, CircuitBreaker, Permi
 from chatgate_server.upstream.request_body import build_body
 from chatgate_server.upstream.retry import RetryDecision, RetryPolicy, with_retries
 from chatgate_server.usage.ledger import Admission, UsageSink
-from chatgate_server.usage.pricing import cost_of
+from chatgate_server.usage.pricing import PriceTable, default_table
 from chatgate_server.usage.tokens import TokenEstimator
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class CompletionService:
         first_byte_timeout_s: float = 30.0,
         telemetry: Telemetry = NO_TELEMETRY,
         admission: Admission | None = None,
+        prices: PriceTable | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -178,6 +180,7 @@ class CompletionService:
         self._telemetry = telemetry
         self._ledger = ledger
         self._estimator = estimator
+        self._prices = prices or default_table()
         self._breaker = breaker or CircuitBreaker(upstream.name)
         self._breaker.add_listener(_breaker_event)
         self._retry_policy = retry_policy or RetryPolicy()
@@ -465,8 +468,19 @@ class CompletionService:
 
     def _finished(self, request: CompletionRequest, progress: _Progress, outcome: Outcome) -> StreamFinished:
         usage = self._usage(request, progress)
-        model = progress.started.model if progress.started else request.model
-        return StreamFinished(outcome, progress.finish_reason, usage, cost_of(model, usage))
+        return StreamFinished(outcome, progress.finish_reason, usage, self._cost(request, progress, outcome))
+
+    def _cost(self, request: CompletionRequest, progress: _Progress, outcome: Outcome) -> Cost:
+        """Priced from the resolved model; nothing for a call the upstream refused or
+        failed before producing anything (pricing.is_charged)."""
+        started = progress.started
+        return self._prices.bill(
+            started.model if started else request.model,
+            self._usage(request, progress),
+            outcome=outcome,
+            responded=started is not None or progress.reported_usage is not None,
+            at=progress.started_at,
+        )
 
     def _record(
         self,
@@ -479,7 +493,9 @@ class CompletionService:
     ) -> UsageRecord:
         usage = self._usage(request, progress)
         started = progress.started
-        model = started.model if started else request.model
+        cost = self._cost(request, progress, outcome)
+        if cost.basis is CostBasis.PRICE_UNKNOWN:
+            self._telemetry.count_unpriced(started.model if started else request.model)
         now = self._clock()
         return UsageRecord(
             request_id=request.request_id,
@@ -490,7 +506,7 @@ class CompletionService:
             resolved_model=started.model if started else None,
             upstream_response_id=started.upstream_response_id if started else None,
             usage=usage,
-            cost=cost_of(model, usage),
+            cost=cost,
             outcome=outcome,
             grpc_status=status,
             finish_reason=progress.finish_reason,

@@ -112,6 +112,9 @@ class Settings:
     """CHATGATE_MAX_REQUEST_BYTES: largest CompleteRequest accepted (default 4 MiB)."""
     allowed_models: tuple[str, ...] | None
     """CHATGATE_ALLOWED_MODELS: comma-separated model names or globs (gpt-4o*); unset allows all."""
+    prices_file: Path | None = None
+    """CHATGATE_PRICES_FILE: the operator's price table (the shipped usage/prices.csv's format);
+    its rows replace the shipped rows of every model it names. Unset: the shipped table alone."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -150,7 +153,23 @@ class Settings:
             log_format=_choice(e, "CHATGATE_LOG_FORMAT", "JSON", ("JSON", "TEXT")).lower(),
             max_request_bytes=_int(e, "CHATGATE_MAX_REQUEST_BYTES", 4 * 1024 * 1024, minimum=1024),
             allowed_models=_list(e, "CHATGATE_ALLOWED_MODELS"),
+            prices_file=prices_file_from_env(e),
         )
+
+
+def prices_file_from_env(env: Mapping[str, str] | None = None) -> Path | None:
+    """CHATGATE_PRICES_FILE, checked by reading it: a bad file stops start-up (and
+    ``usage-reprice``) with the line at fault, rather than pricing calls wrongly."""
+    from chatgate_server.usage.pricing import PriceFileError, read_operator_file
+
+    raw = (os.environ if env is None else env).get("CHATGATE_PRICES_FILE", "").strip()
+    if not raw:
+        return None
+    try:
+        read_operator_file(Path(raw))
+    except PriceFileError as exc:
+        raise ConfigError(f"CHATGATE_PRICES_FILE: {exc}") from None
+    return Path(raw)
 
 
 def retention_months_from_env(env: Mapping[str, str] | None = None) -> int:

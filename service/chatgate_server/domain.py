@@ -226,12 +226,22 @@ class Outcome(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+class CostBasis(enum.StrEnum):
+    """Why a row's cost is what it is. Stored in the usage row (``cost_basis``)."""
+
+    PRICED = "priced"  # tokens × the price row named by price_version
+    NOT_CHARGED = "not_charged"  # the upstream refused or failed before producing anything
+    PRICE_UNKNOWN = "price_unknown"  # no price row for the model: cost NULL, never a guess
+
+
 @dataclass(frozen=True, slots=True)
 class Cost:
     """What a request cost: integer micro-dollars (None when the model has no price)."""
 
     usd_micros: int | None
     price_version: str
+    # None only for records made before chatgate recorded it (old spool lines).
+    basis: CostBasis | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ INSTRUMENTATION = "chatgate"
 # Bucket boundaries from the GenAI semantic conventions.
 TOKEN_BUCKETS = [float(4**i) for i in range(14)]  # 1, 4, 16, … 67108864
 DURATION_BUCKETS = [0.01 * 2**i for i in range(14)]  # 0.01 … 81.92 s
+_MAX_UNPRICED_MODELS = 100
 
 
 def _enabled(env: Mapping[str, str], signal: str) -> bool:
@@ -126,7 +127,26 @@ class Telemetry:
             unit="s",
             description="CPU time this worker process has used, by cpu.mode",
         )
+        # A model with no price row bills nothing until an operator adds one: this is
+        # the signal to do so (the log says it once per model).
+        self.unpriced_calls = meter.create_counter(
+            "chatgate.usage.unpriced",
+            unit="{call}",
+            description="Calls recorded with cost unknown because their model has no price row, by model",
+        )
+        self._unpriced_models: set[str] = set()
         self._meter = meter
+
+    def count_unpriced(self, model: str) -> None:
+        """One call of ``model`` had no price. Model names come from callers: past
+        ``_MAX_UNPRICED_MODELS`` distinct names the rest count as ``(other)``."""
+        model = model[:100]
+        if model not in self._unpriced_models:
+            if len(self._unpriced_models) >= _MAX_UNPRICED_MODELS:
+                model = "(other)"
+            else:
+                self._unpriced_models.add(model)
+        self.unpriced_calls.add(1, {"chatgate.priced_model": model})
 
     def observe(
         self,

@@ -12,6 +12,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -27,11 +28,11 @@ from chatgate_server.usage.pricing import PRICE_VERSION, cost_of
 from chatgate_server.usage.store import UsageStore
 
 
-def chatgate(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+def chatgate(*args: str, url: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHATGATE_"))}
     return subprocess.run(
         [sys.executable, "-m", "chatgate_server", *args],
-        env={**env, "DATABASE_URL": url},
+        env={**env, "DATABASE_URL": url, **extra_env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -233,12 +234,67 @@ def test_reprice_recomputes_a_window_and_keeps_the_roll_up_in_step(
         ).fetchone()
     right = cost_of("gpt-4o", stale[0].usage).usd_micros
     assert all(got[r.request_id] == (right, PRICE_VERSION) for r in stale)
-    assert got[unknown.request_id] == (None, PRICE_VERSION)
+    assert got[unknown.request_id] == (None, "none")  # no price: unknown, never a guess
     assert got[outside.request_id] == (1, "1999-01-01")  # outside the window: untouched
     assert daily == rows  # the roll-up moved with the rows
 
     again = chatgate("usage-reprice", *window, url=migrated_database_url)
     assert "changed 0" in again.stdout
+
+
+def test_reprice_works_from_the_operators_price_file_and_zeroes_refused_calls(
+    migrated_database_url: str, tenant: str, tmp_path: Path
+) -> None:
+    when = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    # Rows written by an older chatgate: no cost_basis, refused calls charged their estimate.
+    served = record(
+        tenant, "u", when, tokens=4000, model="gpt-4o-mini", resolved_model="gpt-4o-mini-2024-07-18"
+    )
+    old_version = record(tenant, "u", when - timedelta(days=200), tokens=4000, model="gpt-4o-mini")
+    refused = record(
+        tenant, "u", when + timedelta(seconds=1), tokens=4000, model="gpt-4o-mini::status=500",
+        outcome=Outcome.UPSTREAM_ERROR, grpc_status="UNAVAILABLE", cost=Cost(450, "2026-11-01"),
+        usage=TokenUsage(input_tokens=3000, source="estimated"),
+    )  # fmt: skip
+    insert(migrated_database_url, [served, old_version, refused])
+    prices = tmp_path / "prices.csv"
+    prices.write_text(
+        "model,input,cached_input,output,valid_from\n"
+        "gpt-4o-mini,1.00,,2.00,2025-01-01\n"
+        "gpt-4o-mini,3.00,,4.00,2026-05-01\n"  # a new version: no code change
+    )
+    window = [
+        "--since",
+        (when - timedelta(days=365)).isoformat(),
+        "--until",
+        (when + timedelta(hours=1)).isoformat(),
+    ]
+    ran = chatgate("usage-reprice", *window, url=migrated_database_url, CHATGATE_PRICES_FILE=str(prices))
+    assert ran.returncode == 0, ran.stderr
+    assert "changed 3" in ran.stdout and str(prices) in ran.stdout
+    with psycopg.connect(migrated_database_url) as conn:
+        got = {
+            str(r[0]): tuple(r[1:])
+            for r in conn.execute(
+                "SELECT request_id, cost_usd_micros, price_version, cost_basis FROM usage_records"
+                " WHERE tenant = %s",
+                [tenant],
+            ).fetchall()
+        }
+        daily = conn.execute(
+            "SELECT sum(cost_usd_micros) FROM usage_daily WHERE tenant = %s", [tenant]
+        ).fetchone()
+    # 3000 input + 1000 output tokens at the version in force when each call started.
+    assert got[served.request_id] == (3000 * 3 + 1000 * 4, "operator:2026-05-01", "priced")
+    assert got[old_version.request_id] == (3000 * 1 + 1000 * 2, "operator:2025-01-01", "priced")
+    assert got[refused.request_id] == (0, "none", "not_charged")
+    assert daily == (13_000 + 5_000,)
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model,input\n")
+    failed = chatgate("usage-reprice", *window, url=migrated_database_url, CHATGATE_PRICES_FILE=str(bad))
+    assert failed.returncode == 1
+    assert "CHATGATE_PRICES_FILE" in failed.stderr and "header" in failed.stderr
 
 
 @pytest.fixture

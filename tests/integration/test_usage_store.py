@@ -21,7 +21,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from chatgate_server.domain import Cost, Outcome, TokenUsage, UsageRecord
+from chatgate_server.domain import Cost, CostBasis, Outcome, TokenUsage, UsageRecord
 from chatgate_server.usage.migrate import apply_migrations
 from chatgate_server.usage.partitions import create_partition, ensure_partitions
 from chatgate_server.usage.pricing import PRICE_VERSION, cost_of
@@ -103,6 +103,7 @@ def expected_row(r: UsageRecord) -> dict[str, Any]:
         "usage_source": r.usage.source,
         "estimate_encoding": r.usage.estimate_encoding,
         "price_version": r.cost.price_version,
+        "cost_basis": r.cost.basis.value if r.cost.basis else None,
         "outcome": r.outcome.value,
         "grpc_status": r.grpc_status,
         "finish_reason": r.finish_reason,
@@ -225,6 +226,18 @@ async def test_every_outcome_can_be_stored(store: UsageStore, tenant: str) -> No
         row = await store.get(record.request_id)
         assert row is not None
         assert row["outcome"] == record.outcome.value
+
+
+async def test_every_cost_basis_can_be_stored(store: UsageStore, tenant: str) -> None:
+    records = [
+        make_record(tenant, cost=Cost(None if basis is CostBasis.PRICE_UNKNOWN else 0, "v", basis))
+        for basis in [*CostBasis, None]
+    ]
+    assert await store.insert(records) == len(records)
+    for record in records:
+        row = await store.get(record.request_id)
+        assert row is not None
+        assert row["cost_basis"] == (record.cost.basis.value if record.cost.basis else None)
 
 
 async def test_get_unknown_and_empty_batch(store: UsageStore) -> None:

@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from chatgate_server.domain import Cost, Outcome, TokenUsage, UsageRecord
-from chatgate_server.usage.spool import Spool, SpoolError, SpoolFull, decode_lines, encode_line
+from chatgate_server.domain import Cost, CostBasis, Outcome, TokenUsage, UsageRecord
+from chatgate_server.usage.spool import (
+    Spool,
+    SpoolError,
+    SpoolFull,
+    decode_lines,
+    encode_line,
+    record_from_json,
+    record_to_json,
+)
 
 
 def record(n: int = 0, **overrides: object) -> UsageRecord:
@@ -23,7 +31,7 @@ def record(n: int = 0, **overrides: object) -> UsageRecord:
         resolved_model="gpt-4o-2024-08-06",
         upstream_response_id="chatcmpl-1",
         usage=TokenUsage(input_tokens=10, output_tokens=5, cached_input_tokens=2, reasoning_tokens=1),
-        cost=Cost(usd_micros=123, price_version="v1"),
+        cost=Cost(usd_micros=123, price_version="v1", basis=CostBasis.PRICED),
         outcome=Outcome.COMPLETED,
         grpc_status="OK",
         finish_reason="stop",
@@ -47,7 +55,7 @@ def test_every_field_round_trips_through_a_line() -> None:
             resolved_model=None,
             upstream_response_id=None,
             usage=TokenUsage(input_tokens=3, source="estimated", estimate_encoding="o200k_base"),
-            cost=Cost(None, "v1"),
+            cost=Cost(None, "none", CostBasis.PRICE_UNKNOWN),
             outcome=Outcome.CANCELLED,
             finish_reason=None,
             time_to_first_token_ms=None,
@@ -60,6 +68,13 @@ def test_every_field_round_trips_through_a_line() -> None:
     data = b"".join(encode_line(r) for r in records)
     assert data.count(b"\n") == 2
     assert decode_lines(data, "test") == records
+
+
+def test_a_line_from_before_cost_basis_still_loads() -> None:
+    line = record_to_json(record(1, cost=Cost(0, "none", CostBasis.NOT_CHARGED)))
+    assert line["cost"]["basis"] == "not_charged"
+    del line["cost"]["basis"]  # as an older chatgate wrote it
+    assert record_from_json(line).cost == Cost(0, "none", None)
 
 
 def test_a_torn_last_line_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,6 +1,6 @@
 """The usage ledger: one row per request in Postgres, for billing, quotas and abuse.
 
-- ``pricing``: model prices and :func:`~chatgate_server.usage.pricing.cost_of`.
+- ``pricing``: the price table (``prices.csv``, CHATGATE_PRICES_FILE over it) and what a call costs.
 - ``ledger``: the in-memory queue, the background writer and the spool replayer (off
   the request path); ``spool``: the on-disk spool while Postgres is away.
 - ``admission``: caller-supplied request ids (retry admitted, reuse refused).

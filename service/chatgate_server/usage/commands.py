@@ -20,6 +20,7 @@ import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
@@ -89,8 +90,12 @@ def add_usage_commands(sub: Any) -> None:
 
     reprice = sub.add_parser(
         "usage-reprice",
-        help="recompute cost for a window with the current price table (DATABASE_URL)",
-        description="Recompute cost_usd_micros and price_version of rows in [--since, --until).",
+        help="recompute cost for a window from the price table (DATABASE_URL, CHATGATE_PRICES_FILE)",
+        description=(
+            "Recompute cost_usd_micros, price_version and cost_basis of rows in [--since, --until)"
+            " from the shipped price table with CHATGATE_PRICES_FILE over it, each row at the price"
+            " version in force when it started."
+        ),
     )
     reprice.add_argument("--since", required=True, help="start: a duration back from now or a date/time")
     reprice.add_argument("--until", help="end (exclusive), default now")
@@ -99,7 +104,7 @@ def add_usage_commands(sub: Any) -> None:
 
 def run_usage_command(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """Run one of :data:`USAGE_COMMANDS`; one clear line on stderr and exit 1 on failure."""
-    from chatgate_server.config import database_url_from_env, retention_months_from_env
+    from chatgate_server.config import database_url_from_env, prices_file_from_env, retention_months_from_env
     from chatgate_server.errors import ChatgateError
 
     url = database_url_from_env()
@@ -110,7 +115,8 @@ def run_usage_command(args: argparse.Namespace, out: TextIO = sys.stdout) -> int
         if args.command == "usage-reprice":
             now = datetime.now(UTC)
             since, until = parse_when(args.since, now), parse_when(args.until, now) if args.until else now
-            return asyncio.run(_reprice(url, since, until, args.dry_run, out))
+            prices_file = prices_file_from_env()
+            return asyncio.run(_reprice(url, since, until, args.dry_run, prices_file, out))
         return asyncio.run(_report(url, args, out))
     except (ValueError, ChatgateError) as exc:
         print(f"chatgate: {args.command}: {exc}", file=sys.stderr)
@@ -330,18 +336,24 @@ async def _retention(url: str, months: int, dry_run: bool, out: TextIO) -> int:
     return 0
 
 
-async def _reprice(url: str, since: datetime, until: datetime, dry_run: bool, out: TextIO) -> int:
+async def _reprice(
+    url: str, since: datetime, until: datetime, dry_run: bool, prices_file: Path | None, out: TextIO
+) -> int:
     import psycopg
 
     from chatgate_server.usage.maintenance import reprice
+    from chatgate_server.usage.pricing import load_prices
 
     if until <= since:
         raise ValueError("--until must be after --since")
+    prices = load_prices(prices_file)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        result = await reprice(conn, since, until, dry_run=dry_run)
+        result = await reprice(conn, since, until, dry_run=dry_run, prices=prices)
     verb = "would change" if dry_run else "changed"
+    source = f"the shipped prices and {prices_file}" if prices_file else "the shipped prices"
+    versions = ", ".join(result.price_versions) or "none changed"
     print(
-        f"repriced [{since.isoformat()}, {until.isoformat()}) with price version {result.price_version}: "
+        f"repriced [{since.isoformat()}, {until.isoformat()}) from {source} (price versions: {versions}): "
         f"{result.examined} row(s) examined, {verb} {result.changed}, "
         f"cost delta {usd(result.cost_delta_usd_micros)} USD",
         file=out,

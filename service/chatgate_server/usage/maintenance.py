@@ -17,8 +17,8 @@ from typing import Any
 from psycopg import AsyncConnection, sql
 from psycopg.rows import tuple_row
 
-from chatgate_server.domain import TokenUsage
-from chatgate_server.usage.pricing import PRICE_VERSION, cost_of
+from chatgate_server.domain import Outcome, TokenUsage
+from chatgate_server.usage.pricing import PriceTable, default_table
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ class RepriceResult:
     changed: int
     cost_delta_usd_micros: int
     """Sum of (new − old) over the priced rows."""
-    price_version: str
+    price_versions: tuple[str, ...]
+    """The price versions the changed rows now carry."""
 
 
 async def reprice(
@@ -107,9 +108,12 @@ async def reprice(
     *,
     dry_run: bool = False,
     slice_: timedelta = timedelta(hours=1),
+    prices: PriceTable | None = None,
 ) -> RepriceResult:
-    """Recompute the cost of rows that started in ``[start, end)`` with the current price
-    table (:data:`~chatgate_server.usage.pricing.PRICES`, version ``PRICE_VERSION``).
+    """Recompute the cost of rows that started in ``[start, end)`` with ``prices`` (default
+    the shipped table): each row gets the price version in force when it started, and a
+    call the upstream refused or failed before producing anything costs nothing — the
+    same rules as the request path (:meth:`PriceTable.bill`).
 
     Rows whose cost or price version changes are updated, and their roll-up rows get
     the difference, in one transaction per ``slice_`` of the window (rows locked while
@@ -117,26 +121,33 @@ async def reprice(
     left to change. The model priced is the one the upstream resolved, else the one
     requested — the same choice the request path makes. ``conn`` must be in autocommit mode.
     """
+    table = prices or default_table()
     examined = changed = delta = 0
+    versions: set[str] = set()
     t = start
     while t < end:
         upto = min(t + slice_, end)
         async with conn.transaction():
-            e, c, d = await _reprice_slice(conn, t, upto, dry_run)
+            e, c, d = await _reprice_slice(conn, t, upto, dry_run, table, versions)
         examined, changed, delta = examined + e, changed + c, delta + d
         t = upto
-    return RepriceResult(examined, changed, delta, PRICE_VERSION)
+    return RepriceResult(examined, changed, delta, tuple(sorted(versions)))
 
 
 async def _reprice_slice(
-    conn: AsyncConnection[Any], start: datetime, end: datetime, dry_run: bool
+    conn: AsyncConnection[Any],
+    start: datetime,
+    end: datetime,
+    dry_run: bool,
+    table: PriceTable,
+    versions: set[str],
 ) -> tuple[int, int, int]:
     async with conn.cursor(row_factory=tuple_row) as cur:
         await cur.execute(
             sql.SQL(
                 "SELECT request_id, started_at, tenant, user_id, requested_model, resolved_model,"
                 " input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, usage_source,"
-                " cost_usd_micros, price_version"
+                " cost_usd_micros, price_version, cost_basis, outcome, upstream_response_id"
                 " FROM usage_records WHERE started_at >= %s AND started_at < %s{}"
             ).format(sql.SQL("" if dry_run else " FOR UPDATE")),
             [start, end],
@@ -145,6 +156,8 @@ async def _reprice_slice(
     ids: list[str] = []
     starts: list[datetime] = []
     costs: list[int | None] = []
+    new_versions: list[str] = []
+    bases: list[str | None] = []
     # Roll-up key → [cost delta, unpriced delta]
     daily: dict[tuple[str, str, date, str], list[int]] = defaultdict(lambda: [0, 0])
     delta = 0
@@ -162,26 +175,39 @@ async def _reprice_slice(
         source,
         old,
         version,
+        basis,
+        outcome,
+        response_id,
     ) in rows:
         usage = TokenUsage(
             input_tokens=i, output_tokens=o, cached_input_tokens=c, reasoning_tokens=r, source=source
         )
-        new = cost_of(resolved or requested, usage).usd_micros
-        if new == old and version == PRICE_VERSION:
+        responded = resolved is not None or response_id is not None or source == "reported"
+        cost = table.bill(
+            resolved or requested, usage, outcome=Outcome(outcome), responded=responded, at=started_at
+        )
+        new = cost.usd_micros
+        new_basis = cost.basis.value if cost.basis else None
+        if (new, cost.price_version, new_basis) == (old, version, basis):
             continue
         ids.append(request_id)
         starts.append(started_at)
         costs.append(new)
+        new_versions.append(cost.price_version)
+        bases.append(new_basis)
+        versions.add(cost.price_version)
         acc = daily[(tenant, user_id, started_at.astimezone(UTC).date(), requested)]
         acc[0] += (new or 0) - (old or 0)
         acc[1] += (new is None) - (old is None)
         delta += (new or 0) - (old or 0)
     if ids and not dry_run:
         await conn.execute(
-            "UPDATE usage_records u SET cost_usd_micros = v.cost, price_version = %s"
-            " FROM unnest(%s::text[], %s::timestamptz[], %s::bigint[]) AS v(request_id, started_at, cost)"
+            "UPDATE usage_records u"
+            " SET cost_usd_micros = v.cost, price_version = v.version, cost_basis = v.basis"
+            " FROM unnest(%s::text[], %s::timestamptz[], %s::bigint[], %s::text[], %s::text[])"
+            " AS v(request_id, started_at, cost, version, basis)"
             " WHERE u.request_id = v.request_id AND u.started_at = v.started_at",
-            [PRICE_VERSION, ids, starts, costs],
+            [ids, starts, costs, new_versions, bases],
         )
         keys = sorted(k for k, v in daily.items() if v != [0, 0])
         if keys:

@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from chatgate_server.domain import Cost, Outcome, TokenUsage, UsageRecord
+from chatgate_server.domain import Cost, CostBasis, Outcome, TokenUsage, UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,11 @@ def record_to_json(r: UsageRecord) -> dict[str, Any]:
             "source": r.usage.source,
             "estimate_encoding": r.usage.estimate_encoding,
         },
-        "cost": {"usd_micros": r.cost.usd_micros, "price_version": r.cost.price_version},
+        "cost": {
+            "usd_micros": r.cost.usd_micros,
+            "price_version": r.cost.price_version,
+            "basis": r.cost.basis.value if r.cost.basis else None,
+        },
         "outcome": r.outcome.value,
         "grpc_status": r.grpc_status,
         "finish_reason": r.finish_reason,
@@ -129,7 +133,12 @@ def record_from_json(d: Mapping[str, Any]) -> UsageRecord:
             source=u["source"],
             estimate_encoding=u["estimate_encoding"],
         ),
-        cost=Cost(usd_micros=c["usd_micros"], price_version=c["price_version"]),
+        cost=Cost(
+            usd_micros=c["usd_micros"],
+            price_version=c["price_version"],
+            # Absent from lines written before chatgate recorded it.
+            basis=CostBasis(c["basis"]) if c.get("basis") else None,
+        ),
         outcome=Outcome(d["outcome"]),
         grpc_status=d["grpc_status"],
         finish_reason=d["finish_reason"],

@@ -99,6 +99,7 @@ _COLUMNS: tuple[_Column, ...] = (
     _Column("usage_source", "text[]", lambda r: r.usage.source),
     _Column("estimate_encoding", "text[]", lambda r: _opt_text(r.usage.estimate_encoding)),
     _Column("price_version", "text[]", lambda r: _text(r.cost.price_version)),
+    _Column("cost_basis", "text[]", lambda r: r.cost.basis.value if r.cost.basis else None),
     _Column("outcome", "text[]", lambda r: r.outcome.value),
     _Column("grpc_status", "text[]", lambda r: _text(r.grpc_status)),
     _Column("finish_reason", "text[]", lambda r: r.finish_reason),
