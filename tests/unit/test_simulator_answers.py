@@ -4,16 +4,18 @@ the model list, and a ``--help`` that documents every scenario key."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chatgate_server.simulator.cli import build_parser
 from chatgate_server.simulator.content import plan_reply, structured_output
-from chatgate_server.simulator.models import context_window
+from chatgate_server.simulator.models import CONTEXT_WINDOWS, context_window
 from chatgate_server.simulator.scenario import KEY_HELP, Scenario
 from chatgate_server.simulator.schema_example import example_for
 from tests.schema_check import problems
@@ -158,3 +160,12 @@ def test_the_chatgate_command_shows_the_scenarios() -> None:
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.startswith("usage: chatgate simulator ")
     assert all(f"\n  {key}" in ran.stdout for key in SCENARIO_KEYS)
+
+
+def test_the_docs_list_every_scenario_key_and_model() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "SIMULATOR.md").read_text()
+    table = {m[1] for m in re.finditer(r"^\| `(\w+)[=`]", docs, re.MULTILINE)}
+    assert set(SCENARIO_KEYS) <= table
+    for model, window in CONTEXT_WINDOWS.items():
+        row = next(line for line in docs.splitlines() if f"`{model}`" in line)
+        assert row.endswith(f"| {window} |"), model
