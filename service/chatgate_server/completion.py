@@ -45,6 +45,7 @@ from chatgate_server.errors import (
     UpstreamProtocolError,
 )
 from chatgate_server.genai_spans import AttemptTelemetry, error_type
+from chatgate_server.logs import bind_request_id
 from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
 from chatgate_server.upstream.base import Upstream, UpstreamStream
 from chatgate_server.upstream.breaker import BreakerState, CircuitBreaker, Permit
@@ -206,6 +207,7 @@ class CompletionService:
         pushes back on a slow caller. A CancelledError (the caller left) propagates
         after the upstream is closed and usage recorded.
         """
+        bind_request_id(request.request_id)  # every log line of this call carries it
         if self._admission is not None:
             # Before anything is recorded: a call refused here (its request id is taken,
             # the ledger is full) leaves no usage row; the id's row belongs to another call.
@@ -423,13 +425,7 @@ class CompletionService:
                 "error.type": error_type(error),
             },
         )
-        log.info(
-            "upstream attempt %d failed (%s); retrying in %.3fs (%s)",
-            attempt,
-            type(error).__name__,
-            decision.wait_s,
-            decision.reason,
-        )
+        # The log line is retry.py's, with the upstream status.
 
     async def _handle(
         self, event: UpstreamEvent, request: CompletionRequest, send: Send, progress: _Progress

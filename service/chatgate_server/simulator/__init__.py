@@ -8,7 +8,8 @@ of api.openai.com. Modules, each owning one thing:
 - ``connection``: the ``asyncio.Protocol`` per TCP connection (keep-alive, early close);
 - ``wire``: HTTP/1.1 request parsing and response framing;
 - ``scenario``: the fault spec (``gpt-4o-mini::status=500,times=2``);
-- ``content``: what the model says (one-token words, refusal, tool calls), token counts;
+- ``content``: what the model says (one-token words, JSON, refusal, tool calls), token counts;
+- ``schema_example``: a value that fits a JSON schema; ``models``: models and context windows;
 - ``stream``: SSE chunk and completion bytes; ``errors``: OpenAI-shaped errors;
 - ``records``: per-request records and counters; ``cli``: the command line.
 """

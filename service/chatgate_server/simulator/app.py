@@ -23,10 +23,13 @@ from .errors import (
     MALFORMED_EVENT,
     ErrorResponse,
     bad_request,
+    context_length_exceeded,
     invalid_url,
     missing_key,
+    model_not_found,
     scenario_error,
 )
+from .models import context_window
 from .records import Recorder, RequestRecord, public_headers
 from .scenario import EMPTY, Scenario, ScenarioError, parse_scenario, split_model
 from .stream import DONE_EVENT, Event, completion_body, event_prefix, stream_events, usage_event
@@ -78,10 +81,11 @@ async def _forever() -> None:
 class SimulatorApp:
     """Handles every request of every connection; owns the records and the stream tasks."""
 
-    def __init__(self, recorder: Recorder, *, chunks: int, delay_ms: int) -> None:
+    def __init__(self, recorder: Recorder, *, chunks: int, delay_ms: int, any_model: bool = False) -> None:
         self.recorder = recorder
         self.chunks = chunks
         self.delay_ms = delay_ms
+        self.any_model = any_model
         self.tasks: set[asyncio.Task[None]] = set()
         # While stopping, connections cut by the server are not the client closing early.
         self.stopping = False
@@ -150,6 +154,10 @@ class SimulatorApp:
             error = bad_request("you must provide a model parameter")
         elif spec_error is not None:
             error = bad_request(f"simulator scenario: {spec_error}", param="model")
+        elif (window := context_window(model, any_model=self.any_model)) is None:
+            error = model_not_found(model)
+        elif (too_long := _context_error(body, window)) is not None:
+            error = too_long
         elif faulty and scenario.error_status is not None:
             error = scenario_error(scenario, model)
 
@@ -349,6 +357,16 @@ def _cut(events: list[Event], n: int) -> int:
             seen += 1
             last_content = i
     return last_content + 1
+
+
+def _context_error(body: dict[str, Any], window: int) -> ErrorResponse | None:
+    """The 400 for a prompt that, with the completion room it asks for, exceeds ``window``."""
+    prompt = estimate_prompt_tokens(body)
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    completion = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+    if prompt + (completion or 0) > window:
+        return context_length_exceeded(window, prompt, completion)
+    return None
 
 
 def _parse_body(raw: bytes) -> tuple[dict[str, Any], str | None]:

@@ -1,4 +1,10 @@
-"""What the simulated model says: text, a refusal or tool calls, and token counts.
+"""What the simulated model says: text, JSON, a refusal or tool calls, and token counts.
+
+What it answers, in order: a refusal if the scenario asks; tool calls when the request
+offers tools (unless ``tool_choice`` is "none", or the last message is a tool result
+and the choice is not forced: the model has what it asked for, so a tool loop ends);
+JSON that fits the schema of a ``json_schema`` response format, or a small object for
+``json_object``; else text.
 
 The text is built from ``WORDS``: each piece ("The", then " quick", " brown", …) is
 exactly one token in both o200k_base and cl100k_base, and the regex pre-tokenizer of
@@ -20,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from .schema_example import example_for
 
 # 64 words; " " + each is a single token in o200k_base and cl100k_base, and so is "The".
 # fmt: off
@@ -55,7 +63,8 @@ MODEL_SNAPSHOTS: Mapping[str, str] = {
     "gpt-4o": "gpt-4o-2024-08-06",
 }
 
-# Tool-call arguments arrive in pieces about this long, like the recorded streams.
+# Tool-call arguments (and JSON answers) arrive in pieces about this long, like the
+# recorded streams.
 _ARGUMENT_PIECE = 6
 
 
@@ -124,9 +133,11 @@ class ToolCall:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """What the assistant answers: ``words`` text chunks, or a refusal, or tool calls."""
+    """What the assistant answers: ``words`` text chunks, or ``text`` pieces (JSON), or
+    a refusal, or tool calls."""
 
     words: int = 0
+    text: tuple[str, ...] = ()
     refusal: tuple[str, ...] = ()
     tool_calls: tuple[ToolCall, ...] = ()
     finish_reason: str = "stop"
@@ -139,6 +150,8 @@ class Reply:
             return sum(len(call.fragments) for call in self.tool_calls)
         if self.refusal:
             return len(self.refusal)
+        if self.text:
+            return len(self.text)
         return self.words
 
     @property
@@ -148,19 +161,21 @@ class Reply:
 
 
 def plan_reply(body: Mapping[str, Any], *, chunks: int, refusal: bool, parallel_tools: bool) -> Reply:
-    """Decide the reply for a request body.
+    """Decide the reply for a request body (the order is in the module docstring).
 
-    Refusal wins over tools; tools (unless ``tool_choice`` is "none") win over text.
     Parallel calls (indexes 0 and 1) need the ``parallel_tools`` scenario, at least two
     function tools, ``parallel_tool_calls`` not false and no named ``tool_choice``.
-    Text honours ``max_completion_tokens`` / ``max_tokens`` (finish_reason "length").
+    Text and JSON honour ``max_completion_tokens`` / ``max_tokens`` (finish_reason
+    "length", the JSON cut short as the real API cuts it).
     """
     if refusal:
         return Reply(refusal=REFUSAL_PIECES)
     tools = _function_tools(body.get("tools"))
     choice = body.get("tool_choice")
-    if tools and choice != "none":
-        named = _named_choice(choice)
+    named = _named_choice(choice)
+    # "required" and a named function force a call even after tool results, as the API does.
+    forced = choice == "required" or named is not None
+    if tools and choice != "none" and (forced or not _answers_tool_results(body)):
         if named is not None:
             chosen = [_find_tool(tools, named)]
         elif parallel_tools and len(tools) >= 2 and body.get("parallel_tool_calls") is not False:
@@ -170,9 +185,48 @@ def plan_reply(body: Mapping[str, Any], *, chunks: int, refusal: bool, parallel_
         calls = tuple(_tool_call(i, tool) for i, tool in enumerate(chosen))
         return Reply(tool_calls=calls, finish_reason="tool_calls", parallel=len(calls) > 1)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < chunks:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        limit = None
+    structured = structured_output(body.get("response_format"), chunks)
+    if structured is not None:
+        pieces = _pieces(structured)
+        if limit is not None and limit < len(pieces):
+            return Reply(text=pieces[:limit], finish_reason="length")
+        return Reply(text=pieces)
+    if limit is not None and limit < chunks:
         return Reply(words=limit, finish_reason="length")
     return Reply(words=chunks)
+
+
+def structured_output(response_format: Any, chunks: int) -> str | None:
+    """The JSON answer a ``response_format`` asks for (None for text).
+
+    ``json_schema``: a value fitting the schema (see ``schema_example``);
+    ``json_object``: ``{"answer": <the simulated text>}``.
+    """
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return orjson.dumps(example_for(schema)).decode()
+    if kind == "json_object":
+        return orjson.dumps({"answer": text_of(chunks)}).decode()
+    return None
+
+
+def _answers_tool_results(body: Mapping[str, Any]) -> bool:
+    """Whether the last message is a tool result (the model is to answer with it)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return False
+    last = messages[-1]
+    return isinstance(last, dict) and last.get("role") in ("tool", "function")
+
+
+def _pieces(text: str) -> tuple[str, ...]:
+    return tuple(text[i : i + _ARGUMENT_PIECE] for i in range(0, len(text), _ARGUMENT_PIECE))
 
 
 def _function_tools(tools: Any) -> list[Mapping[str, Any]]:
@@ -206,39 +260,7 @@ def _find_tool(tools: Sequence[Mapping[str, Any]], name: str) -> Mapping[str, An
 
 def _tool_call(index: int, function: Mapping[str, Any]) -> ToolCall:
     # json.dumps's default separators (", ", ": ") are how the real model writes them.
-    arguments = json.dumps(_example_arguments(function.get("parameters")))
-    fragments = tuple(arguments[i : i + _ARGUMENT_PIECE] for i in range(0, len(arguments), _ARGUMENT_PIECE))
+    arguments = example_for(function.get("parameters"))
+    fragments = _pieces(json.dumps(arguments if isinstance(arguments, dict) else {}))
     call_id = f"call_{random.getrandbits(96):024x}"
     return ToolCall(index=index, call_id=call_id, name=str(function["name"]), fragments=fragments)
-
-
-def _example_arguments(schema: Any) -> dict[str, Any]:
-    """Arguments that fit a JSON schema's required (else all) properties, deterministically."""
-    if not isinstance(schema, dict):
-        return {}
-    properties = schema.get("properties")
-    if not isinstance(properties, dict):
-        return {}
-    required = schema.get("required")
-    names = [n for n in required if n in properties] if isinstance(required, list) else list(properties)
-    return {name: _example_value(properties[name]) for name in names}
-
-
-def _example_value(schema: Any) -> Any:
-    if not isinstance(schema, dict):
-        return "Paris"
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum:
-        return enum[0]
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "string")
-    values: dict[Any, Any] = {
-        "integer": 1,
-        "number": 1.5,
-        "boolean": True,
-        "array": [],
-        "object": {},
-        "null": None,
-    }
-    return values.get(kind, "Paris")

@@ -85,6 +85,33 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ErrorResponse(400, error_body(message, "invalid_request_error", param, code))
 
 
+def model_not_found(model: str) -> ErrorResponse:
+    """404 for a model the simulator does not serve, as the real API words it."""
+    message, type_, param, code = _BY_STATUS[404]
+    return ErrorResponse(404, error_body(message.replace("{model}", model), type_, param, code))
+
+
+def context_length_exceeded(window: int, prompt_tokens: int, completion_tokens: int | None) -> ErrorResponse:
+    """400 for a prompt (plus the completion room asked for) longer than the model's window.
+
+    The real API words it two ways: the messages alone are too long, or they fit but
+    not with the ``max_tokens`` asked for.
+    """
+    if completion_tokens is None or prompt_tokens > window:
+        message = (
+            f"This model's maximum context length is {window} tokens. However, your messages "
+            f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages."
+        )
+    else:
+        message = (
+            f"This model's maximum context length is {window} tokens. However, you requested "
+            f"{prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the messages, "
+            f"{completion_tokens} in the completion). Please reduce the length of the messages "
+            "or completion."
+        )
+    return bad_request(message, param="messages", code="context_length_exceeded")
+
+
 def invalid_url(method: str, path: str) -> ErrorResponse:
     """404 for an unknown route, worded as the real API words it."""
     return ErrorResponse(404, error_body(f"Invalid URL ({method} {path})", "invalid_request_error"))

@@ -13,6 +13,7 @@ suffix wins a repeated key). Unknown keys and bad values are errors, answered wi
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -117,6 +118,50 @@ class Scenario:
 
 EMPTY = Scenario()
 _FIELD_NAMES = frozenset(f.name for f in fields(Scenario)) - {"text"}
+
+# What each key does, for `--help` and docs/SIMULATOR.md (a test keeps it complete).
+# fmt: off
+KEY_HELP: dict[str, tuple[str, str]] = {
+    "chunks": ("N", "content chunks in the reply (default: --chunks)"),
+    "delay_ms": ("N", "pause before each chunk, ms (default: --delay-ms)"),
+    "headers_delay_ms": ("N", "pause before the response headers, ms"),
+    "status": ("CODE", "answer HTTP CODE (400-599) with OpenAI's error body for it"),
+    "times": ("N", "apply the fault to the first N attempts only, then answer normally "
+                   "(attempts counted per x-client-request-id, else per spec)"),
+    "rate_limit": ("", "429 rate_limit_exceeded with retry-after-ms (default 100) "
+                       "and x-ratelimit-* headers"),
+    "insufficient_quota": ("", "429 insufficient_quota (billing: retrying never helps)"),
+    "too_large": ("", "429 'Request too large' for the tokens-per-minute limit"),
+    "retry_after_ms": ("N", "send retry-after-ms: N with the error"),
+    "retry_after": ("N", "send retry-after: N (seconds) with the error"),
+    "no_retry_after": ("", "send no retry-after header at all"),
+    "should_retry": ("BOOL", "send x-should-retry: true|false with the error"),
+    "hang": ("", "never send the response headers"),
+    "stall_after": ("N", "stop after N content chunks and keep the connection open"),
+    "disconnect_after": ("N", "close the connection after N content chunks"),
+    "error_event_after": ("N", "after N content chunks, an error event in the stream"),
+    "malformed_after": ("N", "after N content chunks, an event that is not JSON"),
+    "no_done": ("", "leave out the final 'data: [DONE]'"),
+    "no_usage": ("", "leave out the usage chunk even when stream_options asks for it"),
+    "refusal": ("", "answer with a refusal instead of text or tool calls"),
+    "parallel_tools": ("", "call the first two tools at once (when two or more are offered)"),
+}
+# fmt: on
+
+
+def scenario_keys_help() -> str:
+    """One line per key, in the order of ``Scenario``'s fields: ``key=VALUE  what it does``."""
+    lines = []
+    for f in fields(Scenario):
+        if f.name == "text":
+            continue
+        value, what = KEY_HELP[f.name]
+        item = f"{f.name}={value}" if value else f.name
+        outcome = " (outcome)" if f.name in OUTCOME_KEYS else ""
+        lines.append(
+            textwrap.fill(f"{what}{outcome}", 88, initial_indent=f"  {item:<22}", subsequent_indent=" " * 24)
+        )
+    return "\n".join(lines)
 
 
 def split_model(model: str) -> tuple[str, str]:

@@ -19,13 +19,19 @@ class Simulator:
     """
 
     def __init__(
-        self, *, chunks: int = DEFAULT_CHUNKS, delay_ms: int = 0, record_limit: int | None = 100_000
+        self,
+        *,
+        chunks: int = DEFAULT_CHUNKS,
+        delay_ms: int = 0,
+        record_limit: int | None = 100_000,
+        any_model: bool = False,
     ) -> None:
         """``chunks``/``delay_ms``: defaults when a request's scenario does not set them.
         ``record_limit``: how many records to keep (oldest dropped first; None: all).
+        ``any_model``: serve every model name, not only those in ``models.CONTEXT_WINDOWS``.
         """
         self._recorder = Recorder(record_limit)
-        self._app = SimulatorApp(self._recorder, chunks=chunks, delay_ms=delay_ms)
+        self._app = SimulatorApp(self._recorder, chunks=chunks, delay_ms=delay_ms, any_model=any_model)
         self._connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
         self._host = ""

@@ -48,6 +48,9 @@ def stream_events(reply: Reply, prefix: bytes) -> list[Event]:
     elif reply.refusal:
         events = [(prefix + _choice_tail({"role": "assistant", "content": None, "refusal": ""}), False)]
         events += [(prefix + _choice_tail({"refusal": piece}), True) for piece in reply.refusal]
+    elif reply.text:
+        events = [(prefix + _ROLE_TAIL, False)]
+        events += [(prefix + _choice_tail({"content": piece}), True) for piece in reply.text]
     else:
         events = [(prefix + _ROLE_TAIL, False)]
         if reply.words:
@@ -125,6 +128,8 @@ def completion_body(
         ]
     elif reply.refusal:
         message["refusal"] = "".join(reply.refusal)
+    elif reply.text:
+        message["content"] = "".join(reply.text)
     else:
         message["content"] = text_of(reply.words)
     return orjson.dumps(

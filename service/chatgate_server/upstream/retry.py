@@ -19,17 +19,25 @@ one decision per failed attempt, made by whichever tenacity asks first.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from chatgate_server.deadline import Deadline
-from chatgate_server.errors import UpstreamError
+from chatgate_server.errors import ChatgateError, UpstreamError
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# Stops worth a line: the call gave up on retrying. Not-retryable failures are not
+# about retrying (the access line tells their end).
+_LOGGED_STOPS = frozenset({"attempts_exhausted", "deadline"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +117,7 @@ class RetrySchedule:
             self.last_decision = decide(
                 error, state.attempt_number, self._deadline.remaining(), self._policy, self._rng
             )
+            _log_decision(state.attempt_number, error, self.last_decision)
             if self.last_decision.retry and self._on_retry is not None:
                 self._on_retry(state.attempt_number, error, self.last_decision)
         return self.last_decision
@@ -120,6 +129,44 @@ class RetrySchedule:
     def wait(self, state: RetryCallState) -> float:
         decision = self._decision(state)
         return decision.wait_s if decision is not None else 0.0
+
+
+def _log_decision(attempt: int, error: BaseException, decision: RetryDecision) -> None:
+    """One line per retry (and per give-up) with what the upstream answered; the log
+    filter adds the call's request id."""
+    if not decision.retry and decision.reason not in _LOGGED_STOPS:
+        return
+    status = error.http_status if isinstance(error, UpstreamError) else None
+    phrase = _status_phrase(status)
+    reason = error.reason if isinstance(error, ChatgateError) else type(error).__name__
+    what = f"HTTP {status}{phrase}" if status is not None else type(error).__name__
+    then = f"retrying in {decision.wait_s:.3f}s" if decision.retry else "giving up"
+    log.log(
+        logging.INFO if decision.retry else logging.WARNING,
+        "upstream attempt %d failed: %s (%s); %s (%s)",
+        attempt,
+        what,
+        reason,
+        then,
+        decision.reason,
+        extra={
+            "fields": {
+                "attempt": attempt,
+                "upstream_status": status,
+                "error_reason": reason,
+                "retry": decision.retry,
+                "retry_wait_s": round(decision.wait_s, 3),
+                "retry_decision": decision.reason,
+            }
+        },
+    )
+
+
+def _status_phrase(status: int | None) -> str:
+    try:
+        return f" {HTTPStatus(status).phrase}" if status is not None else ""
+    except ValueError:
+        return ""  # a status outside the standard list: the number says it all
 
 
 async def with_retries(
