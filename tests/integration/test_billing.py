@@ -24,6 +24,7 @@ from chatgate.v1 import chat_pb2 as pb
 from chatgate.v1 import chat_pb2_grpc
 from chatgate_server.app import App
 from chatgate_server.domain import TokenUsage
+from chatgate_server.simulator import Simulator
 from chatgate_server.telemetry import Telemetry
 from chatgate_server.usage.pricing import PRICE_VERSION, cost_of
 from tests.integration.conftest import AppFactory
@@ -145,13 +146,22 @@ async def test_a_model_without_a_price_is_unknown_counted_and_logged_once(
     start_app: AppFactory, migrated_database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     reader = InMemoryMetricReader()
-    app = await start_app(telemetry=Telemetry(meter_provider=MeterProvider(metric_readers=[reader])))
-    uid = user()
-    # A typo the upstream (here the simulator) accepts: it used to be priced as gpt-4o.
-    model = "gpt-4o-minii"
-    with caplog.at_level(logging.WARNING, logger="chatgate_server.usage.pricing"):
-        for _ in range(3):
-            assert await call(app, model, uid) == grpc.StatusCode.OK
+    # A typo that an upstream accepts (the real API 404s it; a compatible server may
+    # not): it used to be priced as gpt-4o. This simulator serves any model name.
+    lenient = Simulator(any_model=True)
+    await lenient.start()
+    try:
+        app = await start_app(
+            telemetry=Telemetry(meter_provider=MeterProvider(metric_readers=[reader])),
+            openai_base_url=lenient.base_url,
+        )
+        uid = user()
+        model = "gpt-4o-minii"
+        with caplog.at_level(logging.WARNING, logger="chatgate_server.usage.pricing"):
+            for _ in range(3):
+                assert await call(app, model, uid) == grpc.StatusCode.OK
+    finally:
+        await lenient.stop()
     got = await rows(app, migrated_database_url, uid)
     assert [(r["cost_usd_micros"], r["cost_basis"]) for r in got] == [(None, "price_unknown")] * 3
     assert all(r["output_tokens"] > 0 for r in got)  # the usage is kept, only the price is unknown
