@@ -13,6 +13,8 @@ import ast
 import re
 from typing import get_args
 
+import grpc
+
 from chatgate.client import KNOWN_REASONS, ErrorReason
 from chatgate_server import errors
 from tests.conftest import REPO_ROOT
@@ -116,3 +118,12 @@ def test_every_reason_is_typed_in_the_node_client() -> None:
     typed = node_reasons()
     assert sent - typed == set()
     assert typed - sent - CLIENT_REASONS == set(), "the client names a reason the server never sends"
+
+
+def test_known_reason_narrows_what_the_client_knows() -> None:
+    from chatgate.client import ChatgateError
+
+    unavailable = grpc.StatusCode.UNAVAILABLE
+    assert ChatgateError(unavailable, "draining", reason="SHUTTING_DOWN").known_reason == "SHUTTING_DOWN"
+    assert ChatgateError(unavailable, "newer server", reason="SOMETHING_NEW").known_reason is None
+    assert ChatgateError(unavailable, "no details").known_reason is None
