@@ -1,6 +1,8 @@
 """The README's demo: simulator (if no key), migrations, chatgate, one streamed completion.
 
-Every process this starts is stopped before it exits, also on Ctrl-C.
+Every process this starts is stopped before it exits, also on Ctrl-C, except the
+embedded Postgres (started when DATABASE_URL is unset): it keeps the usage rows for
+the next run, and the demo ends by saying so and how to stop it.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def wait_http(port: int, timeout: float = 15.0) -> None:
 def main() -> int:
     env = dict(os.environ)
     chatgate = [sys.executable, "-m", "chatgate_server"]
-    if not env.get("DATABASE_URL"):
+    embedded = not env.get("DATABASE_URL")
+    if embedded:
         print("==> DATABASE_URL not set: using an embedded Postgres under .pgdata/")
         env["DATABASE_URL"] = subprocess.check_output(
             [sys.executable, str(ROOT / "scripts" / "embedded_pg.py"), "start"], text=True
@@ -112,7 +115,18 @@ def main() -> int:
         request_id = stream_completion(f"127.0.0.1:{port}", model)
         print_usage_row(env["DATABASE_URL"], request_id)
         print("==> stopping chatgate")
+    if embedded:
+        print(EMBEDDED_POSTGRES_NOTE)
     return 0
+
+
+# The demo stops what it started, except the embedded Postgres: it holds the usage rows
+# just printed, and the next demo or ./scripts/test reuses it. Say so.
+EMBEDDED_POSTGRES_NOTE = (
+    "==> the embedded Postgres under .pgdata/ keeps running (it holds the usage rows;\n"
+    "    the next ./scripts/demo or ./scripts/test reuses it). Stop it with:\n"
+    "    .venv/bin/python scripts/embedded_pg.py stop"
+)
 
 
 def stream_completion(target: str, model: str) -> str:

@@ -36,8 +36,11 @@ def _plugin(name: str) -> str:
     return str(path)
 
 
-def generate(out_dir: Path) -> list[Path]:
+def generate(out_dir: Path, *, quiet: bool = False) -> list[Path]:
+    """Run protoc into ``out_dir``. ``quiet``: mypy-protobuf's plugins do not list the
+    files they write (its "Writing mypy to …" lines; --check has nothing to list)."""
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
+    mypy_options = "quiet:" if quiet else ""
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
@@ -47,8 +50,8 @@ def generate(out_dir: Path) -> list[Path]:
         f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        f"--mypy_out={out_dir}",
-        f"--mypy_grpc_out={out_dir}",
+        f"--mypy_out={mypy_options}{out_dir}",
+        f"--mypy_grpc_out={mypy_options}{out_dir}",
         *[str(p.relative_to(PROTO_ROOT)) for p in protos],
     ]
     if protoc.main(args) != 0:
@@ -63,7 +66,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp)
         (fresh / GENERATED_PACKAGE).mkdir(parents=True)
-        produced = generate(fresh)
+        produced = generate(fresh, quiet=check)
         committed = sorted(p.relative_to(OUT_ROOT) for p in (OUT_ROOT / GENERATED_PACKAGE).glob("*_pb2*"))
         if check:
             stale = [

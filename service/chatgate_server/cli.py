@@ -30,7 +30,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "health", help="exit 0 when a chatgate server reports SERVING (for container health checks)"
     )
     health.add_argument("--address", default="127.0.0.1:50051", help="host:port of the server")
-    health.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each answer")
+    health.add_argument(
+        "--ledger",
+        action="store_true",
+        help="also require the usage ledger (health service chatgate.ledger) to be SERVING, "
+        "i.e. usage rows reach Postgres rather than wait in the spool",
+    )
     add_usage_commands(sub)
     args, rest = parser.parse_known_args(argv)
     try:
@@ -43,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _migrate()
         if args.command == "health":
-            return _health(args.address, args.timeout)
+            return _health(args.address, args.timeout, ledger=args.ledger)
         if args.command in USAGE_COMMANDS:
             return run_usage_command(args)
         return _serve(args.workers)
@@ -121,20 +127,15 @@ async def _serve_async(settings: Settings) -> int:
     return 0
 
 
-def _health(address: str, timeout: float) -> int:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+def _health(address: str, timeout: float, *, ledger: bool = False) -> int:
+    from chatgate_server.rpc.health_probe import LEDGER_HEALTH_SERVICE, probe
 
-    with grpc.insecure_channel(address) as channel:
-        try:
-            stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.RpcError as exc:
-            print(f"chatgate: health check failed: {exc.code().name}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(status)
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    answers = probe(address, ("", LEDGER_HEALTH_SERVICE) if ledger else ("",), timeout)
+    healthy = True
+    for service, status in answers:
+        print(f"{service}: {status}" if service else status)
+        healthy = healthy and status == "SERVING"
+    return 0 if healthy else 1
 
 
 def _first_line(exc: BaseException) -> str:

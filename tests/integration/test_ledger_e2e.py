@@ -375,3 +375,39 @@ async def test_killed_with_records_in_the_spool_a_restart_lands_them(
     assert rows_of(migrated_database_url, user) == dict.fromkeys(request_ids, 1)
     assert "torn last line" in caplog.text
     assert not list(spool_dir.glob("slot-*/segment-*"))
+
+
+async def chatgate_health(port: int, *args: str) -> tuple[int, str]:
+    """``chatgate health`` (the container health check) against ``port``: (exit code, output)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatgate_server", "health", "--address", f"127.0.0.1:{port}", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    return int(proc.returncode or 0), out.decode()
+
+
+async def test_the_container_health_check_covers_the_ledger(
+    proxy: PgProxy, start_gate: Gate, migrated_database_url: str
+) -> None:
+    """``chatgate health --ledger`` (the image's HEALTHCHECK) fails while rows wait in the
+    spool; plain ``chatgate health`` still passes, since the replica serves."""
+    app = await start_gate(
+        proxy.url_for(migrated_database_url), ledger_write_timeout_s=1.0, ledger_retry_cap_s=0.3
+    )
+    assert app.port is not None and app.ledger is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        await stream(stub, request(f"u-{uuid.uuid4().hex[:8]}"))
+        await app.ledger.flush()
+        await settled_health(app)
+        assert await chatgate_health(app.port, "--ledger") == (0, "SERVING\nchatgate.ledger: SERVING\n")
+
+        proxy.cut()
+        await stream(stub, request(f"u-{uuid.uuid4().hex[:8]}"))
+        await app.ledger.flush()
+        await settled_health(app)
+        assert app.ledger.stats().state is LedgerState.SPOOLING
+        assert await chatgate_health(app.port) == (0, "SERVING\n")
+        assert await chatgate_health(app.port, "--ledger") == (1, "SERVING\nchatgate.ledger: NOT_SERVING\n")
+        proxy.restore()

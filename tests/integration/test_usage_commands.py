@@ -369,3 +369,31 @@ def test_retention_drops_whole_old_months_and_keeps_the_rest(fresh_db: str) -> N
     )
     assert env_run.returncode == 0, env_run.stderr
     assert f"would drop partitions: {name[2]}" in env_run.stdout
+
+
+def test_usage_by_tag_labels_the_rows_without_it(migrated_database_url: str, tenant: str) -> None:
+    day = datetime.combine(datetime.now(UTC).date() - timedelta(days=2), time(), tzinfo=UTC)
+    insert(
+        migrated_database_url,
+        [
+            record(tenant, "alice", day, tags={"feature": "search"}),
+            record(tenant, "alice", day + timedelta(hours=1)),
+            record(tenant, "bob", day + timedelta(hours=2), tags={"team": "docs"}),
+        ],
+    )
+    window = [
+        "--since",
+        day.isoformat(),
+        "--until",
+        (day + timedelta(days=1)).isoformat(),
+        "--tenant",
+        tenant,
+    ]
+
+    ran = chatgate("usage", *window, "--by", "tag:feature", url=migrated_database_url)
+    assert ran.returncode == 0, ran.stderr
+    labels = {line.split()[0]: int(line.split()[1]) for line in ran.stdout.splitlines()[2:-2]}
+    assert labels == {"(untagged)": 2, "search": 1}
+
+    ran = chatgate("usage", *window, "--by", "tag:feature", "--format", "csv", url=migrated_database_url)
+    assert {row["tag"] for row in csv.DictReader(io.StringIO(ran.stdout))} == {"", "search"}

@@ -144,6 +144,28 @@ export interface QuotaViolation {
   quotaMetric: string;
 }
 
+/**
+ * Every ErrorInfo reason chatgate sends (docs/CALLING.md says what each means), and
+ * INCOMPLETE_STREAM, which the client makes for a stream that ended OK without its
+ * final event. A test keeps this list in step with the server's errors.
+ */
+export type ErrorReason =
+  | "INVALID_REQUEST"
+  | "REQUEST_TOO_LARGE"
+  | "UPSTREAM_REJECTED_REQUEST"
+  | "UPSTREAM_UNAVAILABLE"
+  | "UPSTREAM_RATE_LIMITED"
+  | "UPSTREAM_CIRCUIT_OPEN"
+  | "UPSTREAM_PROTOCOL_ERROR"
+  | "UPSTREAM_CREDENTIALS"
+  | "SHUTTING_DOWN"
+  | "USAGE_LEDGER_FULL"
+  | "SERVICE_UNAVAILABLE"
+  | "DEADLINE_EXCEEDED"
+  | "DUPLICATE_REQUEST_ID"
+  | "INTERNAL"
+  | "INCOMPLETE_STREAM";
+
 export class ChatgateError extends Error {
   /** The gRPC status code (see grpc.status). */
   readonly code: number;
@@ -151,8 +173,11 @@ export class ChatgateError extends Error {
   readonly codeName: string;
   /** The status message, written for the caller. */
   readonly details: string;
-  /** ErrorInfo's stable reason, e.g. "UPSTREAM_CIRCUIT_OPEN"; "" without details. */
-  readonly reason: string;
+  /**
+   * ErrorInfo's stable reason, e.g. "UPSTREAM_CIRCUIT_OPEN"; "" without details; any
+   * other string is a reason newer than this client.
+   */
+  readonly reason: ErrorReason | "" | (string & {});
   readonly domain: string;
   readonly errorMetadata: Record<string, string>;
   /** RetryInfo: the earliest a retry may succeed, in ms; null when absent. */

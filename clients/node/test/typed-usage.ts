@@ -1,5 +1,13 @@
 // Compiled (never run) by types.test.mjs: what a TypeScript caller writes must type-check.
-import { ChatgateClient, ChatgateError, functionTool, user, type ChatEvent, type Completion } from "@chatgate/client";
+import {
+  ChatgateClient,
+  ChatgateError,
+  functionTool,
+  user,
+  type ChatEvent,
+  type Completion,
+  type ErrorReason,
+} from "@chatgate/client";
 
 export async function example(): Promise<string> {
   const client = new ChatgateClient("localhost:50051", { token: "t", timeoutMs: 5_000 });
@@ -15,6 +23,9 @@ export async function example(): Promise<string> {
     text += done.toolCalls.map((c) => c.arguments).join("");
   } catch (error) {
     if (error instanceof ChatgateError && error.retryable) text += String(error.retryDelayMs ?? 0) + error.reason;
+    // Every reason has a name the compiler checks (a typo in a key fails tsc).
+    const advice: Partial<Record<ErrorReason, string>> = { SHUTTING_DOWN: "another replica", USAGE_LEDGER_FULL: "later" };
+    if (error instanceof ChatgateError) text += advice[error.reason as ErrorReason] ?? "";
   } finally {
     client.close();
   }

@@ -111,7 +111,7 @@ def to_domain(
     if not msg.model.strip():
         bad("model", "required")
     elif not limits.model_allowed(msg.model.strip()):
-        bad("model", "not one of the models this service allows")
+        bad("model", f"not one of the models this service allows: {', '.join(limits.allowed_models or ())}")
     if not msg.user_id.strip():
         bad("user_id", "required: the end user this request is billed to")
     elif len(msg.user_id) > 256:

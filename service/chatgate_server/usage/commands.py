@@ -40,6 +40,8 @@ _TOTAL_COLUMNS = (
     "cost_usd",
     "unpriced_requests",
 )
+# The table's label for rows without the grouped tag key (CSV leaves the cell empty).
+UNTAGGED = "(untagged)"
 
 
 def add_usage_commands(sub: Any) -> None:
@@ -255,6 +257,9 @@ def _print_report(
         writer.writerow(header)
         writer.writerows(rows if dims else [_totals_row(totals)])
         return
+    # A table cell cannot show "no value": rows without the tag key get a label.
+    untagged = [i for i, d in enumerate(dims) if d.value == "tag"]  # Dimension.TAG
+    rows = [[UNTAGGED if i in untagged and not c else c for i, c in enumerate(r)] for r in rows]
     footer = ["TOTAL"] + [""] * (len(dims) - 1) + _totals_row(totals) if dims else _totals_row(totals)
     _table(header, rows, footer, len(dims), out)
 

@@ -20,7 +20,7 @@ details. See docs/CALLING.md for deadlines, status codes and when to retry.
 
 from chatgate.client.aio import AsyncClient, AsyncCompletionStream
 from chatgate.client.channel import DEFAULT_OPTIONS, channel_options
-from chatgate.client.errors import ChatgateError, FieldViolation, QuotaViolation
+from chatgate.client.errors import KNOWN_REASONS, ChatgateError, ErrorReason, FieldViolation, QuotaViolation
 from chatgate.client.events import (
     ContentDelta,
     Cost,
@@ -53,6 +53,7 @@ from chatgate.client.timeouts import DEFAULT_TIMEOUT
 __all__ = [
     "DEFAULT_OPTIONS",
     "DEFAULT_TIMEOUT",
+    "KNOWN_REASONS",
     "AsyncClient",
     "AsyncCompletionStream",
     "ChatgateError",
@@ -61,6 +62,7 @@ __all__ = [
     "CompletionStream",
     "ContentDelta",
     "Cost",
+    "ErrorReason",
     "Event",
     "FieldViolation",
     "FinishReason",

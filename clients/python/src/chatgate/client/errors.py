@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, get_args
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -21,6 +21,29 @@ if TYPE_CHECKING:
     from chatgate.client.result import Completion
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+ErrorReason = Literal[
+    "INVALID_REQUEST",
+    "REQUEST_TOO_LARGE",
+    "UPSTREAM_REJECTED_REQUEST",
+    "UPSTREAM_UNAVAILABLE",
+    "UPSTREAM_RATE_LIMITED",
+    "UPSTREAM_CIRCUIT_OPEN",
+    "UPSTREAM_PROTOCOL_ERROR",
+    "UPSTREAM_CREDENTIALS",
+    "SHUTTING_DOWN",
+    "USAGE_LEDGER_FULL",
+    "SERVICE_UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "DUPLICATE_REQUEST_ID",
+    "INTERNAL",
+    "INCOMPLETE_STREAM",
+]
+"""Every ErrorInfo reason chatgate sends (docs/CALLING.md has what each means), and
+``INCOMPLETE_STREAM``, which this client makes for a stream that ended OK without its
+final event. A test keeps this list in step with the server's errors."""
+
+KNOWN_REASONS: frozenset[str] = frozenset(get_args(ErrorReason))
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +71,8 @@ class ChatgateError(Exception):
         code: the gRPC status code.
         message: the status message, written for the caller.
         reason: ErrorInfo's stable UPPER_SNAKE reason (e.g. ``UPSTREAM_CIRCUIT_OPEN``);
-            empty when the status had no details.
+            empty when the status had no details. :attr:`known_reason` is the same as an
+            :data:`ErrorReason`, for exhaustive matching.
         domain: ErrorInfo's domain (``"chatgate"``).
         error_metadata: ErrorInfo's metadata.
         retry_delay: RetryInfo in seconds: the earliest a retry may succeed; or None.
@@ -83,6 +107,11 @@ class ChatgateError(Exception):
         self.quota_violations = quota_violations
         self.events_received = events_received
         self.partial: Completion | None = None
+
+    @property
+    def known_reason(self) -> ErrorReason | None:
+        """``reason`` when it is one this client knows; None when empty or newer than it."""
+        return cast("ErrorReason", self.reason) if self.reason in KNOWN_REASONS else None
 
     @property
     def retryable(self) -> bool:

@@ -172,8 +172,12 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     why.
     """
     OUTCOME_SHUTDOWN: _Outcome.ValueType  # 4
-    """chatgate was shutting down and cut the stream. The call's status is
-    UNAVAILABLE; retrying on another replica is safe.
+    """chatgate was shutting down and cut the stream after its grace period. The
+    call's status is UNAVAILABLE (reason SHUTTING_DOWN). What was sent is
+    delivered and billed, so a retry is not free: it runs and bills the whole
+    request again, and under the same request_id it is refused as already
+    served (ALREADY_EXISTS). Only a call refused with SHUTTING_DOWN before any
+    event is safe to retry at once on another replica.
     """
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
@@ -192,8 +196,12 @@ OUTCOME_UPSTREAM_ERROR: Outcome.ValueType  # 3
 why.
 """
 OUTCOME_SHUTDOWN: Outcome.ValueType  # 4
-"""chatgate was shutting down and cut the stream. The call's status is
-UNAVAILABLE; retrying on another replica is safe.
+"""chatgate was shutting down and cut the stream after its grace period. The
+call's status is UNAVAILABLE (reason SHUTTING_DOWN). What was sent is
+delivered and billed, so a retry is not free: it runs and bills the whole
+request again, and under the same request_id it is refused as already
+served (ALREADY_EXISTS). Only a call refused with SHUTTING_DOWN before any
+event is safe to retry at once on another replica.
 """
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
