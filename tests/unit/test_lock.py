@@ -9,13 +9,10 @@ would be missing from the image (or, worse, fetched unpinned). Renew with
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -80,16 +77,14 @@ def test_every_pin_has_a_hash_and_our_packages_are_left_out() -> None:
 
 
 def test_the_documented_command_reproduces_the_lock() -> None:
-    """scripts/lock.py --check, offline: needs uv's cache of the index (skipped without)."""
-    if shutil.which("uv", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("uv is not installed (a dev dependency)")
+    """scripts/lock.py --check: uv (a dev dependency) resolves against PyPI, keeping the
+    lock's pins, and must arrive at the committed file."""
     result = subprocess.run(
-        [sys.executable, "scripts/lock.py", "--check", "--offline"],
+        [sys.executable, "scripts/lock.py", "--check"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
+        timeout=300,
         check=False,
     )
-    if result.returncode != 0 and "stale" not in result.stderr:
-        pytest.skip(f"uv cannot resolve offline here: {result.stderr.strip().splitlines()[-1:]}")
     assert result.returncode == 0, result.stderr
