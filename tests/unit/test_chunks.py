@@ -21,7 +21,7 @@ from chatgate_server.domain import (
     UsageReported,
 )
 from chatgate_server.errors import UpstreamError, UpstreamProtocolError
-from chatgate_server.upstream.chunks import ChunkDecoder
+from chatgate_server.upstream.chunks import MAX_ID_CHARS, ChunkDecoder
 from chatgate_server.upstream.sse import SSEDecoder
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "openai-streams"
@@ -545,3 +545,15 @@ def test_chunk_with_wrong_types(payload: str) -> None:
         ChunkDecoder().decode(payload)
     assert "SECRET" not in caught.value.message
     assert "SECRET" not in repr(caught.value.__cause__)
+
+
+@pytest.mark.parametrize("field", ["id", "model"])
+def test_an_oversized_response_id_or_model_never_reaches_the_caller(field: str) -> None:
+    # Both go to the caller's started event and into the usage row.
+    chunk = {"id": "chatcmpl-1", "model": "gpt-4o-mini", "choices": []}
+    chunk[field] = "sk_live_" + "x" * 20_000
+    with pytest.raises(UpstreamProtocolError) as caught:
+        ChunkDecoder().decode(json.dumps(chunk))
+    assert "sk_live" not in caught.value.message
+    chunk[field] = "x" * MAX_ID_CHARS
+    assert ChunkDecoder().decode(json.dumps(chunk))

@@ -39,6 +39,9 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 
 # Stands in for a missing or null nested object (function, usage details).
 _EMPTY: dict[str, Any] = {}
+# The response id and model go to the caller (the started event) and into the usage
+# row: upstream text, so bounded. Real ones are under 64 characters.
+MAX_ID_CHARS = 256
 
 
 class ChunkDecoder:
@@ -98,6 +101,8 @@ class ChunkDecoder:
                 model = chunk.get("model")
                 if type(response_id) is not str or type(model) is not str:
                     raise UpstreamProtocolError("upstream chunk has a non-string id or model")
+                if len(response_id) > MAX_ID_CHARS or len(model) > MAX_ID_CHARS:
+                    raise UpstreamProtocolError("upstream chunk has an oversized id or model")
                 self._started = True
                 events.append(ResponseStarted(response_id, model))
         for choice in choices:
