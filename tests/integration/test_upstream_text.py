@@ -74,7 +74,7 @@ class CannedUpstream:
             writer.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def upstream() -> AsyncIterator[CannedUpstream]:
     server = CannedUpstream(Answer(500, b""))
     try:
@@ -83,10 +83,14 @@ async def upstream() -> AsyncIterator[CannedUpstream]:
         await server.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def gateway(migrated_database_url: str, upstream: CannedUpstream) -> AsyncIterator[App]:
     base_url = await upstream.start()
-    settings = make_settings(migrated_database_url, base_url, retry_max_attempts=1)
+    # One app for the module: no retries to wait for, and a breaker that never opens
+    # on the failures these tests provoke one after another.
+    settings = make_settings(
+        migrated_database_url, base_url, retry_max_attempts=1, breaker_failure_threshold=1000
+    )
     app = App(settings, telemetry=NO_TELEMETRY)
     await app.start()
     try:
