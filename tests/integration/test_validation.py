@@ -54,6 +54,12 @@ CASES = [
         "messages[0]",
     ),
     (base(model="gpt-3.5-turbo"), "model"),  # outside the allow-list below
+    # Every string that reaches the usage row is bounded.
+    (base(user_id="u" * 257), "user_id"),
+    (base(request_id="r" * 129), "request_id"),
+    (base(tags={f"k{i}": "v" for i in range(17)}), "tags"),
+    (base(tags={"k" * 65: "v"}), f"tags[{'k' * 64}]"),
+    (base(tags={"k": "v" * 257}), "tags[k]"),
     # Allowed by the glob, but 3,000 characters once made a row Postgres could not index.
     (base(model="gpt-4o-" + "x" * 250), "model"),
     (base(tools=[pb.Tool(name="f", parameters=struct({"maximum": float("nan")}))]), "tools[0].parameters"),
