@@ -28,7 +28,7 @@ from chatgate_server.usage.admission import RequestIdGuard
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
 from chatgate_server.usage.pricing import PriceFileError, load_prices
-from chatgate_server.usage.reports import UsageReports
+from chatgate_server.usage.reports import UsageReports, page_token_key
 from chatgate_server.usage.spool import Spool, SpoolError
 from chatgate_server.usage.store import UsageStore
 
@@ -173,7 +173,9 @@ class App:
             chat,
             max_concurrent_streams=s.max_concurrent_streams,
             max_request_bytes=s.max_request_bytes,
-            usage=UsageServicer(UsageReports(self._report_pool)),
+            usage=UsageServicer(
+                UsageReports(self._report_pool), page_token_key=page_token_key(s.openai_api_key.value)
+            ),
         )
         self.port = self._server.add_insecure_port(str(s.listen))
         if self.port == 0:

@@ -26,7 +26,22 @@ body, a key or a stack trace.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+# The longest wait a RetryInfo ever states. Upstream hints are clamped to it: a
+# `retry-after: 1e300` must not overflow a Duration, and a caller is better served
+# asking again in an hour than told to wait for a day.
+MAX_RETRY_DELAY_S = 3600.0
+
+
+def sane_retry_delay(seconds: float | None) -> float | None:
+    """``seconds`` as a delay we can state: None when unknown or NaN, else in
+    ``[0, MAX_RETRY_DELAY_S]`` (infinities included)."""
+    if seconds is None or math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_DELAY_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +57,14 @@ class ChatgateError(Exception):
 
     status_name = "INTERNAL"
     reason = "INTERNAL"
+    # Extra ErrorInfo metadata: our own words only, from a fixed vocabulary.
+    metadata: Mapping[str, str] = {}
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         # Seconds until a retry may succeed; becomes RetryInfo.
-        self.retry_after = retry_after
+        self.retry_after = sane_retry_delay(retry_after)
 
 
 class InvalidRequest(ChatgateError):
@@ -145,12 +162,21 @@ class UpstreamCredentialsError(UpstreamError):
 
 
 class UpstreamRejected(UpstreamError):
-    """The upstream said the request is wrong (400/404/422): the caller's mistake."""
+    """The upstream said the request is wrong (400/404/422): the caller's mistake.
+
+    ``cause`` (ErrorInfo metadata) is one of our own words for the upstream's code
+    (upstream/classify.py maps them); the upstream's code itself never reaches the caller.
+    """
 
     status_name = "INVALID_ARGUMENT"
     reason = "UPSTREAM_REJECTED_REQUEST"
     retryable = False
     breaker_failure = False
+
+    def __init__(self, message: str, *, cause: str = "OTHER", http_status: int | None = None) -> None:
+        super().__init__(message, http_status=http_status)
+        self.cause = cause
+        self.metadata = {"cause": cause}
 
 
 class UpstreamProtocolError(UpstreamError):

@@ -3,6 +3,7 @@ and a caller sees only its own tenant."""
 
 from __future__ import annotations
 
+import base64
 import random
 import uuid
 from collections import defaultdict
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import grpc
+import orjson
 import pytest
 from google.protobuf import timestamp_pb2
 from grpc_status import rpc_status
@@ -21,7 +23,9 @@ from chatgate.v1 import usage_pb2_grpc
 from chatgate_server.app import App
 from chatgate_server.domain import ANONYMOUS_CALLER, Outcome, TokenUsage, UsageRecord
 from chatgate_server.usage.pricing import cost_of
+from chatgate_server.usage.reports import Dimension, PageToken, UsageQuery
 from chatgate_server.usage.store import UsageStore
+from tests.integration.conftest import AppFactory
 
 TENANT = ANONYMOUS_CALLER.tenant  # what an unauthenticated caller is scoped to
 BASE = datetime.combine(datetime.now(UTC).date() - timedelta(days=6), time(), tzinfo=UTC)
@@ -373,3 +377,90 @@ async def test_a_page_token_only_works_for_its_own_query(
         page_token=token,
     )
     assert await invalid(usage, other) == ["page_token"]
+
+
+def at(seconds: int, nanos: int = 0) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+
+
+LAST_DAY = int(datetime(9999, 12, 31, 12, tzinfo=UTC).timestamp())
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"start_time": at(2**62)}, "start_time"),  # past Timestamp's range
+        ({"start_time": at(-(2**62))}, "start_time"),
+        ({"start_time": ts(BASE), "end_time": at(0, nanos=-1)}, "end_time"),
+        # Valid Timestamps at the end of the calendar: day arithmetic overflowed.
+        ({"start_time": at(LAST_DAY), "end_time": at(LAST_DAY + 3600)}, "start_time"),
+        ({"start_time": ts(BASE), "user_ids": ["svc\x00user"]}, "user_ids[0]"),
+        ({"start_time": ts(BASE), "models": ["ok", "gpt\x00"]}, "models[1]"),
+        ({"start_time": ts(BASE), "models": ["m" * 300]}, "models[0]"),
+        ({"start_time": ts(BASE), "tags": {"feature": "a\x00"}}, "tags[feature]"),
+        ({"start_time": ts(BASE), "tags": {"k\x00": "v"}}, "tags[k\x00]"),
+        (
+            {"start_time": ts(BASE), "group_by": [pb.USAGE_DIMENSION_TAG], "tag_key": "f\x00"},
+            "tag_key",
+        ),
+    ],
+)
+async def test_out_of_range_times_and_nul_filters_name_their_fields(
+    usage: usage_pb2_grpc.UsageServiceAsyncStub, fields: dict[str, Any], field: str
+) -> None:
+    # Each of these was INTERNAL (a ValueError, an OverflowError or Postgres refusing NUL).
+    assert field in await invalid(usage, pb.GetUsageRequest(**fields))
+
+
+def query_of(req: pb.GetUsageRequest) -> UsageQuery:
+    """The query the service builds for ``req``: its fingerprint is public knowledge."""
+    return UsageQuery(
+        start=req.start_time.ToDatetime(tzinfo=UTC),
+        end=datetime.now(UTC),
+        group_by=(Dimension.DAY,),
+        tenant=TENANT,
+        user_ids=tuple(req.user_ids),
+    )
+
+
+async def test_a_forged_or_changed_page_token_is_refused(
+    usage: usage_pb2_grpc.UsageServiceAsyncStub, data: list[UsageRecord], users: list[str]
+) -> None:
+    req = pb.GetUsageRequest(
+        start_time=ts(BASE), group_by=[pb.USAGE_DIMENSION_DAY], user_ids=users, page_size=1
+    )
+    token = (await usage.GetUsage(req, timeout=30)).next_page_token
+    assert token
+    query = query_of(req)
+    end = datetime.now(UTC).isoformat()
+    payload = {"q": query.fingerprint(), "e": end, "a": ["not-a-day"]}
+    forged = [
+        # The old unsigned form, with the right fingerprint: a bad day reached Postgres.
+        base64.urlsafe_b64encode(orjson.dumps(payload)).decode().rstrip("="),
+        # Well formed and signed, but not with this deployment's key.
+        PageToken(query.fingerprint(), datetime.now(UTC), ("2026-01-01",)).encode(b"k" * 32),
+        # A real token with one character of its payload changed.
+        ("B" if token[5] != "B" else "C").join((token[:5], token[6:])),
+        token + "A",
+        token.replace(".", ".."),
+    ]
+    for bad in forged:
+        req.page_token = bad
+        assert await invalid(usage, req) == ["page_token"], bad
+
+
+async def test_a_page_token_works_on_every_replica_with_the_same_key(
+    app: App, start_app: AppFactory, data: list[UsageRecord], users: list[str]
+) -> None:
+    req = pb.GetUsageRequest(
+        start_time=ts(BASE), group_by=[pb.USAGE_DIMENSION_DAY], user_ids=users, page_size=1
+    )
+    other = await start_app()  # another process of the deployment: same OpenAI key
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as one,
+        grpc.aio.insecure_channel(f"127.0.0.1:{other.port}") as two,
+    ):
+        first = await usage_pb2_grpc.UsageServiceStub(one).GetUsage(req, timeout=30)
+        req.page_token = first.next_page_token
+        second = await usage_pb2_grpc.UsageServiceStub(two).GetUsage(req, timeout=30)
+    assert second.groups and second.groups[0].day > first.groups[0].day

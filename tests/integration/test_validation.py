@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -15,6 +16,12 @@ from chatgate_server.simulator import Simulator
 from tests.integration.conftest import AppFactory
 
 USER = pb.Message(role=pb.ROLE_USER, text="hi")
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
 
 
 def base(**fields: Any) -> pb.CompleteRequest:
@@ -47,6 +54,27 @@ CASES = [
         "messages[0]",
     ),
     (base(model="gpt-3.5-turbo"), "model"),  # outside the allow-list below
+    # Every string that reaches the usage row is bounded.
+    (base(user_id="u" * 257), "user_id"),
+    (base(request_id="r" * 129), "request_id"),
+    (base(tags={f"k{i}": "v" for i in range(17)}), "tags"),
+    (base(tags={"k" * 65: "v"}), f"tags[{'k' * 64}]"),
+    (base(tags={"k": "v" * 257}), "tags[k]"),
+    # Allowed by the glob, but 3,000 characters once made a row Postgres could not index.
+    (base(model="gpt-4o-" + "x" * 250), "model"),
+    (base(tools=[pb.Tool(name="f", parameters=struct({"maximum": float("nan")}))]), "tools[0].parameters"),
+    (
+        base(tools=[pb.Tool(name="f", parameters=struct({"enum": [1, {"x": float("-inf")}]}))]),
+        "tools[0].parameters",
+    ),
+    (
+        base(
+            response_format=pb.ResponseFormat(
+                json_schema=pb.JsonSchemaFormat(name="s", schema=struct({"minimum": float("inf")}))
+            )
+        ),
+        "response_format.json_schema.schema",
+    ),
     (base(messages=[pb.Message(role=pb.ROLE_USER, text="x" * 5000)]), ""),  # over the size limit
 ]
 
@@ -80,3 +108,13 @@ async def test_allowed_models_and_size_pass(start_app: AppFactory, simulator: Si
         events = [e async for e in stub.Complete(base(model="gpt-4o-mini"), timeout=5)]
     assert events[-1].finished.outcome == pb.OUTCOME_COMPLETED
     assert len(simulator.requests) == 1
+
+
+async def test_a_fine_tuned_model_name_fits_the_cap(start_app: AppFactory, simulator: Simulator) -> None:
+    app = await start_app()
+    model = "ft:gpt-4o-mini-2024-07-18:a-rather-long-organisation-name:" + "s" * 64 + ":9Ab3dEfG"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        events = [e async for e in stub.Complete(base(model=model), timeout=5)]
+    assert events[-1].finished.outcome == pb.OUTCOME_COMPLETED
+    assert simulator.requests[0].body["model"] == model

@@ -21,7 +21,7 @@ from chatgate_server.domain import (
     UsageReported,
 )
 from chatgate_server.errors import UpstreamError, UpstreamProtocolError
-from chatgate_server.upstream.chunks import ChunkDecoder
+from chatgate_server.upstream.chunks import MAX_ID_CHARS, ChunkDecoder
 from chatgate_server.upstream.sse import SSEDecoder
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "openai-streams"
@@ -455,12 +455,14 @@ def test_error_event_mid_stream() -> None:
         ({"message": "x", "type": "server_error", "code": None}, "(type=server_error, code=none)"),
         ({"message": "x"}, "(type=none, code=none)"),
         ({"type": "invalid_request_error", "code": 400}, "(type=invalid_request_error, code=400)"),
-        ({"type": "a b\nc<script>", "code": "x" * 200}, f"(type=a?b?c?script?, code={'x' * 64})"),
-        ({"type": ["not", "a", "string"], "code": {"x": 1}}, "(type=unknown, code=unknown)"),
-        ("a bare error string, not an object", "(type=unknown, code=unknown)"),
+        ({"type": "a b\nc<script>", "code": "x" * 200}, "(type=other, code=other)"),
+        # Identifier-shaped is not enough: a code once carried a live key.
+        ({"type": "server_error", "code": "sk_live_51HxYz"}, "(type=server_error, code=other)"),
+        ({"type": ["not", "a", "string"], "code": {"x": 1}}, "(type=other, code=other)"),
+        ("a bare error string, not an object", "(type=other, code=other)"),
     ],
 )
-def test_error_event_quotes_only_sanitised_type_and_code(error: Any, expected: str) -> None:
+def test_error_event_quotes_only_known_type_and_code(error: Any, expected: str) -> None:
     with pytest.raises(UpstreamError) as caught:
         ChunkDecoder().decode(json.dumps({"error": error}))
     assert type(caught.value) is UpstreamError
@@ -543,3 +545,15 @@ def test_chunk_with_wrong_types(payload: str) -> None:
         ChunkDecoder().decode(payload)
     assert "SECRET" not in caught.value.message
     assert "SECRET" not in repr(caught.value.__cause__)
+
+
+@pytest.mark.parametrize("field", ["id", "model"])
+def test_an_oversized_response_id_or_model_never_reaches_the_caller(field: str) -> None:
+    # Both go to the caller's started event and into the usage row.
+    chunk = {"id": "chatcmpl-1", "model": "gpt-4o-mini", "choices": []}
+    chunk[field] = "sk_live_" + "x" * 20_000
+    with pytest.raises(UpstreamProtocolError) as caught:
+        ChunkDecoder().decode(json.dumps(chunk))
+    assert "sk_live" not in caught.value.message
+    chunk[field] = "x" * MAX_ID_CHARS
+    assert ChunkDecoder().decode(json.dumps(chunk))

@@ -5,15 +5,18 @@ from __future__ import annotations
 import email.utils
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from chatgate_server.errors import (
+    MAX_RETRY_DELAY_S,
     RequestTooLarge,
     UpstreamCredentialsError,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamRejected,
 )
-from chatgate_server.upstream.classify import classify_http_error, retry_after_seconds
+from chatgate_server.upstream.classify import REJECTION_CAUSES, classify_http_error, retry_after_seconds
 
 
 def body(etype: str = "", code: str = "", message: str = "") -> dict[str, object]:
@@ -97,3 +100,67 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds({"retry-after": when}, now=1_000_000) == pytest.approx(10)
     assert retry_after_seconds({"retry-after": "soon"}) is None
     assert retry_after_seconds({}) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "1e300"}, MAX_RETRY_DELAY_S),
+        ({"retry-after": "inf"}, MAX_RETRY_DELAY_S),
+        ({"retry-after": "-5"}, 0.0),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after-ms": "1e400"}, MAX_RETRY_DELAY_S),
+        ({"retry-after-ms": "-1"}, 0.0),
+        ({"retry-after-ms": "nan", "retry-after": "3"}, 3.0),  # an unreadable hint is no hint
+        ({"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}, MAX_RETRY_DELAY_S),
+        ({"retry-after": "Thu, 01 Jan 1970 00:00:00 GMT"}, 0.0),
+    ],
+)
+def test_retry_after_is_clamped_to_a_sane_range(headers: dict[str, str], expected: float | None) -> None:
+    assert retry_after_seconds(headers) == expected
+    err = classify_http_error(429, body("requests", "rate_limit_exceeded"), headers)
+    assert err.retry_after == expected  # type: ignore[attr-defined]
+
+
+@given(st.dictionaries(st.sampled_from(["retry-after", "retry-after-ms"]), st.text(max_size=40)))
+def test_any_retry_after_header_gives_none_or_a_bounded_delay(headers: dict[str, str]) -> None:
+    seconds = retry_after_seconds(headers)
+    assert seconds is None or 0.0 <= seconds <= MAX_RETRY_DELAY_S
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["sk_live_51HxYzAbCdEfGhIjKlMnOpQrStUvWxYz", "x" * 20_000, "bad code\r\nwith\x00junk"],
+)
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_a_rejection_never_quotes_the_upstream_code_param_or_message(code: str, status: int) -> None:
+    body_ = {"error": {"type": code, "code": code, "param": code, "message": code}}
+    err = classify_http_error(status, body_, {"x-request-id": code})
+    assert isinstance(err, UpstreamRejected)
+    assert err.cause == "OTHER"
+    assert code not in err.message and "sk_" not in err.message
+    assert len(err.message) < 200
+
+
+@pytest.mark.parametrize(
+    ("code", "cause"),
+    [
+        ("context_length_exceeded", "CONTEXT_LENGTH_EXCEEDED"),
+        ("model_not_found", "MODEL_NOT_FOUND"),
+        ("unsupported_parameter", "UNSUPPORTED_PARAMETER"),
+        ("invalid_image_url", "INVALID_IMAGE"),
+        ("invalid_value", "INVALID_VALUE"),
+        ("something_new", "OTHER"),
+    ],
+)
+def test_upstream_codes_map_to_our_own_causes(code: str, cause: str) -> None:
+    err = classify_http_error(400, body("invalid_request_error", code, "free text"), {})
+    assert isinstance(err, UpstreamRejected)
+    assert err.cause == cause and cause in REJECTION_CAUSES
+    assert "free text" not in err.message
+
+
+def test_billing_log_never_quotes_an_unknown_code(caplog: pytest.LogCaptureFixture) -> None:
+    classify_http_error(401, body("sk_live_secret", "sk_live_secret"), {})
+    assert "sk_live" not in caplog.text
+    assert "type=other, code=other" in caplog.text

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import urllib.parse
+
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from chatgate_server.errors import (
+    MAX_RETRY_DELAY_S,
     BreakerOpen,
     ChatgateError,
     DeadlineExceeded,
     FieldViolation,
     InvalidRequest,
     UpstreamCredentialsError,
+    UpstreamRateLimited,
+    UpstreamRejected,
 )
-from chatgate_server.rpc.status import to_status
+from chatgate_server.rpc.status import MAX_MESSAGE_BYTES, to_status
 
 
 def details(status: grpc.Status) -> tuple[status_pb2.Status, list[object]]:
@@ -62,3 +69,60 @@ def test_unexpected_exceptions_become_a_generic_internal() -> None:
     rich, _ = details(status)
     assert "sk-live" not in rich.SerializeToString().decode("latin-1")
     assert isinstance(ChatgateError("x"), Exception)
+
+
+@pytest.mark.parametrize(
+    ("asked", "expected"),
+    [(1e300, MAX_RETRY_DELAY_S), (float("inf"), MAX_RETRY_DELAY_S), (-5.0, 0.0), (2.5, 2.5)],
+)
+def test_retry_info_is_clamped_to_a_duration_a_caller_can_use(asked: float, expected: float) -> None:
+    error = UpstreamRateLimited("slow down", retry_after=1.0)
+    error.retry_after = asked  # even set after construction, past the constructor's clamp
+    _, unpacked = details(to_status(error))
+    retry = next(d for d in unpacked if isinstance(d, error_details_pb2.RetryInfo))
+    assert retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9 == expected
+    assert UpstreamRateLimited("slow down", retry_after=asked).retry_after == expected
+
+
+def test_a_nan_retry_delay_is_left_out() -> None:
+    error = UpstreamRateLimited("slow down", retry_after=float("nan"))
+    assert error.retry_after is None
+    error.retry_after = float("nan")
+    _, unpacked = details(to_status(error))
+    assert not any(isinstance(d, error_details_pb2.RetryInfo) for d in unpacked)
+
+
+def trailer_bytes(status: grpc.Status) -> int:
+    """What the trailers weigh on the wire, as gRPC counts them against its 8 KiB limit."""
+    [raw] = [v for k, v in status.trailing_metadata if k == "grpc-status-details-bin"]
+    assert isinstance(raw, bytes)
+    message = urllib.parse.quote(status.details, safe=" ")  # grpc-message is percent-encoded
+    return len(base64.b64encode(raw)) + len(message) + 2 * 32
+
+
+@pytest.mark.parametrize("char", ["x", "\U0001f600"])
+def test_a_status_always_fits_in_trailers(char: str) -> None:
+    # gRPC refuses trailers over 8 KiB by default: the caller would get RESOURCE_EXHAUSTED.
+    many = [FieldViolation(f"tags[{char * 64}]" + char * 500, char * 1000) for _ in range(5000)]
+    status = to_status(InvalidRequest(many))
+    _, unpacked = details(status)
+    bad = next(d for d in unpacked if isinstance(d, error_details_pb2.BadRequest))
+    assert 0 < len(bad.field_violations) < 5000
+    assert trailer_bytes(status) < 7 * 1024
+    long_message = to_status(ChatgateError(char * 100_000))
+    assert len(long_message.details.encode()) <= MAX_MESSAGE_BYTES
+    assert trailer_bytes(long_message) < 7 * 1024
+
+
+def test_ordinary_violations_are_all_listed() -> None:
+    many = [FieldViolation(f"messages[{i}].role", "must be one of ROLE_SYSTEM, ROLE_USER") for i in range(40)]
+    _, unpacked = details(to_status(InvalidRequest(many)))
+    bad = next(d for d in unpacked if isinstance(d, error_details_pb2.BadRequest))
+    assert len(bad.field_violations) == 40
+
+
+def test_a_rejection_names_our_cause_in_error_info() -> None:
+    _, unpacked = details(to_status(UpstreamRejected("rejected", cause="MODEL_NOT_FOUND")))
+    info = next(d for d in unpacked if isinstance(d, error_details_pb2.ErrorInfo))
+    assert info.reason == "UPSTREAM_REJECTED_REQUEST"
+    assert dict(info.metadata) == {"cause": "MODEL_NOT_FOUND"}

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from chatgate.v1 import chat_pb2 as pb
 from chatgate_server.completion import OutboundEvent, StreamFinished, StreamStarted
@@ -74,6 +74,16 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TAGS = 16
 MAX_STOP = 4
+# Every string that reaches the usage row is bounded: the row's keys are btree-indexed
+# (Postgres refuses an index entry over ~2.7 KB, and one such row used to block every
+# row behind it). 256 characters is twice OpenAI's longest model names, fine-tunes
+# included ("ft:gpt-4o-mini-2024-07-18:my-org:my-suffix:9Ab3dEfG", suffixes ≤ 64).
+MAX_MODEL_CHARS = 256
+MAX_USER_ID_CHARS = 256
+MAX_TAG_KEY_CHARS = 64
+MAX_TAG_VALUE_CHARS = 256
+# Where a bad number in a Struct is, as a JSON pointer, capped for the violation.
+_MAX_POINTER_CHARS = 120
 
 
 def new_request_id() -> str:
@@ -110,19 +120,25 @@ def to_domain(
         bad("", f"the request is {size} bytes; the limit is {limits.max_request_bytes}")
     if not msg.model.strip():
         bad("model", "required")
+    elif len(msg.model) > MAX_MODEL_CHARS:
+        bad("model", f"at most {MAX_MODEL_CHARS} characters")
     elif not limits.model_allowed(msg.model.strip()):
         bad("model", f"not one of the models this service allows: {', '.join(limits.allowed_models or ())}")
     if not msg.user_id.strip():
         bad("user_id", "required: the end user this request is billed to")
-    elif len(msg.user_id) > 256:
-        bad("user_id", "at most 256 characters")
+    elif len(msg.user_id) > MAX_USER_ID_CHARS:
+        bad("user_id", f"at most {MAX_USER_ID_CHARS} characters")
     if msg.request_id and not _REQUEST_ID.fullmatch(msg.request_id):
         bad("request_id", "at most 128 characters of A-Z a-z 0-9 . _ : -")
     if len(msg.tags) > MAX_TAGS:
         bad("tags", f"at most {MAX_TAGS} tags")
-    for key, value in msg.tags.items():
-        if not key or len(key) > 64 or len(value) > 256:
-            bad(f"tags[{key[:64]}]", "keys 1-64 characters, values at most 256")
+    else:  # one violation per tag, so only for a count that is within bounds
+        for key, value in msg.tags.items():
+            if not key or len(key) > MAX_TAG_KEY_CHARS or len(value) > MAX_TAG_VALUE_CHARS:
+                bad(
+                    f"tags[{key[:MAX_TAG_KEY_CHARS]}]",
+                    f"keys 1-{MAX_TAG_KEY_CHARS} characters, values at most {MAX_TAG_VALUE_CHARS}",
+                )
     if not msg.messages:
         bad("messages", "at least one message is required")
     messages = tuple(_message(m, f"messages[{i}]", bad) for i, m in enumerate(msg.messages))
@@ -237,10 +253,11 @@ def _sampling(msg: pb.CompleteRequest, bad: Any) -> SamplingOptions:
 def _tool(t: pb.Tool, path: str, bad: Any) -> ToolSpec:
     if not _NAME.fullmatch(t.name):
         bad(f"{path}.name", "1-64 characters of A-Z a-z 0-9 _ -")
+    parameters = _json_struct(t.parameters, f"{path}.parameters", bad) if t.HasField("parameters") else None
     return ToolSpec(
         name=t.name,
         description=t.description or None,
-        parameters=struct_to_dict(t.parameters) if t.HasField("parameters") else None,
+        parameters=parameters,
         strict=t.strict if t.HasField("strict") else None,
     )
 
@@ -273,7 +290,7 @@ def _response_format(msg: pb.CompleteRequest, bad: Any) -> ResponseFormat | None
             bad("response_format.json_schema.schema", "required")
         return JsonSchemaFormat(
             name=js.name,
-            schema=struct_to_dict(js.schema),
+            schema=_json_struct(js.schema, "response_format.json_schema.schema", bad),
             description=js.description or None,
             strict=js.strict if js.HasField("strict") else None,
         )
@@ -282,23 +299,53 @@ def _response_format(msg: pb.CompleteRequest, bad: Any) -> ResponseFormat | None
     return None
 
 
+def _json_struct(value: struct_pb2.Struct, path: str, bad: Any) -> dict[str, Any]:
+    """A Struct as JSON data, or a violation at ``path`` when it holds NaN or ±Infinity
+    (protobuf allows them in a double; JSON, and so the upstream, does not)."""
+    try:
+        return struct_to_dict(value)
+    except NotJson as exc:
+        bad(path, f"NaN and Infinity are not JSON numbers (at {exc.pointer[:_MAX_POINTER_CHARS]!r})")
+        return {}
+
+
+class NotJson(ValueError):
+    """A Struct value with no JSON form; ``pointer`` (RFC 6901) says where."""
+
+    def __init__(self, pointer: str) -> None:
+        super().__init__(f"not a JSON value at {pointer!r}")
+        self.pointer = pointer
+
+
 def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as plain JSON data; whole numbers come back as ints.
+    """A Struct as plain JSON data; whole numbers come back as ints. Raises NotJson.
 
     Struct keeps every number as a double, so ``"minItems": 1`` would otherwise
     reach the upstream as ``1.0``, which strict schema validators reject.
     """
-    return _ints(json_format.MessageToDict(value))  # type: ignore[no-any-return]
+    return {k: _json(v, _pointer("", k)) for k, v in value.fields.items()}
 
 
-def _ints(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _ints(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_ints(v) for v in value]
-    return value
+def _json(value: struct_pb2.Value, pointer: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise NotJson(pointer or "/")
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "struct_value":
+        return {k: _json(v, _pointer(pointer, k)) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_json(v, f"{pointer}/{i}") for i, v in enumerate(value.list_value.values)]
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None  # null_value, or no kind at all (protobuf's JSON mapping reads it as null)
+
+
+def _pointer(parent: str, key: str) -> str:
+    return f"{parent}/{key.replace('~', '~0').replace('/', '~1')}"
 
 
 # --- outbound: domain events → protobuf (the per-token hot path) -----------------------

@@ -17,11 +17,20 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from chatgate_server.errors import ChatgateError, InvalidRequest
+from chatgate_server.errors import ChatgateError, InvalidRequest, sane_retry_delay
 
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "chatgate"
+# The status travels in trailers, which gRPC caps (8 KiB by default; beyond that the
+# caller gets RESOURCE_EXHAUSTED instead of our answer). The message goes twice (as
+# grpc-message, percent-encoded, and inside the base64 details), so it and the
+# violations listed are bounded in bytes: a status always fits, whatever the request
+# held. Violations past the budget are counted in the message ("and N more").
+MAX_MESSAGE_BYTES = 512
+VIOLATIONS_BUDGET_BYTES = 3072
+_MAX_FIELD_BYTES = 160
+_MAX_DESCRIPTION_BYTES = 240
 
 
 def to_status(error: BaseException) -> grpc.Status:
@@ -29,25 +38,40 @@ def to_status(error: BaseException) -> grpc.Status:
     if not isinstance(error, ChatgateError):
         error = ChatgateError("internal error")
     code = getattr(code_pb2, error.status_name)
-    details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))]
-    if error.retry_after is not None:
-        seconds = max(error.retry_after, 0.0)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    details = [_packed(info)]
+    # Clamped again here: retry_after is a plain attribute, and a Duration that cannot
+    # hold the value would turn the whole status into UNKNOWN.
+    seconds = sane_retry_delay(error.retry_after)
+    if seconds is not None:
         whole = math.floor(seconds)
         delay = duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
         details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     if isinstance(error, InvalidRequest):
-        details.append(
-            _packed(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                        for v in error.violations
-                    ]
-                )
-            )
-        )
-    status = rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=details))
+        details.append(_packed(error_details_pb2.BadRequest(field_violations=_violations(error))))
+    message = _bounded(error.message, MAX_MESSAGE_BYTES)
+    status = rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
     return status  # type: ignore[no-any-return]
+
+
+def _violations(error: InvalidRequest) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    out, used = [], 0
+    for v in error.violations:
+        field = _bounded(v.field, _MAX_FIELD_BYTES)
+        description = _bounded(v.description, _MAX_DESCRIPTION_BYTES)
+        used += len(field.encode()) + len(description.encode()) + 8  # + protobuf framing
+        if used > VIOLATIONS_BUDGET_BYTES:
+            break
+        out.append(error_details_pb2.BadRequest.FieldViolation(field=field, description=description))
+    return out
+
+
+def _bounded(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (on a character boundary)."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode(errors="ignore") + "…"
 
 
 def _packed(message: object) -> any_pb2.Any:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -20,9 +21,17 @@ from chatgate.v1 import usage_pb2 as pb
 from chatgate.v1 import usage_pb2_grpc
 from chatgate_server.domain import ANONYMOUS_CALLER, Caller
 from chatgate_server.errors import ChatgateError, FieldViolation, InvalidRequest
+from chatgate_server.rpc.convert import (
+    MAX_MODEL_CHARS,
+    MAX_TAG_KEY_CHARS,
+    MAX_TAG_VALUE_CHARS,
+    MAX_USER_ID_CHARS,
+)
 from chatgate_server.rpc.status import to_status
 from chatgate_server.usage.reports import (
     DEFAULT_PAGE_SIZE,
+    EARLIEST,
+    LATEST,
     MAX_PAGE_SIZE,
     Dimension,
     PageToken,
@@ -53,13 +62,15 @@ MAX_TAG_FILTERS = 16
 
 
 def to_query(
-    msg: pb.GetUsageRequest, caller: Caller, now: datetime
+    msg: pb.GetUsageRequest, caller: Caller, now: datetime, page_token_key: bytes
 ) -> tuple[UsageQuery, int, PageToken | None]:
     """Validate ``msg``; return the query (scoped to ``caller``'s tenant), the page size and
     the parsed page token. Raises InvalidRequest with every violation."""
     v: list[FieldViolation] = []
+    start = _time(msg.start_time, "start_time", v) if msg.HasField("start_time") else None
     if not msg.HasField("start_time"):
         v.append(FieldViolation("start_time", "required"))
+    end = _time(msg.end_time, "end_time", v) if msg.HasField("end_time") else now
     if not 0 <= msg.page_size <= MAX_PAGE_SIZE:
         v.append(FieldViolation("page_size", f"between 1 and {MAX_PAGE_SIZE} (0: {DEFAULT_PAGE_SIZE})"))
     group_by = []
@@ -73,12 +84,19 @@ def to_query(
         v.append(
             FieldViolation("user_ids", f"at most {MAX_FILTER_VALUES} users and {MAX_FILTER_VALUES} models")
         )
+    else:
+        _texts(v, ((f"user_ids[{i}]", u) for i, u in enumerate(msg.user_ids)), MAX_USER_ID_CHARS)
+        _texts(v, ((f"models[{i}]", m) for i, m in enumerate(msg.models)), MAX_MODEL_CHARS)
+    _texts(v, [("tag_key", msg.tag_key)], MAX_TAG_KEY_CHARS)
     if len(msg.tags) > MAX_TAG_FILTERS:
         v.append(FieldViolation("tags", f"at most {MAX_TAG_FILTERS} tags"))
-    if v:
+    else:
+        for key, value in msg.tags.items():
+            path = f"tags[{key[:MAX_TAG_KEY_CHARS]}]"
+            _texts(v, [(path, key)], MAX_TAG_KEY_CHARS)
+            _texts(v, [(path, value)], MAX_TAG_VALUE_CHARS)
+    if v or start is None or end is None:
         raise InvalidRequest(v)
-    start = msg.start_time.ToDatetime(tzinfo=UTC)
-    end = msg.end_time.ToDatetime(tzinfo=UTC) if msg.HasField("end_time") else now
     query = UsageQuery(
         start=start,
         end=end,
@@ -89,12 +107,31 @@ def to_query(
         models=tuple(msg.models),
         tags=dict(msg.tags),
     )
-    token = PageToken.decode(msg.page_token, query) if msg.page_token else None
+    token = PageToken.decode(msg.page_token, query, page_token_key) if msg.page_token else None
     if token is not None:
         # The window an open-ended report was first computed for, on every page.
         query = replace(query, end=token.end)
     query.validate()
     return query, msg.page_size or DEFAULT_PAGE_SIZE, token
+
+
+def _time(value: timestamp_pb2.Timestamp, field: str, v: list[FieldViolation]) -> datetime | None:
+    try:
+        t = value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):  # seconds or nanos outside Timestamp's range
+        t = None
+    if t is None or not EARLIEST <= t <= LATEST:
+        v.append(FieldViolation(field, f"a time from {EARLIEST:%Y-%m-%d} to {LATEST:%Y-%m-%d} UTC"))
+        return None
+    return t
+
+
+def _texts(v: list[FieldViolation], items: Iterable[tuple[str, str]], limit: int) -> None:
+    """Filter values (field path, text): bounded like the columns they match, and
+    without NUL (which Postgres text cannot hold, so it could never match)."""
+    for path, text in items:
+        if len(text) > limit or "\x00" in text:
+            v.append(FieldViolation(path, f"at most {limit} characters, without NUL"))
 
 
 def _totals(t: Totals) -> pb.UsageTotals:
@@ -116,14 +153,14 @@ def _timestamp(t: datetime) -> timestamp_pb2.Timestamp:
     return ts
 
 
-def to_response(query: UsageQuery, page: UsagePage) -> pb.GetUsageResponse:
+def to_response(query: UsageQuery, page: UsagePage, page_token_key: bytes) -> pb.GetUsageResponse:
     groups = []
     for g in page.groups:
         fields = {_GROUP_FIELDS[d]: value for d, value in g.key.items()}
         groups.append(pb.UsageGroup(totals=_totals(g.totals), **fields))
     token = ""
     if page.next_after is not None:
-        token = PageToken(query.fingerprint(), query.end, page.next_after).encode()
+        token = PageToken(query.fingerprint(), query.end, page.next_after).encode(page_token_key)
     return pb.GetUsageResponse(
         totals=_totals(page.totals),
         groups=groups,
@@ -136,8 +173,17 @@ def to_response(query: UsageQuery, page: UsagePage) -> pb.GetUsageResponse:
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     """Serves chatgate.v1.UsageService over the usage reports."""
 
-    def __init__(self, reports: UsageReports, *, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        reports: UsageReports,
+        *,
+        page_token_key: bytes | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        """``page_token_key`` signs page tokens (usage/reports.page_token_key); without
+        one, a random key: tokens then work only on this process."""
         self._reports = reports
+        self._key = page_token_key or secrets.token_bytes(32)
         self._clock = clock or (lambda: datetime.now(UTC))
 
     async def GetUsage(
@@ -147,9 +193,9 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     ) -> pb.GetUsageResponse:
         try:
             # Until callers authenticate, every caller is the anonymous one (tenant "default").
-            query, page_size, token = to_query(request, ANONYMOUS_CALLER, self._clock())
+            query, page_size, token = to_query(request, ANONYMOUS_CALLER, self._clock(), self._key)
             page = await self._reports.report(query, limit=page_size, after=token.after if token else None)
-            return to_response(query, page)
+            return to_response(query, page, self._key)
         except ChatgateError as exc:
             await context.abort_with_status(to_status(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):

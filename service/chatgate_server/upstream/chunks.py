@@ -9,7 +9,6 @@ rather than reaching the caller as badly typed events.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
@@ -26,6 +25,7 @@ from chatgate_server.domain import (
     UsageReported,
 )
 from chatgate_server.errors import UpstreamError, UpstreamProtocolError
+from chatgate_server.upstream.classify import quotable
 
 __all__ = ["ChunkDecoder"]
 
@@ -39,11 +39,9 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 
 # Stands in for a missing or null nested object (function, usage details).
 _EMPTY: dict[str, Any] = {}
-
-# An error's type and code are identifiers; anything else in them is masked and
-# their length capped, so an error message never relays arbitrary upstream text.
-_MAX_ERROR_FIELD = 64
-_NOT_IDENTIFIER = re.compile(r"[^A-Za-z0-9_.:-]")
+# The response id and model go to the caller (the started event) and into the usage
+# row: upstream text, so bounded. Real ones are under 64 characters.
+MAX_ID_CHARS = 256
 
 
 class ChunkDecoder:
@@ -103,6 +101,8 @@ class ChunkDecoder:
                 model = chunk.get("model")
                 if type(response_id) is not str or type(model) is not str:
                     raise UpstreamProtocolError("upstream chunk has a non-string id or model")
+                if len(response_id) > MAX_ID_CHARS or len(model) > MAX_ID_CHARS:
+                    raise UpstreamProtocolError("upstream chunk has an oversized id or model")
                 self._started = True
                 events.append(ResponseStarted(response_id, model))
         for choice in choices:
@@ -173,23 +173,14 @@ def _usage(usage: Any) -> TokenUsage:
 
 
 def _upstream_error(error: Any) -> UpstreamError:
-    """An error event. Only its type and code are quoted: its message is free text."""
+    """An error event. Only a type and code we know are quoted (classify.quotable): the
+    rest is free text of any length that could carry anything."""
     if type(error) is dict:
-        kind = _error_field(error.get("type"))
-        code = _error_field(error.get("code"))
+        kind = quotable(error.get("type"))
+        code = quotable(error.get("code"))
     else:
-        kind = code = "unknown"
+        kind = code = "other"
     return UpstreamError(
         f"upstream reported an error mid-stream (type={kind}, code={code})",
         http_status=None,
     )
-
-
-def _error_field(value: Any) -> str:
-    if value is None:
-        return "none"
-    if type(value) is int:
-        return str(value)
-    if type(value) is not str:
-        return "unknown"
-    return _NOT_IDENTIFIER.sub("?", value[:_MAX_ERROR_FIELD])

@@ -4,13 +4,16 @@ Classification reads the error body's ``type``/``code``, not the status alone: a
 can be a passing rate limit (retry), an exhausted quota or billing limit (never
 retry; an operator problem) or a request that is too large (never succeeds).
 Messages are ours: the upstream's text never reaches the caller, and neither does
-anything that could contain the key.
+anything that could contain the key. Its ``code``, ``type``, ``param`` and ``message``
+are free text of any length (a code once held a live key; another was 20,000
+characters): they are looked up in fixed vocabularies, never echoed, not even to logs.
 """
 
 from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -21,11 +24,12 @@ from chatgate_server.errors import (
     UpstreamError,
     UpstreamRateLimited,
     UpstreamRejected,
+    sane_retry_delay,
 )
 
-# Codes OpenAI uses when our organisation/project cannot pay for more.
 log = logging.getLogger(__name__)
 
+# Codes OpenAI uses when our organisation/project cannot pay for more.
 _BILLING_CODES = frozenset(
     {
         "insufficient_quota",
@@ -38,27 +42,112 @@ _BILLING_CODES = frozenset(
     }
 )
 
+# A rejected request's upstream code → our cause (ErrorInfo metadata "cause") and the
+# words the caller reads. Anything else is OTHER.
+_REJECTION_CAUSES: dict[str, str] = {
+    "context_length_exceeded": "CONTEXT_LENGTH_EXCEEDED",
+    "string_above_max_length": "VALUE_TOO_LONG",
+    "array_above_max_length": "VALUE_TOO_LONG",
+    "model_not_found": "MODEL_NOT_FOUND",
+    "unsupported_parameter": "UNSUPPORTED_PARAMETER",
+    "unsupported_value": "UNSUPPORTED_PARAMETER",
+    "invalid_image_url": "INVALID_IMAGE",
+    "invalid_image_format": "INVALID_IMAGE",
+    "invalid_image": "INVALID_IMAGE",
+    "image_parse_error": "INVALID_IMAGE",
+    "image_too_large": "INVALID_IMAGE",
+    "invalid_function_parameters": "INVALID_TOOL_SCHEMA",
+    "content_policy_violation": "CONTENT_POLICY",
+    "content_filter": "CONTENT_POLICY",
+    "invalid_value": "INVALID_VALUE",
+    "invalid_type": "INVALID_VALUE",
+    "missing_required_parameter": "INVALID_VALUE",
+    "integer_above_max_value": "INVALID_VALUE",
+    "integer_below_min_value": "INVALID_VALUE",
+    "decimal_above_max_value": "INVALID_VALUE",
+    "decimal_below_min_value": "INVALID_VALUE",
+    "empty_array": "INVALID_VALUE",
+}
+_CAUSE_TEXT: dict[str, str] = {
+    "CONTEXT_LENGTH_EXCEEDED": "the messages exceed the model's context window",
+    "VALUE_TOO_LONG": "a text or list in the request is longer than the model accepts",
+    "MODEL_NOT_FOUND": "the model does not exist or is not available to this service",
+    "UNSUPPORTED_PARAMETER": "the model does not support a parameter or value of the request",
+    "INVALID_IMAGE": "an image could not be fetched or read",
+    "INVALID_TOOL_SCHEMA": "a tool's parameters are not a schema the model accepts",
+    "CONTENT_POLICY": "the request was refused by the upstream's content policy",
+    "INVALID_VALUE": "a parameter has a value the model does not accept",
+    "OTHER": "the upstream rejected the request as invalid",
+}
+REJECTION_CAUSES = frozenset(_CAUSE_TEXT)
 
-def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """The wait the upstream asked for: ``retry-after-ms``, then ``retry-after``."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(float(ms) / 1000.0, 0.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
+# The error types and codes that may be quoted (mid-stream error events, logs).
+_QUOTABLE = frozenset(
+    {
+        "server_error",
+        "internal_error",
+        "invalid_request_error",
+        "api_error",
+        "rate_limit_exceeded",
+        "rate_limit_error",
+        "requests",
+        "tokens",
+        "overloaded_error",
+        "timeout",
+        "slow_down",
+        *_BILLING_CODES,
+        *_REJECTION_CAUSES,
+    }
+)
+
+
+def quotable(value: Any) -> str:
+    """An upstream error type or code as we may repeat it: itself when it is one we
+    know, ``none`` when absent, ``other`` for anything else."""
+    if value is None or value == "":
+        return "none"
+    if type(value) is int and -1000 < value < 1000:
+        return str(value)
+    return value if type(value) is str and value in _QUOTABLE else "other"
+
+
+def _seconds(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
-        pass
+        return None
+    return None if math.isnan(seconds) else seconds
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """The wait the upstream asked for: ``retry-after-ms``, then ``retry-after``;
+    clamped to ``[0, MAX_RETRY_DELAY_S]``, None when absent or unreadable."""
+    ms = _seconds(headers.get("retry-after-ms"))
+    if ms is not None:
+        return sane_retry_delay(ms / 1000.0)
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    seconds = _seconds(value)
+    if seconds is not None:
+        return sane_retry_delay(seconds)
     try:
         parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        # Before 1970 on some platforms, or a naive time outside the local calendar.
+        wait = parsed.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None  # neither seconds nor an HTTP date: ignore it
-    return max(parsed.timestamp() - (time.time() if now is None else now), 0.0)
+    return sane_retry_delay(wait)
+
+
+def _rejection(status: int, code: str) -> UpstreamRejected:
+    cause = _REJECTION_CAUSES.get(code, "OTHER")
+    text = _CAUSE_TEXT[cause]
+    if cause != "OTHER":
+        text = f"the upstream rejected the request: {text}"
+    return UpstreamRejected(text, cause=cause, http_status=status)
 
 
 def classify_http_error(status: int, body: Mapping[str, Any] | None, headers: Mapping[str, str]) -> Exception:
@@ -74,7 +163,10 @@ def classify_http_error(status: int, body: Mapping[str, Any] | None, headers: Ma
     if status in (401, 403) or etype in _BILLING_CODES or code in _BILLING_CODES:
         # An operator problem: say so loudly here, and only briefly to the caller.
         log.error(
-            "upstream refused our credentials or billing (HTTP %d, type=%s, code=%s)", status, etype, code
+            "upstream refused our credentials or billing (HTTP %d, type=%s, code=%s)",
+            status,
+            quotable(etype),
+            quotable(code),
         )
         return UpstreamCredentialsError(
             "upstream credentials were rejected or the upstream billing limit is reached", http_status=status
@@ -82,10 +174,7 @@ def classify_http_error(status: int, body: Mapping[str, Any] | None, headers: Ma
     if status == 429 and "request too large" in text.lower():
         return RequestTooLarge("the request is too large for the model's token-per-minute limit")
     if status in (400, 404, 422):
-        detail = f" ({code})" if code and code.isidentifier() else ""
-        error: UpstreamError = UpstreamRejected(
-            f"the upstream rejected the request as invalid{detail}", http_status=status
-        )
+        error: UpstreamError = _rejection(status, code)
     elif status == 429:
         error = UpstreamRateLimited(
             "the upstream is rate limiting requests", retry_after=retry_after, http_status=status

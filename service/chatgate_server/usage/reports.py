@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import enum
 import hashlib
+import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
@@ -154,32 +156,98 @@ class UsagePage:
     """The last group's key when more groups follow, else None."""
 
 
+_BAD_TOKEN = "invalid page_token: not one this service issued, or it was changed"  # noqa: S105
+MAX_PAGE_TOKEN_CHARS = 32 * 1024
+# The oldest and latest instants a report may name: far enough apart for any real
+# window, and far enough inside datetime's range that day arithmetic cannot overflow.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def page_token_key(secret: str) -> bytes:
+    """The key that signs page tokens, derived from a secret every replica of a
+    deployment shares (so a page from one worker continues on another)."""
+    return hmac.new(secret.encode(), b"chatgate page tokens v1", hashlib.sha256).digest()
+
+
 @dataclass(frozen=True, slots=True)
 class PageToken:
-    """Where the next page starts, the window end it was computed for, and for which query."""
+    """Where the next page starts, the window end it was computed for, and for which query.
+
+    Encoded as base64url(JSON) "." base64url(HMAC-SHA256): a token that was not issued
+    by a process holding the key, or was changed in any byte, is refused before any of
+    it is read, and what it carries is validated all the same.
+    """
 
     query: str
     end: datetime
     after: tuple[str, ...]
 
-    def encode(self) -> str:
+    def encode(self, key: bytes) -> str:
         data = orjson.dumps({"q": self.query, "e": self.end.isoformat(), "a": list(self.after)})
-        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+        return f"{_b64(data)}.{_b64(_mac(key, data))}"
 
     @classmethod
-    def decode(cls, token: str, query: UsageQuery) -> PageToken:
-        """Parse a token for ``query``; InvalidRequest if it is malformed or for another query."""
+    def decode(cls, token: str, query: UsageQuery, key: bytes) -> PageToken:
+        """Parse a token for ``query``; InvalidRequest if forged, changed, malformed or for
+        another query."""
+        data = _verified(token, key)
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            d = orjson.loads(raw)
-            parsed = cls(str(d["q"]), datetime.fromisoformat(d["e"]), tuple(str(a) for a in d["a"]))
-        except (ValueError, KeyError, TypeError, binascii.Error):
-            raise InvalidRequest([FieldViolation("page_token", "not a token this service issued")]) from None
+            d = orjson.loads(data)
+            end = datetime.fromisoformat(d["e"])
+            after = d["a"]
+            parsed = cls(d["q"], end, tuple(after))
+            valid = (
+                type(parsed.query) is str
+                and end.utcoffset() is not None
+                and EARLIEST <= end <= LATEST
+                and type(after) is list
+                and all(type(a) is str and "\x00" not in a for a in after)
+            )
+            if valid:
+                for dimension, value in zip(query.group_by, after, strict=False):
+                    if dimension is Dimension.DAY:
+                        date.fromisoformat(value)
+        except (ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            raise InvalidRequest([FieldViolation("page_token", _BAD_TOKEN)])
         if parsed.query != query.fingerprint() or len(parsed.after) != len(query.group_by):
             raise InvalidRequest(
                 [FieldViolation("page_token", "belongs to a different query; repeat the first request")]
             )
         return parsed
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()[:16]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _verified(token: str, key: bytes) -> bytes:
+    """The token's payload if its MAC is right; InvalidRequest otherwise."""
+    body, _, mac = token.partition(".")
+    data = expected = None
+    if len(token) <= MAX_PAGE_TOKEN_CHARS and token.isascii():
+        with contextlib.suppress(ValueError, binascii.Error):
+            data, expected = _unb64(body), _unb64(mac)
+    # Only the one canonical spelling counts: any other was changed on the way.
+    if (
+        data is None
+        or expected is None
+        or _b64(data) != body
+        or _b64(expected) != mac
+        or not hmac.compare_digest(_mac(key, data), expected)
+    ):
+        raise InvalidRequest([FieldViolation("page_token", _BAD_TOKEN)])
+    return data
 
 
 # --- the query ------------------------------------------------------------------------------

@@ -276,10 +276,13 @@ class CompleteRequest(_message.Message):
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model to use, e.g. "gpt-4o-mini". Required."""
+    """Model to use, e.g. "gpt-4o-mini". Required; at most 256 characters
+    (fine-tuned model ids included).
+    """
     user_id: _builtins.str
     """The end user this request is made for: the billing subject. Required.
-    Use a stable, opaque identifier (not an e-mail address).
+    Use a stable, opaque identifier (not an e-mail address), at most 256
+    characters.
     """
     request_id: _builtins.str
     """Idempotency key for this request, at most 128 characters of

@@ -102,7 +102,9 @@ class GetUsageRequest(_message.Message):
     page_size: _builtins.int
     """Most groups per page: 1 to 1000, default 100."""
     page_token: _builtins.str
-    """`next_page_token` of the previous response, with the same request fields."""
+    """`next_page_token` of the previous response, with the same request fields.
+    Tokens are signed: a changed or made-up token is INVALID_ARGUMENT.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the window, inclusive. Required."""
