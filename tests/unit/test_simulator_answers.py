@@ -138,6 +138,9 @@ def test_known_models_snapshots_and_any_model() -> None:
     assert context_window("gpt-4o-minii") is None
     assert context_window("my-model") is None
     assert context_window("my-model", any_model=True) == 128_000
+    # Fine-tunes are served when their base model is.
+    assert context_window("ft:gpt-4o-mini-2024-07-18:acme:support:9Ab3dEfG") == 128_000
+    assert context_window("ft:my-model:acme:support:9Ab3dEfG") is None
 
 
 def test_every_scenario_key_is_documented_in_help() -> None:

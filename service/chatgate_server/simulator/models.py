@@ -43,7 +43,12 @@ _SNAPSHOT = re.compile(r"^(?P<base>.+)-\d{4}-\d{2}-\d{2}$")
 
 
 def context_window(model: str, *, any_model: bool = False) -> int | None:
-    """The model's context window, or None when the simulator does not serve it."""
+    """The model's context window, or None when the simulator does not serve it.
+
+    A fine-tuned model (``ft:<base>:<org>:<suffix>:<id>``) has its base model's window,
+    as on the real API."""
+    if model.startswith("ft:"):
+        model = model.split(":")[1]
     window = CONTEXT_WINDOWS.get(model)
     if window is None and (dated := _SNAPSHOT.match(model)):
         window = CONTEXT_WINDOWS.get(dated["base"])
