@@ -15,6 +15,7 @@ import pytest
 from chatgate.v1 import chat_pb2 as pb
 from chatgate.v1 import chat_pb2_grpc
 from chatgate_server.app import App
+from chatgate_server.usage.reservations import Claim
 from tests.integration.conftest import AppFactory
 
 
@@ -140,13 +141,14 @@ async def test_generated_ids_are_never_looked_up(gate: App, db: psycopg.Connecti
     guard = gate.ledger._guard
     assert guard is not None
     lookups: list[str] = []
-    original = guard._lookup
+    reservations = guard._reservations
+    original = reservations.claim
 
-    async def counting(request_id: str, since: Any) -> Any:
+    async def counting(request_id: str, fp: str) -> Claim:
         lookups.append(request_id)
-        return await original(request_id, since)
+        return await original(request_id, fp)
 
-    guard._lookup = counting
+    reservations.claim = counting  # type: ignore[method-assign,assignment]
     results = await asyncio.gather(*(complete(gate, request("")) for _ in range(20)))
     assert all(r[-1].finished.outcome == pb.OUTCOME_COMPLETED for r in results)
     assert lookups == []  # no Postgres round trip on the hot path without a caller id
