@@ -154,3 +154,21 @@ async def test_generated_ids_are_never_looked_up(gate: App, db: psycopg.Connecti
     assert lookups == []  # no Postgres round trip on the hot path without a caller id
     await complete(gate, request(f"caller-{uuid.uuid4().hex}"))
     assert len(lookups) == 1
+
+
+async def test_a_retry_on_another_replica_right_after_a_failure_runs_and_leaves_one_row(
+    start_app: AppFactory, db: psycopg.Connection[Any], rid: str
+) -> None:
+    first_replica = await start_app(retry_max_attempts=1)
+    second_replica = await start_app(retry_max_attempts=1)
+    req = request(rid, model="gpt-4o-mini::status=500,times=1")
+    error = await refused(first_replica, req)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+    # At once, elsewhere: other content is still refused, the same request runs.
+    different = await refused(second_replica, request(rid, text="Another question"))
+    assert "different request" in (different.details() or "")
+    events = await complete(second_replica, req)
+    assert events[-1].finished.outcome == pb.OUTCOME_COMPLETED
+    await rows(first_replica, db, rid)  # flushes the first replica's ledger
+    assert await rows(second_replica, db, rid) == [("completed", "OK", True)]

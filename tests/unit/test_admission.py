@@ -105,9 +105,11 @@ class Reservations:
         self.fail_release = False
         self.calls: list[str] = []
         self.rows: dict[str, tuple[str, bool]] = {}  # id -> (fingerprint, released)
+        self.claimed = asyncio.Event()
 
     async def claim(self, request_id: str, fingerprint: str) -> Claim:
         self.calls.append(request_id)
+        self.claimed.set()
         if self.fail:
             raise OSError("postgres is away")
         row = self.rows.get(request_id)
@@ -214,6 +216,20 @@ async def test_an_id_reserved_by_another_process_is_refused() -> None:
     with pytest.raises(DuplicateRequest, match="different request"):
         await second.admit(request(user_id="u-2"))
     await second.admit(request())
+
+
+async def test_a_retry_that_outruns_the_release_on_another_process_is_admitted() -> None:
+    table = Reservations()
+    first = guard(table)
+    second = RequestIdGuard(table, window=timedelta(hours=24), reserve_timeout_s=10, recheck_delay_s=1)
+    await first.admit(request())
+    table.claimed.clear()
+    retry = asyncio.create_task(second.admit(request()))
+    await table.claimed.wait()  # the retry's first claim found the id still held
+    first.finished(record(served=False))  # the failed attempt's release lands now
+    await first.close()
+    await retry
+    assert table.calls == ["caller-id-1"] * 3
 
 
 @pytest.mark.parametrize(

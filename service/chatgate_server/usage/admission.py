@@ -31,7 +31,9 @@ calls with one id through, and their rows arrive only after the calls. The same 
 trip returns the id's usage rows within the idempotency window. An attempt that sent
 the caller nothing *releases* its reservation when it ends (in the background, off the
 call's path), after which only the same content may take the id over; an attempt that
-served keeps it for the window.
+served keeps it for the window. A claim that finds the same content holding the id
+looks once more after 50 ms before refusing: a retry sent the moment its attempt
+failed on another process can outrun that release.
 
 Generated ids (no ``request_id`` in the call) are unique by construction and skip all
 of this: no Postgres round trip on that path. When Postgres is unreachable (the ledger
@@ -121,15 +123,18 @@ class RequestIdGuard:
         remember: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
         release_delays_s: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
+        recheck_delay_s: float = 0.05,
     ) -> None:
         """``remember``: how many finished ids to keep in memory. ``release_delays_s``:
-        the pauses between attempts to release a reservation."""
+        the pauses between attempts to release a reservation. ``recheck_delay_s``: how
+        long a claim refused for a same-content holder waits before it looks again."""
         self._reservations = reservations
         self._window = window
         self._timeout_s = reserve_timeout_s
         self._remember = remember
         self._clock = clock
         self._release_delays_s = tuple(release_delays_s)
+        self._recheck_delay_s = recheck_delay_s
         self._in_flight: dict[str, str] = {}
         self._held: set[str] = set()  # in flight with a reservation in Postgres
         self._finished: OrderedDict[str, _Finished] = OrderedDict()
@@ -192,6 +197,12 @@ class RequestIdGuard:
         try:
             async with asyncio.timeout(self._timeout_s):
                 claim = await self._reservations.claim(request_id, fp)
+                if not claim.won and claim.holder in (None, fp):
+                    # Same content (or a holder committed meanwhile): the caller's retry may
+                    # have outrun the release of its failed attempt on another process,
+                    # which is a round trip behind. Look once more before refusing.
+                    await asyncio.sleep(self._recheck_delay_s)
+                    claim = await self._reservations.claim(request_id, fp)
         except Exception as exc:  # noqa: BLE001 - fail open, see the module docstring
             self.lookups_skipped += 1
             log.warning(
