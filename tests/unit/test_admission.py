@@ -232,6 +232,19 @@ async def test_a_retry_that_outruns_the_release_on_another_process_is_admitted()
     assert table.calls == ["caller-id-1"] * 3
 
 
+async def test_an_id_known_to_be_held_is_refused_even_if_the_second_look_fails() -> None:
+    class FailingSecondLook(Reservations):
+        async def claim(self, request_id: str, fingerprint: str) -> Claim:
+            if self.calls:
+                raise OSError("postgres went away")
+            self.calls.append(request_id)
+            return Claim(False, fingerprint)
+
+    g = RequestIdGuard(FailingSecondLook(), window=timedelta(hours=24), recheck_delay_s=0)
+    with pytest.raises(DuplicateRequest, match="in progress or already served"):
+        await g.admit(request())
+
+
 @pytest.mark.parametrize(
     ("stored", "message"),
     [

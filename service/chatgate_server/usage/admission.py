@@ -194,23 +194,16 @@ class RequestIdGuard:
 
     async def _reserve(self, request_id: str, fp: str) -> None:
         await self._settle_release(request_id, fp)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                claim = await self._reservations.claim(request_id, fp)
-                if not claim.won and claim.holder in (None, fp):
-                    # Same content (or a holder committed meanwhile): the caller's retry may
-                    # have outrun the release of its failed attempt on another process,
-                    # which is a round trip behind. Look once more before refusing.
-                    await asyncio.sleep(self._recheck_delay_s)
-                    claim = await self._reservations.claim(request_id, fp)
-        except Exception as exc:  # noqa: BLE001 - fail open, see the module docstring
-            self.lookups_skipped += 1
-            log.warning(
-                "request id reservation skipped (%s): %r guarded by this process only",
-                type(exc).__name__,
-                request_id,
-            )
-            return
+        claim = await self._claim(request_id, fp)
+        if claim is None:
+            return  # fail open, see the module docstring
+        if not claim.won and claim.holder in (None, fp):
+            # Same content (or a holder committed meanwhile): the caller's retry may have
+            # outrun the release of its failed attempt on another process, which is a
+            # round trip behind. Look once more before refusing (a failed second look
+            # changes nothing: the id is known to be held).
+            await asyncio.sleep(self._recheck_delay_s)
+            claim = await self._claim(request_id, fp) or claim
         if not claim.won:
             if claim.holder is not None and claim.holder != fp:
                 self._check(request_id, fp, [(claim.holder, False)])
@@ -227,6 +220,20 @@ class RequestIdGuard:
                 async with asyncio.timeout(self._timeout_s):
                     await self._reservations.forget(request_id, fp)
             raise
+
+    async def _claim(self, request_id: str, fp: str) -> Claim | None:
+        """One claim, bounded; None when Postgres did not answer in time (logged)."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await self._reservations.claim(request_id, fp)
+        except Exception as exc:  # noqa: BLE001 - fail open, see the module docstring
+            self.lookups_skipped += 1
+            log.warning(
+                "request id reservation skipped (%s): %r guarded by this process only",
+                type(exc).__name__,
+                request_id,
+            )
+            return None
 
     async def _settle_release(self, request_id: str, fp: str) -> None:
         """This process's own earlier attempt of the id must be released before the retry
