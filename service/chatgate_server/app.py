@@ -28,7 +28,7 @@ from chatgate_server.usage.admission import RequestIdGuard
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
 from chatgate_server.usage.reports import UsageReports
-from chatgate_server.usage.reservations import POOL_KWARGS, ReservationStore
+from chatgate_server.usage.reservations import POOL_KWARGS, ReservationStore, configure
 from chatgate_server.usage.spool import Spool, SpoolError
 from chatgate_server.usage.store import UsageStore
 
@@ -119,6 +119,7 @@ class App:
             max_size=4,
             open=False,
             kwargs=POOL_KWARGS,
+            configure=configure,
             reconnect_timeout=s.ledger_retry_cap_s,
         )
         await self._pool.open(wait=False)

@@ -13,7 +13,13 @@ import pytest
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from chatgate_server.usage.reservations import POOL_KWARGS, ReservationStore, count_expired, delete_expired
+from chatgate_server.usage.reservations import (
+    POOL_KWARGS,
+    ReservationStore,
+    configure,
+    count_expired,
+    delete_expired,
+)
 
 A, B = "aa" * 16, "bb" * 16
 
@@ -21,7 +27,9 @@ A, B = "aa" * 16, "bb" * 16
 @pytest.fixture
 async def pools(migrated_database_url: str) -> AsyncIterator[list[AsyncConnectionPool[AsyncConnection[Any]]]]:
     made = [
-        AsyncConnectionPool(migrated_database_url, min_size=1, max_size=4, open=False, kwargs=POOL_KWARGS)
+        AsyncConnectionPool(
+            migrated_database_url, min_size=1, max_size=4, open=False, kwargs=POOL_KWARGS, configure=configure
+        )
         for _ in range(2)
     ]
     for pool in made:
@@ -90,3 +98,10 @@ async def test_expired_reservations_are_taken_over_and_deleted_by_retention(
         "SELECT request_id FROM request_id_reservations WHERE request_id = ANY(%s)", [[old, fresh]]
     ).fetchall()
     assert left == [(fresh,)]
+
+
+async def test_reservation_connections_do_not_wait_for_wal_flushes(pools: list[Any]) -> None:
+    async with pools[0].connection() as conn:
+        cur = await conn.execute("SHOW synchronous_commit")
+        assert await cur.fetchone() == ("off",)
+        assert conn.autocommit

@@ -38,12 +38,18 @@ from chatgate_server.usage.store import StoredAttempt
 
 Pool = AsyncConnectionPool[AsyncConnection[Any]]
 
-# Connection settings for the reservation pool (psycopg ``kwargs``): see the docstring.
-# statement_timeout backs up the caller's own (shorter) asyncio timeout server-side.
-POOL_KWARGS: Final[dict[str, Any]] = {
-    "autocommit": True,
-    "options": "-c synchronous_commit=off -c statement_timeout=2000",
-}
+# Connection settings for the reservation pool (psycopg ``kwargs``, and ``configure``
+# for each new connection): see the docstring.
+POOL_KWARGS: Final[dict[str, Any]] = {"autocommit": True}
+
+
+async def configure(conn: AsyncConnection[Any]) -> None:
+    """Session settings of a reservation connection. SET rather than startup
+    ``options``, which connection poolers such as PgBouncer refuse. statement_timeout
+    backs up the caller's own (shorter) asyncio timeout on the server's side."""
+    await conn.execute("SET synchronous_commit = off")
+    await conn.execute("SET statement_timeout = 2000")
+
 
 # Many ids per statement (one per call admitted meanwhile, all distinct: a process never
 # claims an id it already has in flight). Rows are claimed in id order, so two
@@ -51,7 +57,7 @@ POOL_KWARGS: Final[dict[str, Any]] = {
 # `before` and the holder it yields read the statement's snapshot: a reservation
 # committed by another process while this statement waited for it shows as no holder.
 # Both lookups filter on the id array itself (= ANY): joined to a CTE instead, the
-# planner scanned whole tables — every claim grew slower as reservations accumulated.
+# planner may scan whole tables — every claim would grow slower as reservations accumulated.
 _CLAIM: Final = b"""
 WITH wanted AS (
     SELECT * FROM unnest(%(ids)s::text[], %(fps)s::bytea[]) AS w(request_id, fingerprint)
@@ -107,7 +113,8 @@ def _hex(value: bytes | None) -> str | None:
 
 
 class ReservationStore:
-    """Request-id reservations through a pool the caller owns (``POOL_KWARGS`` settings).
+    """Request-id reservations through a pool the caller owns (``POOL_KWARGS`` and
+    :func:`configure`).
 
     Claims made while a claim statement is running wait and go together in the next
     one: a burst of calls costs a few round trips, not one per call on a few
