@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
+import grpc
 import psycopg
 import pytest
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from chatgate.v1 import chat_pb2 as pb
+from chatgate.v1 import chat_pb2_grpc
+from chatgate_server.app import App
+from chatgate_server.simulator import Simulator
+from chatgate_server.telemetry import NO_TELEMETRY
 from chatgate_server.usage.reservations import (
     POOL_KWARGS,
     ReservationStore,
@@ -20,6 +27,8 @@ from chatgate_server.usage.reservations import (
     count_expired,
     delete_expired,
 )
+from tests.integration.conftest import make_settings
+from tests.integration.pgproxy import running_proxy
 
 A, B = "aa" * 16, "bb" * 16
 
@@ -105,3 +114,32 @@ async def test_reservation_connections_do_not_wait_for_wal_flushes(pools: list[A
         cur = await conn.execute("SHOW synchronous_commit")
         assert await cur.fetchone() == ("off",)
         assert conn.autocommit
+
+
+async def test_with_postgres_away_a_call_with_its_own_id_is_served_without_a_long_wait(
+    migrated_database_url: str, simulator: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_proxy(migrated_database_url) as proxy:
+        app = App(
+            make_settings(proxy.url_for(migrated_database_url), simulator.base_url), telemetry=NO_TELEMETRY
+        )
+        await app.start()
+        try:
+            proxy.cut()  # the ledger has written nothing yet: it still believes Postgres is there
+            req = pb.CompleteRequest(
+                model="gpt-4o-mini",
+                user_id="res-user",
+                request_id=rid(),
+                messages=[pb.Message(role=pb.ROLE_USER, text="Hello!")],
+            )
+            started = time.monotonic()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                events = [e async for e in chat_pb2_grpc.ChatServiceStub(channel).Complete(req, timeout=30)]
+            waited = time.monotonic() - started
+        finally:
+            proxy.restore()
+            await app.stop(0)
+    # Guarded by this process only (fail open), after at most the reservation's timeout.
+    assert events[-1].finished.outcome == pb.OUTCOME_COMPLETED
+    assert waited < 5.0
+    assert "guarded by this process only" in caplog.text
