@@ -36,6 +36,7 @@ import json
 import resource
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -78,6 +79,9 @@ class Options:
     chunks_per_stream: int
     read_delay_s: float
     stream_timeout_s: float
+    # A fresh caller-supplied request_id on every call (chatgate then reserves it in
+    # Postgres): measures what idempotency keys cost against generated ids.
+    caller_ids: bool = False
 
 
 # --- gRPC ---------------------------------------------------------------------------
@@ -89,6 +93,12 @@ def _grpc_request(opts: Options, worker: int) -> bytes:
         user_id=f"bench-user-{worker % 50}",
         messages=[pb.Message(role=pb.ROLE_USER, text="Say something, one word per chunk.")],
     ).SerializeToString()
+
+
+def _with_caller_id(request: bytes) -> bytes:
+    # Serialized protobuf messages concatenate as a merge: the id's field appended to
+    # the request serialized once costs a uuid, not a whole serialization per call.
+    return request + pb.CompleteRequest(request_id=f"bench-{uuid.uuid4().hex}").SerializeToString()
 
 
 async def grpc_worker(
@@ -106,7 +116,9 @@ async def grpc_worker(
         counted = stats.in_window
         stats.open += 1
         stats.peak_open = max(stats.peak_open, stats.open)
-        call = complete(request, timeout=opts.stream_timeout_s)
+        call = complete(
+            _with_caller_id(request) if opts.caller_ids else request, timeout=opts.stream_timeout_s
+        )
         last = b""
         messages = 0
         try:
@@ -163,7 +175,7 @@ async def raw_worker(
         stats.peak_open = max(stats.peak_open, stats.open)
         stream = None
         try:
-            stream = conn.call(request)
+            stream = conn.call(_with_caller_id(request) if opts.caller_ids else request)
             async with asyncio.timeout(opts.stream_timeout_s):
                 if delay:
                     await _read_slowly(stream, delay, stats)
@@ -345,6 +357,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         chunks_per_stream=chunks_per_stream(args.model),
         read_delay_s=args.read_delay_ms / 1000.0,
         stream_timeout_s=args.stream_timeout,
+        caller_ids=args.caller_request_ids,
     )
     stats = Stats()
     stop = asyncio.Event()
@@ -499,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain", type=float, default=30.0, help="seconds running streams get after the window")
     p.add_argument("--model", default="gpt-4o-mini::chunks=20,delay_ms=0")
     p.add_argument("--read-delay-ms", type=float, default=0.0, help="pause after each message")
+    p.add_argument("--caller-request-ids", action="store_true", help="send a fresh request_id on every call")
     p.add_argument("--cancel-at-end", action="store_true", help="cancel open streams when the window ends")
     p.add_argument("--stream-timeout", type=float, default=60.0)
     p.add_argument("--ramp", type=float, default=0.0, help="seconds over which workers start")

@@ -30,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench import procstat, report
 from bench.procs import ROOT, Pinning, Proc, child_env, free_port, plan_pinning, start
-from bench.scenarios import VARIANTS, Scenario, select
+from bench.scenarios import CALLER_ID_TARGETS, VARIANTS, Scenario, select, server_of
 
 API_KEY = "sk-bench-not-a-real-key"
 
@@ -195,7 +195,7 @@ class Suite:
         self, scenario: Scenario, target: str, server: Proc | None, *, client: str = "raw"
     ) -> dict[str, Any]:
         assert self.simulator is not None
-        url = self.upstream_url if target == "direct" else "grpc://" + self.servers[target][1]
+        url = self.upstream_url if target == "direct" else "grpc://" + self.servers[server_of(target)][1]
         cmd = [
             *self.pinning.prefix(self.pinning.load),
             sys.executable,
@@ -222,6 +222,8 @@ class Suite:
             cmd += ["--watch", str(server.pid)]
         if scenario.slow_consumer:
             cmd += ["--read-delay-ms", str(scenario.read_delay_ms), "--cancel-at-end"]
+        if target in CALLER_ID_TARGETS:
+            cmd.append("--caller-request-ids")
         self.pin_database_backends()
         timeout = scenario.warmup_s + scenario.duration_s + scenario.ramp_s + 120
         result = subprocess.run(
@@ -279,8 +281,8 @@ def run_scenario(suite: Suite, scenario: Scenario, rounds: int) -> dict[str, Any
     for i in range(rounds):
         for target in scenario.targets:
             if scenario.fresh and target != "direct":
-                suite.restart(target)
-            server = None if target == "direct" else suite.servers[target][0]
+                suite.restart(server_of(target))
+            server = None if target == "direct" else suite.servers[server_of(target)][0]
             idle_rss = procstat.sample([server.pid]).rss_kb if server else None
             if scenario.slow_consumer:
                 suite.simulator_reset()
@@ -348,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="seconds-long smoke run: proves it works, measures nothing"
     )
     p.add_argument(
-        "--scenarios", help="subset of short,long,idle,saturation,paced,slow,slow-consumer,workers"
+        "--scenarios",
+        help="subset of short,long,idle,request-ids,saturation,paced,slow,slow-consumer,workers",
     )
     p.add_argument("--no-workers", action="store_true", help="skip the 1-vs-2 workers comparison")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
@@ -394,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         suite.start_simulator()
         if args.trace_sample > 0:
             suite.start_otlp_sink()
-        needed = {t for s in scenarios for t in s.targets}
+        needed = {server_of(t) for s in scenarios for t in s.targets}
         for mode in ("relay", "ceiling"):
             if mode in needed:
                 suite.start_baseline(mode)

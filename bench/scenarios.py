@@ -18,6 +18,17 @@ from dataclasses import dataclass, replace
 VARIANTS: dict[str, dict[str, str]] = {
     "chatgate-1msg": {"CHATGATE_COALESCE_DELTAS": "false"},
 }
+# Targets that are a chatgate server loaded differently: chatgate-ids sends a fresh
+# caller-supplied request_id on every call (chatgate reserves each in Postgres before
+# serving; with none it generates ids and skips that), against the same server.
+CALLER_ID_TARGETS: dict[str, str] = {"chatgate-ids": "chatgate"}
+
+
+def server_of(target: str) -> str:
+    """The server a target's load goes to."""
+    return CALLER_ID_TARGETS.get(target, target)
+
+
 _WITH_1MSG = ("direct", "relay", "chatgate-1msg", "chatgate")
 _IDLE = ("direct", "relay", "ceiling", "chatgate-1msg", "chatgate")
 
@@ -70,6 +81,13 @@ FULL: tuple[Scenario, ...] = (
         targets=("direct", "relay", "ceiling", "chatgate-1msg", "chatgate"),
     ),
     Scenario("idle", "concurrency 1: latency added when idle", 1, 20, duration_s=10.0, targets=_IDLE),
+    Scenario(
+        "request-ids",
+        "20 chunks per stream, concurrency 8: with and without caller-supplied request ids",
+        8,
+        20,
+        targets=("relay", "chatgate", "chatgate-ids"),
+    ),
     Scenario("saturation", "concurrency 32, 50 chunks", 32, 50, targets=_WITH_1MSG),
     Scenario(
         "paced",
@@ -117,6 +135,7 @@ QUICK_OVERRIDES = {
     "short": {"duration_s": 1.0, "warmup_s": 0.3},
     "long": {"duration_s": 1.0, "warmup_s": 0.3},
     "idle": {"duration_s": 1.0, "warmup_s": 0.3},
+    "request-ids": {"duration_s": 1.0, "warmup_s": 0.3},
     "saturation": {"duration_s": 1.0, "warmup_s": 0.3},
     "paced": {"duration_s": 1.0, "warmup_s": 1.0},
     "slow": {"duration_s": 1.5, "warmup_s": 1.0, "concurrency": 100, "ramp_s": 0.0},

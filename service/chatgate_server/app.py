@@ -29,6 +29,7 @@ from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
 from chatgate_server.usage.pricing import PriceFileError, load_prices
 from chatgate_server.usage.reports import UsageReports, page_token_key
+from chatgate_server.usage.reservations import POOL_KWARGS, ReservationStore, configure
 from chatgate_server.usage.spool import Spool, SpoolError
 from chatgate_server.usage.store import UsageStore
 
@@ -63,6 +64,8 @@ class App:
         self.port: int | None = None
         self._pool: AsyncConnectionPool | None = None
         self._report_pool: AsyncConnectionPool | None = None
+        self._reservation_pool: AsyncConnectionPool | None = None
+        self._guard: RequestIdGuard | None = None
         self._spool: Spool | None = None
         self.ledger_health: LedgerHealth | None = None
         self._upstream: OpenAIUpstream | None = None
@@ -108,8 +111,21 @@ class App:
             s.database_url, min_size=1, max_size=8, open=False, reconnect_timeout=s.ledger_retry_cap_s
         )
         self._report_pool = AsyncConnectionPool(s.database_url, min_size=1, max_size=4, open=False)
+        # Request-id reservations (usage/reservations.py): a pool of their own, so a burst
+        # of ledger batches or reports never makes a call wait for its reservation, and
+        # with the settings that make a reservation one cheap round trip.
+        self._reservation_pool = AsyncConnectionPool(
+            s.database_url,
+            min_size=1,
+            max_size=4,
+            open=False,
+            kwargs=POOL_KWARGS,
+            configure=configure,
+            reconnect_timeout=s.ledger_retry_cap_s,
+        )
         await self._pool.open(wait=False)
         await self._report_pool.open(wait=False)
+        await self._reservation_pool.open(wait=False)
         self._spool = Spool(s.spool_dir, max_bytes=s.spool_max_bytes)
         try:
             await asyncio.to_thread(self._spool.open)
@@ -119,6 +135,7 @@ class App:
             raise StartupError(f"{exc} (CHATGATE_SPOOL_DIR)") from None
         window = timedelta(hours=s.request_id_window_h)
         store = UsageStore(self._pool, attempt_window=window)
+        self._guard = RequestIdGuard(ReservationStore(self._reservation_pool, window=window), window=window)
         self.ledger = UsageLedger(
             store,
             self._spool,
@@ -126,7 +143,7 @@ class App:
             batch_size=s.ledger_batch_size,
             write_timeout_s=s.ledger_write_timeout_s,
             retry_cap_s=s.ledger_retry_cap_s,
-            guard=RequestIdGuard(store.find_attempts, window=window),
+            guard=self._guard,
             postgres_ok=postgres_ok,
             tracer=self.telemetry.tracer,
         )
@@ -210,6 +227,10 @@ class App:
         if self.ledger is not None:
             await _bounded("usage ledger", self.ledger.close(), 60)
             self.ledger = None
+        if self._guard is not None:
+            # After the ledger: its last records released their reservations.
+            await _bounded("request-id releases", self._guard.close(), 10)
+            self._guard = None
         if self._spool is not None:
             self._spool.close()
             self._spool = None
@@ -219,6 +240,9 @@ class App:
         if self._report_pool is not None:
             await self._report_pool.close()
             self._report_pool = None
+        if self._reservation_pool is not None:
+            await self._reservation_pool.close()
+            self._reservation_pool = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None

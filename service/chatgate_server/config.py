@@ -148,7 +148,7 @@ class Settings:
             ledger_retry_cap_s=_float(e, "CHATGATE_LEDGER_RETRY_CAP_SECONDS", 30.0, minimum=0.01),
             spool_dir=Path(e.get("CHATGATE_SPOOL_DIR", "").strip() or ".chatgate/spool"),
             spool_max_bytes=_int(e, "CHATGATE_SPOOL_MAX_MB", 1024, minimum=1) * 1024 * 1024,
-            request_id_window_h=_float(e, "CHATGATE_REQUEST_ID_WINDOW_HOURS", 24.0, minimum=0.001),
+            request_id_window_h=request_id_window_from_env(e),
             log_level=_choice(e, "CHATGATE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=_choice(e, "CHATGATE_LOG_FORMAT", "JSON", ("JSON", "TEXT")).lower(),
             max_request_bytes=_int(e, "CHATGATE_MAX_REQUEST_BYTES", 4 * 1024 * 1024, minimum=1024),
@@ -176,6 +176,12 @@ def retention_months_from_env(env: Mapping[str, str] | None = None) -> int:
     """CHATGATE_USAGE_RETENTION_MONTHS: whole months of usage rows kept before the current
     one by ``chatgate usage-retention`` (default 13: a year plus the month it started)."""
     return _int(os.environ if env is None else env, "CHATGATE_USAGE_RETENTION_MONTHS", 13, minimum=1)
+
+
+def request_id_window_from_env(env: Mapping[str, str] | None = None) -> float:
+    """CHATGATE_REQUEST_ID_WINDOW_HOURS alone, for ``chatgate usage-retention`` (which
+    deletes request-id reservations older than it)."""
+    return _float(os.environ if env is None else env, "CHATGATE_REQUEST_ID_WINDOW_HOURS", 24.0, minimum=0.001)
 
 
 def database_url_from_env(env: Mapping[str, str] | None = None) -> str:

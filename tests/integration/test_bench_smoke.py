@@ -24,7 +24,7 @@ def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
             "bench",
             "--quick",
             "--scenarios",
-            "short,slow-consumer",
+            "short,request-ids,slow-consumer",
             "--no-workers",
             "--out",
             str(tmp_path),
@@ -61,6 +61,10 @@ def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
     assert slow["errors_total"] == 0, slow["error_kinds"]
     assert slow["chunks"] > 0  # the slow callers did take events
     assert slow["upstream_records"]["streams"] > 0
+
+    # Every call with a caller-supplied id of its own was served (none refused as a reuse).
+    ids = report["scenarios"]["request-ids"]["results"]["chatgate-ids"]
+    assert ids["streams"] > 0 and ids["errors_total"] == 0, ids["error_kinds"]
 
     summary = report["summary"]
     ratio = summary["scenarios"]["short"]["chatgate"]["cpu_per_1k_chunks_vs_relay"]

@@ -15,6 +15,7 @@ import pytest
 from chatgate.v1 import chat_pb2 as pb
 from chatgate.v1 import chat_pb2_grpc
 from chatgate_server.app import App
+from chatgate_server.usage.reservations import Claim
 from tests.integration.conftest import AppFactory
 
 
@@ -140,15 +141,34 @@ async def test_generated_ids_are_never_looked_up(gate: App, db: psycopg.Connecti
     guard = gate.ledger._guard
     assert guard is not None
     lookups: list[str] = []
-    original = guard._lookup
+    reservations = guard._reservations
+    original = reservations.claim
 
-    async def counting(request_id: str, since: Any) -> Any:
+    async def counting(request_id: str, fp: str) -> Claim:
         lookups.append(request_id)
-        return await original(request_id, since)
+        return await original(request_id, fp)
 
-    guard._lookup = counting
+    reservations.claim = counting  # type: ignore[method-assign,assignment]
     results = await asyncio.gather(*(complete(gate, request("")) for _ in range(20)))
     assert all(r[-1].finished.outcome == pb.OUTCOME_COMPLETED for r in results)
     assert lookups == []  # no Postgres round trip on the hot path without a caller id
     await complete(gate, request(f"caller-{uuid.uuid4().hex}"))
     assert len(lookups) == 1
+
+
+async def test_a_retry_on_another_replica_right_after_a_failure_runs_and_leaves_one_row(
+    start_app: AppFactory, db: psycopg.Connection[Any], rid: str
+) -> None:
+    first_replica = await start_app(retry_max_attempts=1)
+    second_replica = await start_app(retry_max_attempts=1)
+    req = request(rid, model="gpt-4o-mini::status=500,times=1")
+    error = await refused(first_replica, req)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+    # At once, elsewhere: other content is still refused, the same request runs.
+    different = await refused(second_replica, request(rid, text="Another question"))
+    assert "different request" in (different.details() or "")
+    events = await complete(second_replica, req)
+    assert events[-1].finished.outcome == pb.OUTCOME_COMPLETED
+    await rows(first_replica, db, rid)  # flushes the first replica's ledger
+    assert await rows(second_replica, db, rid) == [("completed", "OK", True)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from chatgate_server.domain import (
 )
 from chatgate_server.errors import DuplicateRequest
 from chatgate_server.usage.admission import RequestIdGuard, fingerprint
+from chatgate_server.usage.reservations import Claim
 from chatgate_server.usage.store import StoredAttempt, settle_attempts
 
 T0 = datetime(2026, 11, 3, 12, 0, tzinfo=UTC)
@@ -94,25 +96,45 @@ def test_any_change_of_content_changes_the_fingerprint(change: dict[str, object]
 # --- the guard --------------------------------------------------------------------------------
 
 
-class Lookups:
+class Reservations:
+    """The rules of usage/reservations.py's claim statement, in memory (one row per id)."""
+
     def __init__(self, stored: Sequence[StoredAttempt] = (), fail: bool = False) -> None:
         self.stored = list(stored)
         self.fail = fail
+        self.fail_release = False
         self.calls: list[str] = []
+        self.rows: dict[str, tuple[str, bool]] = {}  # id -> (fingerprint, released)
+        self.claimed = asyncio.Event()
 
-    async def __call__(self, request_id: str, since: datetime) -> Sequence[StoredAttempt]:
+    async def claim(self, request_id: str, fingerprint: str) -> Claim:
         self.calls.append(request_id)
+        self.claimed.set()
         if self.fail:
             raise OSError("postgres is away")
-        return self.stored
+        row = self.rows.get(request_id)
+        if row is not None and not (row[1] and row[0] == fingerprint):
+            return Claim(False, row[0])
+        self.rows[request_id] = (fingerprint, False)
+        return Claim(True, stored=self.stored)
+
+    async def release(self, request_id: str, fingerprint: str) -> None:
+        if self.fail_release:
+            raise OSError("postgres is away")
+        if self.rows.get(request_id) == (fingerprint, False):
+            self.rows[request_id] = (fingerprint, True)
+
+    async def forget(self, request_id: str, fingerprint: str) -> None:
+        if self.rows.get(request_id, ("",))[0] == fingerprint:
+            del self.rows[request_id]
 
 
-def guard(lookups: Lookups) -> RequestIdGuard:
-    return RequestIdGuard(lookups, window=timedelta(hours=24))
+def guard(reservations: Reservations) -> RequestIdGuard:
+    return RequestIdGuard(reservations, window=timedelta(hours=24), release_delays_s=())
 
 
 async def test_generated_ids_never_look_anything_up() -> None:
-    lookups = Lookups()
+    lookups = Reservations()
     g = guard(lookups)
     generated = request(request_id="0190abc", request_id_from_caller=False)
     await g.admit(generated)
@@ -121,26 +143,42 @@ async def test_generated_ids_never_look_anything_up() -> None:
     assert g.finished(record("0190abc", served=True)).request_fingerprint is None
 
 
-async def test_a_new_caller_id_is_looked_up_once_and_its_record_carries_the_fingerprint() -> None:
-    lookups = Lookups()
+async def test_a_new_caller_id_is_reserved_once_and_its_record_carries_the_fingerprint() -> None:
+    lookups = Reservations()
     g = guard(lookups)
     await g.admit(request())
     assert lookups.calls == ["caller-id-1"]
+    assert lookups.rows == {"caller-id-1": (fingerprint(request()), False)}
     finished = g.finished(record(served=True))
     assert finished.request_fingerprint == fingerprint(request())
+    await g.close()
+    assert lookups.rows == {"caller-id-1": (fingerprint(request()), False)}  # served: kept
 
 
 async def test_a_retry_after_an_attempt_that_sent_nothing_is_admitted() -> None:
-    lookups = Lookups()
+    lookups = Reservations()
     g = guard(lookups)
     await g.admit(request())
+    g.finished(record(served=False))  # releases the reservation (in the background)
+    await g.admit(request())  # same content: the caller's retry takes the id over
+    assert lookups.calls == ["caller-id-1", "caller-id-1"]
+    assert lookups.rows == {"caller-id-1": (fingerprint(request()), False)}
+
+
+async def test_a_retry_whose_release_failed_releases_it_again_first() -> None:
+    lookups = Reservations()
+    g = guard(lookups)
+    await g.admit(request())
+    lookups.fail_release = True
     g.finished(record(served=False))
-    await g.admit(request())  # same content: the caller's retry
-    assert lookups.calls == ["caller-id-1"]  # answered from memory the second time
+    await asyncio.sleep(0)  # the release runs, and fails
+    lookups.fail_release = False
+    await g.admit(request())
+    assert lookups.rows == {"caller-id-1": (fingerprint(request()), False)}
 
 
 async def test_reuse_for_different_content_is_refused() -> None:
-    g = guard(Lookups())
+    g = guard(Reservations())
     await g.admit(request())
     g.finished(record(served=False))
     with pytest.raises(DuplicateRequest, match="different request"):
@@ -148,7 +186,7 @@ async def test_reuse_for_different_content_is_refused() -> None:
 
 
 async def test_a_served_request_cannot_run_again_under_its_id() -> None:
-    g = guard(Lookups())
+    g = guard(Reservations())
     await g.admit(request())
     g.finished(record(served=True))
     with pytest.raises(DuplicateRequest, match="already served"):
@@ -156,9 +194,54 @@ async def test_a_served_request_cannot_run_again_under_its_id() -> None:
 
 
 async def test_an_id_in_flight_is_refused_even_while_its_lookup_runs() -> None:
-    g = guard(Lookups())
+    g = guard(Reservations())
     await g.admit(request())
     with pytest.raises(DuplicateRequest, match="in progress"):
+        await g.admit(request())
+
+
+async def test_an_id_reserved_by_another_process_is_refused() -> None:
+    # Two guards share one reservation table: two worker processes.
+    table = Reservations()
+    first, second = guard(table), guard(table)
+    await first.admit(request())
+    with pytest.raises(DuplicateRequest, match="different request"):
+        await second.admit(request(user_id="u-2"))
+    with pytest.raises(DuplicateRequest, match="in progress or already served"):
+        await second.admit(request())
+    # Released by an attempt that sent nothing: the same content may take it over,
+    # other content still may not.
+    first.finished(record(served=False))
+    await first.close()
+    with pytest.raises(DuplicateRequest, match="different request"):
+        await second.admit(request(user_id="u-2"))
+    await second.admit(request())
+
+
+async def test_a_retry_that_outruns_the_release_on_another_process_is_admitted() -> None:
+    table = Reservations()
+    first = guard(table)
+    second = RequestIdGuard(table, window=timedelta(hours=24), reserve_timeout_s=10, recheck_delay_s=1)
+    await first.admit(request())
+    table.claimed.clear()
+    retry = asyncio.create_task(second.admit(request()))
+    await table.claimed.wait()  # the retry's first claim found the id still held
+    first.finished(record(served=False))  # the failed attempt's release lands now
+    await first.close()
+    await retry
+    assert table.calls == ["caller-id-1"] * 3
+
+
+async def test_an_id_known_to_be_held_is_refused_even_if_the_second_look_fails() -> None:
+    class FailingSecondLook(Reservations):
+        async def claim(self, request_id: str, fingerprint: str) -> Claim:
+            if self.calls:
+                raise OSError("postgres went away")
+            self.calls.append(request_id)
+            return Claim(False, fingerprint)
+
+    g = RequestIdGuard(FailingSecondLook(), window=timedelta(hours=24), recheck_delay_s=0)
+    with pytest.raises(DuplicateRequest, match="in progress or already served"):
         await g.admit(request())
 
 
@@ -173,28 +256,41 @@ async def test_an_id_in_flight_is_refused_even_while_its_lookup_runs() -> None:
 async def test_rows_in_postgres_decide_when_memory_has_nothing(
     stored: list[StoredAttempt], message: str
 ) -> None:
-    g = guard(Lookups(stored))
+    table = Reservations(stored)
+    g = guard(table)
     with pytest.raises(DuplicateRequest, match=message):
         await g.admit(request())
+    assert table.rows == {}  # the refused call's reservation is dropped
     # A refused call is not left "in flight".
-    g2 = guard(Lookups())
-    await g2.admit(request())
+    table.stored = []
+    await g.admit(request())
 
 
 async def test_a_stored_attempt_that_sent_nothing_admits_the_retry() -> None:
-    g = guard(Lookups([StoredAttempt(T0, fingerprint(request()), served=False)]))
+    g = guard(Reservations([StoredAttempt(T0, fingerprint(request()), served=False)]))
     await g.admit(request())
 
 
 async def test_when_postgres_is_away_the_lookup_fails_open() -> None:
-    lookups = Lookups(fail=True)
+    lookups = Reservations(fail=True)
     g = guard(lookups)
     await g.admit(request())
     assert g.lookups_skipped == 1
     g.finished(record(served=False))
-    g2 = guard(Lookups())
+    g2 = guard(Reservations())
     await g2.admit(request(), consult_database=False)  # the ledger knows Postgres is away
     assert g2.lookups_skipped == 1
+
+
+async def test_a_reservation_that_hangs_fails_open_quickly() -> None:
+    class Hanging(Reservations):
+        async def claim(self, request_id: str, fingerprint: str) -> Claim:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+    g = RequestIdGuard(Hanging(), window=timedelta(hours=24), reserve_timeout_s=0.01)
+    await g.admit(request())
+    assert g.lookups_skipped == 1
 
 
 # --- which attempt's row stays ---------------------------------------------------------------

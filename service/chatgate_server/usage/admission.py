@@ -23,38 +23,66 @@ whose usage the upstream reported. The alternative — one row per attempt — w
 the key every report and quota check counts by.
 
 Where the earlier attempts are looked up: first in this process's memory (in flight,
-and recently finished: covers rows still in the ledger's queue or spool), then in
-Postgres within the idempotency window. Generated ids (no ``request_id`` in the call)
-are unique by construction and skip all of this: no Postgres round trip on that path.
-When Postgres is unreachable or slow the lookup is skipped (fail open: serving beats
-refusing a probably-fine retry); the write-time settlement still keeps one row unless
-two served attempts raced, in which case both rows stay and a warning is logged.
+and recently finished: covers rows still in the ledger's queue or spool), which can
+refuse without any I/O; then the id is **reserved in Postgres** before the call runs
+(:mod:`~chatgate_server.usage.reservations`), so that other worker processes and
+replicas see it at once — with ``--workers N`` each process's memory alone let two
+calls with one id through, and their rows arrive only after the calls. The same round
+trip returns the id's usage rows within the idempotency window. An attempt that sent
+the caller nothing *releases* its reservation when it ends (in the background, off the
+call's path), after which only the same content may take the id over; an attempt that
+served keeps it for the window. A claim that finds the same content holding the id
+looks once more after 50 ms before refusing: a retry sent the moment its attempt
+failed on another process can outrun that release.
+
+Generated ids (no ``request_id`` in the call) are unique by construction and skip all
+of this: no Postgres round trip on that path. When Postgres is unreachable (the ledger
+says so) or the reservation does not answer within ``reserve_timeout_s`` (one second by
+default: a reservation normally takes a round trip, so the cap only bites when Postgres
+is in trouble, and a call must not wait long for it then; tighter caps failed open in a
+burst of 400 calls on a loaded two-core host, letting duplicates through), the id is guarded **by this process
+only** (fail open: serving beats refusing a probably-fine retry). The write-time
+settlement still keeps one row unless two served attempts raced, in which case both
+rows stay and a warning is logged. A release that cannot be written (Postgres away)
+is retried a few times; failing that, the caller's retry is refused until the window
+ends, except by the process that ran the attempt, which remembers it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
+from typing import Protocol
 
 import orjson
 
 from chatgate_server.domain import CompletionRequest, UsageRecord
 from chatgate_server.errors import DuplicateRequest
-from chatgate_server.usage.store import StoredAttempt
+from chatgate_server.usage.reservations import Claim
 
 log = logging.getLogger(__name__)
 
+
+class Reservations(Protocol):
+    """Where ids are reserved for all processes (``reservations.ReservationStore``)."""
+
+    async def claim(self, request_id: str, fingerprint: str) -> Claim: ...
+
+    async def release(self, request_id: str, fingerprint: str) -> None: ...
+
+    async def forget(self, request_id: str, fingerprint: str) -> None: ...
+
+
 # What identifies a request's content: everything but the id itself.
 _NOT_CONTENT = frozenset({"request_id", "request_id_from_caller"})
-
-Lookup = Callable[[str, datetime], Awaitable[Sequence[StoredAttempt]]]
 
 
 def _plain(value: object) -> object:
@@ -88,22 +116,30 @@ class RequestIdGuard:
 
     def __init__(
         self,
-        lookup: Lookup,
+        reservations: Reservations,
         *,
         window: timedelta,
-        lookup_timeout_s: float = 1.0,
+        reserve_timeout_s: float = 1.0,
         remember: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        release_delays_s: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
+        recheck_delay_s: float = 0.05,
     ) -> None:
-        """``lookup(request_id, since)`` returns the stored attempts (``UsageStore.find_attempts``).
-        ``remember``: how many finished ids to keep in memory."""
-        self._lookup = lookup
+        """``remember``: how many finished ids to keep in memory. ``release_delays_s``:
+        the pauses between attempts to release a reservation. ``recheck_delay_s``: how
+        long a claim refused for a same-content holder waits before it looks again."""
+        self._reservations = reservations
         self._window = window
-        self._lookup_timeout_s = lookup_timeout_s
+        self._timeout_s = reserve_timeout_s
         self._remember = remember
         self._clock = clock
+        self._release_delays_s = tuple(release_delays_s)
+        self._recheck_delay_s = recheck_delay_s
         self._in_flight: dict[str, str] = {}
+        self._held: set[str] = set()  # in flight with a reservation in Postgres
         self._finished: OrderedDict[str, _Finished] = OrderedDict()
+        # Releases under way, or failed (the task's result is False), by id.
+        self._releases: OrderedDict[str, asyncio.Task[bool]] = OrderedDict()
         self.lookups_skipped = 0
 
     async def admit(self, request: CompletionRequest, *, consult_database: bool = True) -> None:
@@ -115,32 +151,128 @@ class RequestIdGuard:
         if request_id in self._in_flight:
             raise DuplicateRequest(f"request_id {request_id!r} is in use by a call still in progress")
         seen = self._recent(request_id)
-        if seen is not None:
+        if seen is not None:  # refused from memory without any I/O
             self._check(request_id, fp, [(seen.fingerprint, seen.served)])
-        elif consult_database:
-            # Placeholder first: a concurrent call with this id must not pass while we wait.
-            self._in_flight[request_id] = fp
-            try:
-                stored = await self._stored(request_id)
-                self._check(request_id, fp, [(a.fingerprint, a.served) for a in stored])
-            except BaseException:
-                del self._in_flight[request_id]
-                raise
-        else:
-            self.lookups_skipped += 1
+        # Placeholder first: a concurrent call with this id must not pass while we wait.
         self._in_flight[request_id] = fp
+        if not consult_database:
+            self.lookups_skipped += 1
+            return
+        try:
+            await self._reserve(request_id, fp)
+        except BaseException:
+            del self._in_flight[request_id]
+            raise
 
     def finished(self, record: UsageRecord) -> UsageRecord:
-        """The call with ``record.request_id`` ended: remember how, and put the request's
-        fingerprint on its record (None for generated ids)."""
-        fp = self._in_flight.pop(record.request_id, None)
+        """The call with ``record.request_id`` ended: remember how, release its reservation
+        if it sent nothing, and put the request's fingerprint on its record (None for
+        generated ids)."""
+        request_id = record.request_id
+        fp = self._in_flight.pop(request_id, None)
         if fp is None:
             return record
-        self._finished[record.request_id] = _Finished(fp, record.resolved_model is not None, self._clock())
-        self._finished.move_to_end(record.request_id)
+        served = record.resolved_model is not None
+        self._finished[request_id] = _Finished(fp, served, self._clock())
+        self._finished.move_to_end(request_id)
         while len(self._finished) > self._remember:
             self._finished.popitem(last=False)
+        if request_id in self._held:
+            self._held.discard(request_id)
+            if not served:
+                self._start_release(request_id, fp)
         return dataclasses.replace(record, request_fingerprint=fp)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Let releases under way finish (bounded), then cancel what is left."""
+        pending = [t for t in self._releases.values() if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        self._releases.clear()
+
+    async def _reserve(self, request_id: str, fp: str) -> None:
+        await self._settle_release(request_id, fp)
+        claim = await self._claim(request_id, fp)
+        if claim is None:
+            return  # fail open, see the module docstring
+        if not claim.won and claim.holder in (None, fp):
+            # Same content (or a holder committed meanwhile): the caller's retry may have
+            # outrun the release of its failed attempt on another process, which is a
+            # round trip behind. Look once more before refusing (a failed second look
+            # changes nothing: the id is known to be held).
+            await asyncio.sleep(self._recheck_delay_s)
+            claim = await self._claim(request_id, fp) or claim
+        if not claim.won:
+            if claim.holder is not None and claim.holder != fp:
+                self._check(request_id, fp, [(claim.holder, False)])
+            raise DuplicateRequest(
+                f"request_id {request_id!r} is taken by a call still in progress or already served "
+                "(and billed); use a new request_id for a new request"
+            )
+        self._held.add(request_id)
+        try:
+            self._check(request_id, fp, [(a.fingerprint, a.served) for a in claim.stored])
+        except DuplicateRequest:
+            self._held.discard(request_id)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._timeout_s):
+                    await self._reservations.forget(request_id, fp)
+            raise
+
+    async def _claim(self, request_id: str, fp: str) -> Claim | None:
+        """One claim, bounded; None when Postgres did not answer in time (logged)."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await self._reservations.claim(request_id, fp)
+        except Exception as exc:  # noqa: BLE001 - fail open, see the module docstring
+            self.lookups_skipped += 1
+            log.warning(
+                "request id reservation skipped (%s): %r guarded by this process only",
+                type(exc).__name__,
+                request_id,
+            )
+            return None
+
+    async def _settle_release(self, request_id: str, fp: str) -> None:
+        """This process's own earlier attempt of the id must be released before the retry
+        claims it: wait for a release under way, or try a failed one once more."""
+        task = self._releases.pop(request_id, None)
+        if task is None:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self._timeout_s):
+                if not await asyncio.shield(task):
+                    await self._reservations.release(request_id, fp)
+
+    def _start_release(self, request_id: str, fp: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._release(request_id, fp))
+        self._releases[request_id] = task
+        self._releases.move_to_end(request_id)
+        while len(self._releases) > self._remember:
+            _, oldest = self._releases.popitem(last=False)
+            oldest.cancel()
+
+    async def _release(self, request_id: str, fp: str) -> bool:
+        for delay in (*self._release_delays_s, None):
+            try:
+                async with asyncio.timeout(self._timeout_s * 4):
+                    await self._reservations.release(request_id, fp)
+                if self._releases.get(request_id) is asyncio.current_task():
+                    del self._releases[request_id]
+                return True
+            except Exception as exc:  # noqa: BLE001 - retried, then logged
+                if delay is None:
+                    log.warning(
+                        "could not release request id %r (%s): a retry on another process is "
+                        "refused until the window ends",
+                        request_id,
+                        type(exc).__name__,
+                    )
+                    return False
+                await asyncio.sleep(delay)
+        return False
 
     def _recent(self, request_id: str) -> _Finished | None:
         seen = self._finished.get(request_id)
@@ -148,20 +280,6 @@ class RequestIdGuard:
             del self._finished[request_id]
             return None
         return seen
-
-    async def _stored(self, request_id: str) -> Sequence[StoredAttempt]:
-        since = datetime.now(UTC) - self._window
-        try:
-            async with asyncio.timeout(self._lookup_timeout_s):
-                return await self._lookup(request_id, since)
-        except Exception as exc:  # noqa: BLE001 - fail open, see the module docstring
-            self.lookups_skipped += 1
-            log.warning(
-                "request id lookup skipped (%s): admitting %r without checking Postgres",
-                type(exc).__name__,
-                request_id,
-            )
-            return []
 
     @staticmethod
     def _check(request_id: str, fp: str, earlier: Sequence[tuple[str | None, bool]]) -> None:

@@ -106,14 +106,20 @@ def add_usage_commands(sub: Any) -> None:
 
 def run_usage_command(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """Run one of :data:`USAGE_COMMANDS`; one clear line on stderr and exit 1 on failure."""
-    from chatgate_server.config import database_url_from_env, prices_file_from_env, retention_months_from_env
+    from chatgate_server.config import (
+        database_url_from_env,
+        prices_file_from_env,
+        request_id_window_from_env,
+        retention_months_from_env,
+    )
     from chatgate_server.errors import ChatgateError
 
     url = database_url_from_env()
     try:
         if args.command == "usage-retention":
             months = args.months if args.months is not None else retention_months_from_env()
-            return asyncio.run(_retention(url, months, args.dry_run, out))
+            window = timedelta(hours=request_id_window_from_env())
+            return asyncio.run(_retention(url, months, window, args.dry_run, out))
         if args.command == "usage-reprice":
             now = datetime.now(UTC)
             since, until = parse_when(args.since, now), parse_when(args.until, now) if args.until else now
@@ -319,13 +325,15 @@ def _table(
         print(line(footer), file=out)
 
 
-async def _retention(url: str, months: int, dry_run: bool, out: TextIO) -> int:
+async def _retention(url: str, months: int, window: timedelta, dry_run: bool, out: TextIO) -> int:
     import psycopg
 
     from chatgate_server.usage.maintenance import apply_retention
+    from chatgate_server.usage.reservations import count_expired, delete_expired
 
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         result = await apply_retention(conn, months, dry_run=dry_run)
+        expired = await (count_expired if dry_run else delete_expired)(conn, window)
     verb = "would drop" if dry_run else "dropped"
     names = ", ".join(result.dropped_partitions) or "none"
     print(
@@ -338,6 +346,7 @@ async def _retention(url: str, months: int, dry_run: bool, out: TextIO) -> int:
         f"{result.deleted_daily_rows} roll-up row(s)",
         file=out,
     )
+    print(f"{verb} {expired} expired request-id reservation(s) (CHATGATE_REQUEST_ID_WINDOW_HOURS)", file=out)
     return 0
 
 
