@@ -102,6 +102,7 @@ def resolve_caller(context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
 class _Method:
     name: str  # /package.Service/Method
     decode: Callable[[bytes], Any] | None  # None: streaming requests, decoded by gRPC
+    message: str  # the request message's name, for errors
     own: bool  # one of chatgate's services: traced, counted in the bytes in flight
 
     @property
@@ -146,8 +147,9 @@ class Edge(grpc.aio.ServerInterceptor):
         serialize = inner.response_serializer
         if inner.request_streaming:
             # Reflection: messages are read by the handler; a bad one raises InvalidRequest there.
-            method = _Method(name, None, own)
-            deserialize = _checked(inner.request_deserializer, name)
+            message = _message_name(inner.request_deserializer, name)
+            method = _Method(name, None, message, own)
+            deserialize = _checked(inner.request_deserializer, message)
             if inner.response_streaming:
                 stream_stream = _as_coroutine(inner.stream_stream)
 
@@ -161,7 +163,12 @@ class Edge(grpc.aio.ServerInterceptor):
                 return await self._call(method, requests, context, stream_unary)
 
             return grpc.stream_unary_rpc_method_handler(stream_in, deserialize, serialize)
-        method = _Method(name, inner.request_deserializer or _identity, own)
+        method = _Method(
+            name,
+            inner.request_deserializer or _identity,
+            _message_name(inner.request_deserializer, name),
+            own,
+        )
         if inner.response_streaming:
             unary_stream = _as_coroutine(inner.unary_stream)
 
@@ -301,22 +308,29 @@ def _decode(method: _Method, raw: bytes) -> Any:
     try:
         return method.decode(raw)
     except (DecodeError, RecursionError):
-        raise _undecodable(method.name) from None
+        raise _undecodable(method.message) from None
 
 
-def _undecodable(name: str) -> InvalidRequest:
+def _undecodable(message: str) -> InvalidRequest:
     return InvalidRequest(
         [
             FieldViolation(
                 "",
-                f"not a valid {name.split('/')[1].rsplit('.', 1)[-1]} request message: corrupt "
-                "protobuf, a string that is not UTF-8, or nesting deeper than protobuf allows",
+                f"not a valid {message}: corrupt protobuf, a string that is not UTF-8, "
+                "or nesting deeper than protobuf allows",
             )
         ]
     )
 
 
-def _checked(deserialize: Callable[[bytes], Any] | None, name: str) -> Callable[[bytes], Any]:
+def _message_name(deserialize: Callable[[bytes], Any] | None, method: str) -> str:
+    """``CompleteRequest`` for ``CompleteRequest.FromString``; the method's name otherwise."""
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "name", None)
+    return name if isinstance(name, str) else f"{method.rsplit('/', 1)[-1]} request"
+
+
+def _checked(deserialize: Callable[[bytes], Any] | None, message: str) -> Callable[[bytes], Any]:
     """A streamed request's deserializer that fails with INVALID_ARGUMENT, not UNKNOWN."""
     decode = deserialize or _identity
 
@@ -324,7 +338,7 @@ def _checked(deserialize: Callable[[bytes], Any] | None, name: str) -> Callable[
         try:
             return decode(raw)
         except (DecodeError, RecursionError):
-            raise _undecodable(name) from None
+            raise _undecodable(message) from None
 
     return checked
 
