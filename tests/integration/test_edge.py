@@ -21,8 +21,9 @@ from grpc_status import rpc_status
 from chatgate.v1 import chat_pb2 as pb
 from chatgate.v1 import chat_pb2_grpc, usage_pb2, usage_pb2_grpc
 from chatgate_server.app import App
+from chatgate_server.rpc.edge import Edge, EdgeLimits
 from chatgate_server.simulator import Simulator
-from tests.integration.conftest import AppFactory
+from tests.integration.conftest import TEST_API_KEY, AppFactory
 
 COMPLETE = "/chatgate.v1.ChatService/Complete"
 GET_USAGE = "/chatgate.v1.UsageService/GetUsage"
@@ -296,3 +297,39 @@ async def test_every_call_leaves_one_access_line(
         "unknown",
     )
     assert all(a["duration_ms"] >= 0 for a in complete)
+
+
+# --- anything unexpected: a short INTERNAL, logged once ----------------------------------
+
+
+class Broken(chat_pb2_grpc.ChatServiceServicer):
+    """A ChatService with a bug that leaks a secret into its exception."""
+
+    async def Complete(  # type: ignore[override]
+        self,
+        request: pb.CompleteRequest,
+        context: grpc.aio.ServicerContext[pb.CompleteRequest, pb.CompleteResponse],
+    ) -> None:
+        raise RuntimeError(f"bug while holding {TEST_API_KEY}")
+
+
+async def test_an_unexpected_error_is_a_short_internal_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    server = grpc.aio.server(interceptors=(Edge(EdgeLimits()),))
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(Broken(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    caplog.set_level(logging.INFO)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in chat_pb2_grpc.ChatServiceStub(channel).Complete(request(), timeout=10):
+                    pass
+    finally:
+        await server.stop(0)
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INTERNAL, "internal error")
+    assert details(info.value)[0] == "INTERNAL"
+    assert TEST_API_KEY not in str(info.value.trailing_metadata())
+    logged = [r for r in caplog.records if r.exc_info is not None]
+    assert len(logged) == 1 and logged[0].name == "chatgate_server.rpc.edge"
+    access = [r.access for r in caplog.records if r.name == "chatgate.access"]  # type: ignore[attr-defined]
+    assert [(a["status"], a["reason"]) for a in access] == [("INTERNAL", "INTERNAL")]
