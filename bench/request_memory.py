@@ -2,11 +2,12 @@
 
     .venv/bin/python -m bench.request_memory [--calls 40] [--mb 3.9] [--budget-mb 64]
 
-Starts the simulator and one chatgate process (``serve --workers 1``; DATABASE_URL, migrated, from
-the environment), sends ``--calls`` concurrent Complete calls of ``--mb`` MB each (the
-upstream answers each in about a second, so they overlap), and prints the server's RSS
-before, at its peak (VmHWM) and a few seconds after, with how many calls were served
-and how many were refused (RESOURCE_EXHAUSTED, REQUEST_BYTES_LIMIT) — as JSON.
+Starts the simulator and one chatgate process (``serve --workers 1``; DATABASE_URL,
+migrated, from the environment), sends ``--calls`` concurrent Complete calls of ``--mb``
+MB each (the upstream answers each in about five seconds, so they overlap even on a busy
+machine), and prints the server's RSS before, at its peak (VmHWM) and three seconds
+after, with how many calls were served and how many refused (RESOURCE_EXHAUSTED,
+REQUEST_BYTES_LIMIT), as JSON.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ async def _burst(target: str, calls: int, size: int) -> dict[str, int]:
     async def one(i: int) -> None:
         async with grpc.aio.insecure_channel(target, options=options) as channel:
             req = pb.CompleteRequest(
-                model="gpt-4o-mini::chunks=10,delay_ms=100",
+                model="gpt-4o-mini::chunks=10,delay_ms=500",
                 user_id=f"mem-{i}",
                 messages=[pb.Message(role=pb.ROLE_USER, text=text)],
             )

@@ -73,8 +73,10 @@ def _serve(workers: int | None = None) -> int:
     count = resolve_workers(workers, settings)
     if count > 1:
         return supervise(settings, count)  # N children, each this function with --workers 1
+    from chatgate_server.memory import keep_large_allocations_unpooled
     from chatgate_server.workers import supervised
 
+    keep_large_allocations_unpooled()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve_async(settings, reuse_port=supervised()))
 
