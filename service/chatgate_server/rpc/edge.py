@@ -100,18 +100,21 @@ def resolve_caller(context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
 
 @dataclass(frozen=True, slots=True)
 class _Method:
+    """What the edge knows of one method, worked out once when its handler is wrapped."""
+
     name: str  # /package.Service/Method
+    service: str
+    short: str  # the method's own name
     decode: Callable[[bytes], Any] | None  # None: streaming requests, decoded by gRPC
     message: str  # the request message's name, for errors
     own: bool  # one of chatgate's services: traced, counted in the bytes in flight
 
-    @property
-    def service(self) -> str:
-        return self.name.split("/")[1]
-
-    @property
-    def short(self) -> str:
-        return self.name.rsplit("/", 1)[1]
+    @classmethod
+    def of(cls, name: str, deserialize: Callable[[bytes], Any] | None, *, streamed: bool) -> _Method:
+        _, service, short = name.split("/")
+        decode = None if streamed else deserialize or _identity
+        message = _message_name(deserialize, name)
+        return cls(name, service, short, decode, message, service in _OWN_SERVICES)
 
 
 class Edge(grpc.aio.ServerInterceptor):
@@ -143,13 +146,11 @@ class Edge(grpc.aio.ServerInterceptor):
     # --- wrapping one method's handler -----------------------------------------------
 
     def _wrap(self, name: str, inner: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        own = name.split("/")[1] in _OWN_SERVICES
         serialize = inner.response_serializer
         if inner.request_streaming:
             # Reflection: messages are read by the handler; a bad one raises InvalidRequest there.
-            message = _message_name(inner.request_deserializer, name)
-            method = _Method(name, None, message, own)
-            deserialize = _checked(inner.request_deserializer, message)
+            method = _Method.of(name, inner.request_deserializer, streamed=True)
+            deserialize = _checked(inner.request_deserializer, method.message)
             if inner.response_streaming:
                 stream_stream = _as_coroutine(inner.stream_stream)
 
@@ -163,12 +164,7 @@ class Edge(grpc.aio.ServerInterceptor):
                 return await self._call(method, requests, context, stream_unary)
 
             return grpc.stream_unary_rpc_method_handler(stream_in, deserialize, serialize)
-        method = _Method(
-            name,
-            inner.request_deserializer or _identity,
-            _message_name(inner.request_deserializer, name),
-            own,
-        )
+        method = _Method.of(name, inner.request_deserializer, streamed=False)
         if inner.response_streaming:
             unary_stream = _as_coroutine(inner.unary_stream)
 
@@ -192,6 +188,7 @@ class Edge(grpc.aio.ServerInterceptor):
         caller_token = _caller.set(caller)
         line, line_token = access_log.open_line(method.name, caller)
         code, reason = grpc.StatusCode.OK, None
+        refusal: grpc.Status | None = None
         release: Callable[[], None] | None = None
         spanned = server_span(self._telemetry, context, method.service, method.short) if method.own else None
         with spanned or nullcontext(INVALID_SPAN) as span:
@@ -203,9 +200,8 @@ class Edge(grpc.aio.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.OK
                 return result
             except ChatgateError as exc:
-                status = to_status(exc)
-                code, reason = status.code, exc.reason
-                await context.abort_with_status(status)
+                refusal = to_status(exc)
+                code, reason = refusal.code, exc.reason
             except asyncio.CancelledError:
                 # The caller left (or its deadline ran out): not an error of ours.
                 code = grpc.StatusCode.CANCELLED
@@ -217,14 +213,18 @@ class Edge(grpc.aio.ServerInterceptor):
             except Exception:
                 # Logged once, here, with the trace id; the caller learns nothing of it.
                 log.exception("unexpected error in %s", method.name)
+                refusal = to_status(ChatgateError("internal error"))
                 code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
-                await context.abort_with_status(to_status(ChatgateError("internal error")))
             finally:
                 if release is not None:
                     release()
                 set_rpc_status(span, code, reason)
                 access_log.close_line(line, line_token, code.name, reason)
                 _caller.reset(caller_token)
+        # Sent once the span has ended and the access line is written: whoever sees the
+        # status can already find both. (Only a refusal gets here: the rest returned or raised.)
+        assert refusal is not None
+        await context.abort_with_status(refusal)
         raise AssertionError("unreachable: abort_with_status raises")
 
     def _admit(
