@@ -15,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from chatgate_server.completion import CompletionService
 from chatgate_server.config import Settings
 from chatgate_server.rpc.convert import RequestLimits
+from chatgate_server.rpc.edge import Edge, EdgeLimits
 from chatgate_server.rpc.ledger_health import LedgerHealth
 from chatgate_server.rpc.server import CHAT_SERVICE, build_server
 from chatgate_server.rpc.servicer import ChatServicer
@@ -53,9 +54,13 @@ class StartupError(Exception):
 class App:
     """chatgate, assembled. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
-        """``telemetry`` defaults to OTLP export configured by the OTEL_* variables."""
+    def __init__(
+        self, settings: Settings, telemetry: Telemetry | None = None, *, reuse_port: bool = False
+    ) -> None:
+        """``telemetry`` defaults to OTLP export configured by the OTEL_* variables;
+        ``reuse_port`` shares the port with the other workers of one supervisor."""
         self.settings = settings
+        self._reuse_port = reuse_port
         self._providers: Providers | None = None
         if telemetry is None:
             self._providers = providers_from_env()
@@ -71,6 +76,7 @@ class App:
         self._upstream: OpenAIUpstream | None = None
         self.ledger: UsageLedger | None = None
         self._server: grpc.aio.Server | None = None
+        self.edge: Edge | None = None
         self._health: health.aio.HealthServicer | None = None
         self.breaker: CircuitBreaker | None = None
         self.service: CompletionService | None = None
@@ -184,20 +190,30 @@ class App:
             service,
             deadline_cap_s=s.deadline_cap_s,
             limits=RequestLimits(max_request_bytes=s.max_request_bytes, allowed_models=s.allowed_models),
-            telemetry=self.telemetry,
+        )
+        self.edge = Edge(
+            EdgeLimits(
+                max_request_bytes=s.max_request_bytes,
+                max_concurrent_streams=s.max_concurrent_streams,
+                max_request_bytes_in_flight=s.max_request_bytes_in_flight,
+                max_health_watches=s.max_health_watches,
+                max_health_watches_per_connection=s.max_health_watches_per_connection,
+            ),
+            self.telemetry,
         )
         self._server, self._health = build_server(
             chat,
-            max_concurrent_streams=s.max_concurrent_streams,
-            max_request_bytes=s.max_request_bytes,
+            edge=self.edge,
             usage=UsageServicer(
                 UsageReports(self._report_pool), page_token_key=page_token_key(s.openai_api_key.value)
             ),
+            reuse_port=self._reuse_port,
         )
-        self.port = self._server.add_insecure_port(str(s.listen))
-        if self.port == 0:
+        try:
+            self.port = self._listen(self._server)
+        except StartupError:
             await self.stop(0)
-            raise StartupError(f"cannot listen on {s.listen} (CHATGATE_LISTEN)")
+            raise
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(CHAT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -206,6 +222,19 @@ class App:
         self.ledger_health(self.ledger.state)
         log.info("chatgate serving on %s:%d, upstream %s", s.listen.host, self.port, s.openai_base_url)
         return self.port
+
+    def _listen(self, server: grpc.aio.Server) -> int:
+        listen = self.settings.listen
+        try:
+            port = server.add_insecure_port(str(listen))
+        except RuntimeError:  # grpc >= 1.5x raises where older versions returned 0
+            port = 0
+        if port == 0:
+            # Without SO_REUSEPORT (a single server), a port in use fails here.
+            raise StartupError(
+                f"cannot listen on {listen}: address already in use or not available (CHATGATE_LISTEN)"
+            )
+        return port
 
     async def stop(self, grace: float | None = None, hurry: asyncio.Event | None = None) -> None:
         """Drain and close, in reverse order of opening.

@@ -79,8 +79,12 @@ def _serve(workers: int | None = None) -> int:
     count = resolve_workers(workers, settings)
     if count > 1:
         return supervise(settings, count)  # N children, each this function with --workers 1
+    from chatgate_server.memory import keep_large_allocations_unpooled
+    from chatgate_server.workers import supervised
+
+    keep_large_allocations_unpooled()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(_serve_async(settings))
+        return runner.run(_serve_async(settings, reuse_port=supervised()))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -92,7 +96,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _serve_async(settings: Settings) -> int:
+async def _serve_async(settings: Settings, *, reuse_port: bool = False) -> int:
     from chatgate_server.app import App, StartupError
 
     stop, hurry = asyncio.Event(), asyncio.Event()
@@ -107,7 +111,7 @@ async def _serve_async(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    app = App(settings)
+    app = App(settings, reuse_port=reuse_port)
     try:
         await app.start()
     except StartupError as exc:

@@ -62,7 +62,15 @@ class Settings:
     migrate_on_start: bool
     """CHATGATE_MIGRATE_ON_START: apply pending migrations when serve starts (default false)."""
     max_concurrent_streams: int
-    """CHATGATE_MAX_CONCURRENT_STREAMS: calls beyond this get RESOURCE_EXHAUSTED."""
+    """CHATGATE_MAX_CONCURRENT_STREAMS: Complete calls beyond this get RESOURCE_EXHAUSTED
+    (CONCURRENCY_LIMIT, with RetryInfo); health, reflection and UsageService do not count."""
+    max_health_watches: int
+    """CHATGATE_MAX_HEALTH_WATCHES: open health Watch streams on this process (default 1024)."""
+    max_health_watches_per_connection: int
+    """CHATGATE_MAX_HEALTH_WATCHES_PER_CONNECTION: open health Watch streams per connection (default 16)."""
+    max_request_bytes_in_flight: int
+    """CHATGATE_MAX_REQUEST_MB_IN_FLIGHT: request bytes held by running calls (default 64 MB); a
+    call that would go over gets RESOURCE_EXHAUSTED (REQUEST_BYTES_LIMIT, with RetryInfo)."""
     upstream_connect_timeout_s: float
     """CHATGATE_UPSTREAM_CONNECT_TIMEOUT_SECONDS: TCP+TLS connect limit per attempt."""
     upstream_max_connections: int
@@ -128,6 +136,11 @@ class Settings:
             shutdown_grace_s=_float(e, "CHATGATE_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0),
             migrate_on_start=_flag(e, "CHATGATE_MIGRATE_ON_START", False),
             max_concurrent_streams=_int(e, "CHATGATE_MAX_CONCURRENT_STREAMS", 4096, minimum=1),
+            max_health_watches=_int(e, "CHATGATE_MAX_HEALTH_WATCHES", 1024, minimum=1),
+            max_health_watches_per_connection=_int(
+                e, "CHATGATE_MAX_HEALTH_WATCHES_PER_CONNECTION", 16, minimum=1
+            ),
+            max_request_bytes_in_flight=_in_flight_budget(e),
             upstream_connect_timeout_s=_float(
                 e, "CHATGATE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001
             ),
@@ -187,6 +200,14 @@ def request_id_window_from_env(env: Mapping[str, str] | None = None) -> float:
 def database_url_from_env(env: Mapping[str, str] | None = None) -> str:
     """DATABASE_URL alone, for commands (migrate, usage) that need nothing else."""
     return _required(os.environ if env is None else env, "DATABASE_URL")
+
+
+def _in_flight_budget(env: Mapping[str, str]) -> int:
+    budget = _int(env, "CHATGATE_MAX_REQUEST_MB_IN_FLIGHT", 64, minimum=1) * 1024 * 1024
+    if budget < _int(env, "CHATGATE_MAX_REQUEST_BYTES", 4 * 1024 * 1024, minimum=1024):
+        # A request that is allowed must be able to run alone.
+        raise ConfigError("CHATGATE_MAX_REQUEST_MB_IN_FLIGHT must hold at least CHATGATE_MAX_REQUEST_BYTES")
+    return budget
 
 
 def _required(env: Mapping[str, str], name: str) -> str:

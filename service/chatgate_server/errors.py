@@ -4,9 +4,10 @@
     ├── InvalidRequest                  INVALID_ARGUMENT, with field violations
     ├── RequestTooLarge                 INVALID_ARGUMENT
     ├── DuplicateRequest                ALREADY_EXISTS
-    ├── Unauthenticated                 UNAUTHENTICATED
-    ├── PermissionDenied                PERMISSION_DENIED
-    ├── QuotaExceeded                   RESOURCE_EXHAUSTED, with quota violations
+    ├── Overloaded                      RESOURCE_EXHAUSTED, with RetryInfo (a limit of this replica)
+    │   ├── TooManyStreams              (CHATGATE_MAX_CONCURRENT_STREAMS completions running)
+    │   ├── RequestBytesInFlight        (CHATGATE_MAX_REQUEST_MB_IN_FLIGHT of requests held)
+    │   └── TooManyHealthWatches        (health Watch streams, globally or on one connection)
     ├── DeadlineExceeded                DEADLINE_EXCEEDED
     ├── ServiceUnavailable              UNAVAILABLE (ledger full)
     │   ├── ShuttingDown                UNAVAILABLE (draining; retry on another replica)
@@ -88,19 +89,27 @@ class DuplicateRequest(ChatgateError):
     reason = "DUPLICATE_REQUEST_ID"
 
 
-class Unauthenticated(ChatgateError):
-    status_name = "UNAUTHENTICATED"
-    reason = "UNAUTHENTICATED"
+class Overloaded(ChatgateError):
+    """This replica is at one of its limits: the call was refused before any work, and
+    the same call may succeed shortly (always with RetryInfo, so clients know to retry)."""
 
-
-class PermissionDenied(ChatgateError):
-    status_name = "PERMISSION_DENIED"
-    reason = "PERMISSION_DENIED"
-
-
-class QuotaExceeded(ChatgateError):
     status_name = "RESOURCE_EXHAUSTED"
-    reason = "QUOTA_EXCEEDED"
+    reason = "OVERLOADED"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class TooManyStreams(Overloaded):
+    reason = "CONCURRENCY_LIMIT"
+
+
+class RequestBytesInFlight(Overloaded):
+    reason = "REQUEST_BYTES_LIMIT"
+
+
+class TooManyHealthWatches(Overloaded):
+    reason = "HEALTH_WATCH_LIMIT"
 
 
 class DeadlineExceeded(ChatgateError):

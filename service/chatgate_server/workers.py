@@ -3,8 +3,16 @@
 One grpc.aio process uses one core (one event loop, one GIL), so using every core
 takes several processes. Each child is exactly ``chatgate serve --workers 1``: the
 single-process server, with its own upstream pool, breaker, ledger writer and health
-service. They all bind the same address; grpc sets ``SO_REUSEPORT`` on Linux by
-default, so the kernel spreads incoming connections across them.
+service. They all bind the same address with ``SO_REUSEPORT``, so the kernel spreads
+incoming connections across them.
+
+Only the workers of one supervisor may share the port. A single server binds without
+``SO_REUSEPORT`` (so it fails with "address already in use" on a port that is taken);
+the supervisor first checks that the port is free with a plain bind, then holds it
+with a bound, never listening, ``SO_REUSEPORT`` socket while its workers run: a second
+supervisor's check, or a single server, then finds the port in use, while this
+supervisor's workers (same user, ``SO_REUSEPORT``) may join it. A bound socket that
+does not listen takes no connections.
 
 Why child *processes started afresh* (subprocess) rather than ``fork`` or
 ``multiprocessing``: grpc's C core is not fork-safe once initialised, and a spawned
@@ -31,6 +39,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +51,8 @@ from chatgate_server.config import ConfigError, Settings
 log = logging.getLogger(__name__)
 
 WORKERS_ENV = "CHATGATE_WORKERS"
+# Set by the supervisor in its workers' environment (not a setting): share the port.
+SUPERVISED_ENV = "CHATGATE_SUPERVISED_WORKER"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -81,6 +92,19 @@ def supervise(settings: Settings, workers: int) -> int:
     if error is not None:
         print(f"chatgate: {error}", file=sys.stderr)
         return 1
+    try:
+        hold = claim_port(settings.listen.host, settings.listen.port)
+    except OSError as exc:
+        print(
+            f"chatgate: cannot listen on {settings.listen}: {exc.strerror} (CHATGATE_LISTEN)",
+            file=sys.stderr,
+        )
+        return 1
+    with hold:
+        return _run(settings, workers)
+
+
+def _run(settings: Settings, workers: int) -> int:
     received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -89,10 +113,31 @@ def supervise(settings: Settings, workers: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     # Migrations are done (or checked) above; N children must not race on them.
-    env = {**os.environ, "CHATGATE_MIGRATE_ON_START": "false"}
+    env = {**os.environ, "CHATGATE_MIGRATE_ON_START": "false", SUPERVISED_ENV: str(os.getpid())}
     children = [_spawn(env) for _ in range(workers)]
     log.info("chatgate supervisor: %d workers on %s (pids %s)", workers, settings.listen, _pids(children))
     return _wait(children, received)
+
+
+def supervised(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is a worker of a supervisor (and so shares its port)."""
+    return bool((os.environ if env is None else env).get(SUPERVISED_ENV))
+
+
+def claim_port(host: str, port: int) -> socket.socket:
+    """A socket that holds ``host:port`` for this supervisor's workers, or OSError
+    (EADDRINUSE) when anything else has it. See the module docstring."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.bind(address)  # no SO_REUSEPORT: fails if any socket has the port
+    hold = socket.socket(family, kind, proto)
+    try:
+        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        hold.bind(address)
+    except OSError:
+        hold.close()
+        raise
+    return hold
 
 
 def _wait(children: list[subprocess.Popen[bytes]], received: list[int]) -> int:

@@ -169,7 +169,11 @@ async def test_spans_reach_an_otlp_receiver_and_the_key_leaks_nowhere(
     assert {"gen_ai.client.operation.duration", "gen_ai.client.token.usage"} <= rx.metric_names()
 
     # Logs: JSON lines, one access line per call, with trace ids.
-    access = [line for line in logs.splitlines() if '"logger":"chatgate.access"' in line]
+    access = [
+        line
+        for line in logs.splitlines()
+        if '"logger":"chatgate.access"' in line and '"method":"/chatgate.v1.ChatService/Complete"' in line
+    ]
     assert len(access) == len(SCENARIOS)
     assert all('"trace_id":"' in line for line in access)
 

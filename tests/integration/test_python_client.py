@@ -307,8 +307,21 @@ async def test_the_servers_concurrency_limit_is_resource_exhausted(
         error = await failure_of(client, request("gpt-4o-mini"))
         held.cancel()
     assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error.reason == ""  # gRPC's own limit: no details
+    assert error.reason == "CONCURRENCY_LIMIT"
+    assert error.retry_delay is not None
     assert error.retryable
+
+
+async def test_resource_exhausted_without_retry_info_is_not_retryable(standin: tuple[StandIn, str]) -> None:
+    # What gRPC itself sends for a message over its receive limit: no details at all.
+    servicer, addr = standin
+    servicer.abort = status_pb2.Status(
+        code=code_pb2.RESOURCE_EXHAUSTED, message="Received message larger than max (9 vs. 8)"
+    )
+    async with AsyncClient(addr) as client:
+        error = await failure_of(client, request("gpt-4o-mini"))
+    assert (error.code, error.reason, error.retry_delay) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "", None)
+    assert not error.retryable
 
 
 # --- a stand-in ChatService: quota details and call metadata -------------------------

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 import grpc
 import pytest
@@ -60,7 +61,9 @@ def serving(target: str) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def start(database_url: str, base_url: str, port: int, *args: str) -> subprocess.Popen[str]:
+def start(
+    database_url: str, base_url: str, port: int, *args: str, stderr: IO[bytes] | None = None
+) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "OPENAI_API_KEY": TEST_API_KEY,
@@ -74,7 +77,7 @@ def start(database_url: str, base_url: str, port: int, *args: str) -> subprocess
         env=env,
         # A file, not a pipe: nobody reads a pipe while the test runs, and workers that
         # block writing logs to a full pipe cannot shut down.
-        stderr=tempfile.TemporaryFile(),
+        stderr=stderr or tempfile.TemporaryFile(),
         text=True,
     )
 
@@ -167,3 +170,57 @@ def test_bad_worker_counts_are_one_line(args: list[str], env: dict[str, str], me
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
+
+
+def refused(proc: subprocess.Popen[str], log: IO[bytes]) -> str:
+    """Wait for ``proc`` to exit non-zero; return what it wrote to ``log``."""
+    code = proc.wait(60)
+    log.seek(0)
+    stderr = log.read().decode()
+    assert code != 0, stderr
+    return stderr
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_second_server_on_a_port_in_use_refuses_to_start(
+    migrated_database_url: str, simulator: Simulator
+) -> None:
+    # SO_REUSEPORT let it start and take a share of the calls (issue 13, item 13).
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    first = start(migrated_database_url, simulator.base_url, port, "--workers", "1")
+    try:
+        await asyncio.to_thread(wait_serving, first, target, 0)
+        for workers in ("1", "2"):  # a single server, and a supervisor
+            with tempfile.TemporaryFile() as log:
+                url = simulator.base_url
+                second = start(migrated_database_url, url, port, "--workers", workers, stderr=log)
+                assert "address already in use" in (await asyncio.to_thread(refused, second, log)).lower()
+        assert first.poll() is None
+        assert await asyncio.to_thread(complete, target, 3) == ["OUTCOME_COMPLETED"] * 3
+    finally:
+        await asyncio.to_thread(stop, first)
+
+
+async def test_a_server_cannot_join_a_supervisors_port(
+    migrated_database_url: str, simulator: Simulator
+) -> None:
+    port = free_port()
+    supervisor = start(migrated_database_url, simulator.base_url, port, "--workers", "2")
+    try:
+        await asyncio.to_thread(wait_serving, supervisor, f"127.0.0.1:{port}", 2)
+        with tempfile.TemporaryFile() as log:
+            single = start(migrated_database_url, simulator.base_url, port, "--workers", "1", stderr=log)
+            assert "address already in use" in (await asyncio.to_thread(refused, single, log)).lower()
+        assert supervisor.poll() is None
+    finally:
+        await asyncio.to_thread(stop, supervisor)

@@ -31,3 +31,12 @@ def test_a_key_that_cannot_be_a_header_is_refused_without_echoing_it(key: str) -
         Settings.from_env({**BASE, "OPENAI_API_KEY": key})
     assert "SECRETPART" not in str(caught.value)
     assert "OPENAI_API_KEY" in str(caught.value)
+
+
+def test_the_request_bytes_budget_must_hold_one_largest_request() -> None:
+    env = {**BASE, "OPENAI_API_KEY": "sk-x", "CHATGATE_MAX_REQUEST_BYTES": str(8 * 1024 * 1024)}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**env, "CHATGATE_MAX_REQUEST_MB_IN_FLIGHT": "4"})
+    assert "CHATGATE_MAX_REQUEST_MB_IN_FLIGHT" in str(caught.value)
+    settings = Settings.from_env({**env, "CHATGATE_MAX_REQUEST_MB_IN_FLIGHT": "8"})
+    assert settings.max_request_bytes_in_flight == 8 * 1024 * 1024

@@ -67,14 +67,15 @@ export class ChatgateError extends Error {
 
   /**
    * Whether calling again may succeed without re-billing: only before the first event;
-   * UNAVAILABLE unless it is chatgate's own upstream key; RESOURCE_EXHAUSTED when it is
-   * the concurrency limit or a quota with a RetryInfo. Wait at least retryDelayMs.
+   * UNAVAILABLE unless it is chatgate's own upstream key; RESOURCE_EXHAUSTED only with a
+   * RetryInfo (chatgate's limits and resetting quotas send one; without it the limit does
+   * not pass by waiting, e.g. gRPC's own message size limit). Wait at least retryDelayMs.
    */
   get retryable() {
     if (this.eventsReceived > 0) return false;
     if (this.code === grpc.status.UNAVAILABLE) return this.reason !== "UPSTREAM_CREDENTIALS";
     if (this.code === grpc.status.RESOURCE_EXHAUSTED) {
-      return this.quotaViolations.length === 0 || this.retryDelayMs !== null;
+      return this.retryDelayMs !== null;
     }
     return false;
   }

@@ -156,6 +156,17 @@ describe("errors", () => {
     assert.equal(error.retryable, false); // tokens were delivered and billed
   });
 
+  it("RESOURCE_EXHAUSTED is retryable only with RetryInfo", () => {
+    // chatgate's own limits always send RetryInfo; gRPC's message size limit sends none.
+    const limit = new ChatgateError(grpc.status.RESOURCE_EXHAUSTED, "busy", {
+      reason: "CONCURRENCY_LIMIT",
+      retryDelayMs: 1000,
+    });
+    assert.equal(limit.retryable, true);
+    const bare = new ChatgateError(grpc.status.RESOURCE_EXHAUSTED, "Received message larger than max");
+    assert.equal(bare.retryable, false);
+  });
+
   it("rejects a non-positive timeout before calling", () => {
     assert.throws(() => new ChatgateClient(ADDR, { timeoutMs: 0 }), RangeError);
   });

@@ -3,13 +3,12 @@
 Details travel as a ``google.rpc.Status`` in the trailers (grpcio-status): an
 ErrorInfo with a stable reason code always; RetryInfo when waiting helps;
 BadRequest field violations for invalid input. Anything that is not a
-:class:`ChatgateError` becomes INTERNAL with a generic message, logged once with the
-request id — never a stack trace or a secret to the caller.
+:class:`ChatgateError` becomes INTERNAL with a generic message (the edge, ``rpc/edge.py``,
+logs it once) — never a stack trace or a secret to the caller.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 import grpc
@@ -18,8 +17,6 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from chatgate_server.errors import ChatgateError, InvalidRequest, sane_retry_delay
-
-log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "chatgate"
 # The status travels in trailers, which gRPC caps (8 KiB by default; beyond that the

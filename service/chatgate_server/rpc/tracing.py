@@ -2,7 +2,8 @@
 
 The stock aio server interceptor (opentelemetry-instrumentation-grpc) misses
 ``abort_with_status`` and cancellation and breaks coroutine handlers that use
-``context.write`` (REFERENCE.md), so the span is made here, where the status is known.
+``context.write`` (REFERENCE.md), so the edge (``rpc/edge.py``) makes the span with these
+helpers and sets its status, since it is where every call's status is known.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """UsageService: a report request in, the caller's tenant's usage out.
 
 Only proto ⇄ domain here; the queries are ``usage/reports.py``. The tenant always comes
-from the caller (:data:`~chatgate_server.domain.ANONYMOUS_CALLER` until callers
-authenticate), never from the request, so a caller cannot read another tenant's usage.
+from the caller the edge resolved, never from the request, so a caller cannot read
+another tenant's usage.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -19,15 +17,15 @@ from google.protobuf import timestamp_pb2
 
 from chatgate.v1 import usage_pb2 as pb
 from chatgate.v1 import usage_pb2_grpc
-from chatgate_server.domain import ANONYMOUS_CALLER, Caller
-from chatgate_server.errors import ChatgateError, FieldViolation, InvalidRequest
+from chatgate_server.domain import Caller
+from chatgate_server.errors import FieldViolation, InvalidRequest
 from chatgate_server.rpc.convert import (
     MAX_MODEL_CHARS,
     MAX_TAG_KEY_CHARS,
     MAX_TAG_VALUE_CHARS,
     MAX_USER_ID_CHARS,
 )
-from chatgate_server.rpc.status import to_status
+from chatgate_server.rpc.edge import current_caller
 from chatgate_server.usage.reports import (
     DEFAULT_PAGE_SIZE,
     EARLIEST,
@@ -40,8 +38,6 @@ from chatgate_server.usage.reports import (
     UsageQuery,
     UsageReports,
 )
-
-log = logging.getLogger(__name__)
 
 _DIMENSIONS = {
     pb.USAGE_DIMENSION_TENANT: Dimension.TENANT,
@@ -191,16 +187,6 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         request: pb.GetUsageRequest,
         context: grpc.aio.ServicerContext[pb.GetUsageRequest, pb.GetUsageResponse],
     ) -> pb.GetUsageResponse:
-        try:
-            # Until callers authenticate, every caller is the anonymous one (tenant "default").
-            query, page_size, token = to_query(request, ANONYMOUS_CALLER, self._clock(), self._key)
-            page = await self._reports.report(query, limit=page_size, after=token.after if token else None)
-            return to_response(query, page, self._key)
-        except ChatgateError as exc:
-            await context.abort_with_status(to_status(exc))
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception:
-            log.exception("unexpected error in GetUsage")
-            await context.abort_with_status(to_status(ChatgateError("internal error")))
-        raise AssertionError("unreachable: abort_with_status raises")
+        query, page_size, token = to_query(request, current_caller(), self._clock(), self._key)
+        page = await self._reports.report(query, limit=page_size, after=token.after if token else None)
+        return to_response(query, page, self._key)

@@ -119,16 +119,17 @@ class ChatgateError(Exception):
 
         Only before the first event: after that the upstream has been paid and the
         tokens were delivered. UNAVAILABLE is transient unless it is chatgate's own
-        upstream key (an operator problem no retry fixes); RESOURCE_EXHAUSTED is the
-        server's concurrency limit, or a quota that resets after ``retry_delay``. Wait
-        at least ``retry_delay`` when it is set.
+        upstream key (an operator problem no retry fixes); RESOURCE_EXHAUSTED only with
+        a ``retry_delay`` (chatgate's own limits and quotas that reset always send one:
+        without it, the limit is not one that passes, e.g. gRPC's own message size
+        limit). Wait at least ``retry_delay`` when it is set.
         """
         if self.events_received:
             return False
         if self.code is grpc.StatusCode.UNAVAILABLE:
             return self.reason != "UPSTREAM_CREDENTIALS"
         if self.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return not self.quota_violations or self.retry_delay is not None
+            return self.retry_delay is not None
         return False
 
 
