@@ -5,6 +5,10 @@
     ├── RequestTooLarge                 INVALID_ARGUMENT
     ├── DuplicateRequest                ALREADY_EXISTS
     ├── Unauthenticated                 UNAUTHENTICATED
+    │   ├── CredentialMissing           (no authorization metadata / client certificate)
+    │   ├── CredentialInvalid           (malformed, or names no known credential)
+    │   ├── CredentialRevoked
+    │   └── CredentialExpired           (expired, or rotated out after its grace)
     ├── PermissionDenied                PERMISSION_DENIED
     ├── QuotaExceeded                   RESOURCE_EXHAUSTED, with quota violations
     ├── DeadlineExceeded                DEADLINE_EXCEEDED
@@ -74,6 +78,22 @@ class DuplicateRequest(ChatgateError):
 class Unauthenticated(ChatgateError):
     status_name = "UNAUTHENTICATED"
     reason = "UNAUTHENTICATED"
+
+
+class CredentialMissing(Unauthenticated):
+    reason = "CREDENTIAL_MISSING"
+
+
+class CredentialInvalid(Unauthenticated):
+    reason = "CREDENTIAL_INVALID"
+
+
+class CredentialRevoked(Unauthenticated):
+    reason = "CREDENTIAL_REVOKED"
+
+
+class CredentialExpired(Unauthenticated):
+    reason = "CREDENTIAL_EXPIRED"
 
 
 class PermissionDenied(ChatgateError):
