@@ -126,3 +126,24 @@ async def test_two_processes_see_a_revocation_within_seconds(
         finally:
             for table in tables:
                 await table.stop()
+
+
+async def test_a_certificate_identity_maps_to_its_caller_and_makes_no_token(
+    migrated_database_url: str, pool: AsyncConnectionPool
+) -> None:
+    acme = tenant()
+    identity = f"spiffe://{acme}.example/reports"
+    created = callers_cli(
+        migrated_database_url, "create", "--tenant", acme, "--name", "reports", "--certificate", identity
+    )
+    assert created.returncode == 0, created.stderr
+    assert "cgt_" not in created.stdout + created.stderr
+    table = CallerTable(CallerStore(pool))
+    await table.refresh()
+    assert table.verify_certificate(identity).service == "reports"
+    with pytest.raises(CredentialInvalid):
+        table.verify_certificate("spiffe://elsewhere/reports")
+    callers_cli(migrated_database_url, "revoke", "--tenant", acme, "--name", "reports")
+    await table.refresh()
+    with pytest.raises(CredentialRevoked):
+        table.verify_certificate(identity)

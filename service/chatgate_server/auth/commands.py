@@ -45,7 +45,13 @@ def add_callers_command(sub: Any) -> None:
     create.add_argument(
         "--allow-model", action="append", default=None, help="only this model (name or glob; repeatable)"
     )
-    create.add_argument("--expires", type=duration, help="the token expires after this long (e.g. 90d)")
+    create.add_argument("--expires", type=duration, help="the credential expires after this long (e.g. 90d)")
+    create.add_argument(
+        "--certificate",
+        metavar="IDENTITY",
+        help="prove the caller by mTLS: its client certificate's URI SAN (e.g. a SPIFFE id) or subject;"
+        " no token is made",
+    )
     listing = actions.add_parser("list", help="callers and their credentials (never the tokens)")
     listing.add_argument("--tenant", help="only this tenant")
     revoke = actions.add_parser("revoke", help="revoke a caller's credentials (at once, on every replica)")
@@ -85,9 +91,12 @@ async def _run(url: str, args: argparse.Namespace, out: TextIO) -> int:
         if args.action == "create":
             models = tuple(args.allow_model) if args.allow_model else None
             expires = now + args.expires if args.expires else None
-            new = NewCaller(args.tenant, args.name, frozenset(args.role), models, expires)
+            new = NewCaller(args.tenant, args.name, frozenset(args.role), models, expires, args.certificate)
             token = await store.create(new)
-            _print_token(out, token.public_id, str(token))
+            if token is None:
+                print(f"caller {args.tenant}/{args.name} proves itself with {args.certificate!r}", file=out)
+            else:
+                _print_token(out, token.public_id, str(token))
         elif args.action == "rotate":
             expires = now + args.expires if args.expires else None
             token = await store.rotate(args.tenant, args.name, grace=args.grace, expires_at=expires)

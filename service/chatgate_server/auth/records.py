@@ -14,9 +14,9 @@ KNOWN_ROLES = frozenset({OPERATOR_ROLE})
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """One token (or, later, one certificate identity) of one caller.
+    """One token or one client-certificate identity of one caller.
 
-    ``token_sha256`` is None for a credential that is not a token. ``expires_at`` is
+    Exactly one of ``token_sha256`` and ``cert_identity`` is set. ``expires_at`` is
     also how a rotation retires the old token: it is set to the end of the grace."""
 
     public_id: str
@@ -26,6 +26,7 @@ class Credential:
     allowed_models: tuple[str, ...] | None
     token_sha256: bytes | None
     created_at: datetime
+    cert_identity: str | None = None
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
 

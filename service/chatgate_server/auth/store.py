@@ -22,7 +22,7 @@ Pool = AsyncConnectionPool[AsyncConnection[Any]]
 
 _SELECT_CREDENTIALS = """
     SELECT c.public_id, c.tenant, c.caller_name, k.roles, k.allowed_models, c.token_sha256,
-           c.created_at, c.expires_at, c.revoked_at
+           c.created_at, c.expires_at, c.revoked_at, c.cert_identity
     FROM caller_credentials c JOIN callers k ON (k.tenant, k.name) = (c.tenant, c.caller_name)
 """
 
@@ -42,6 +42,8 @@ class NewCaller:
     roles: frozenset[str] = frozenset()
     allowed_models: tuple[str, ...] | None = None
     expires_at: datetime | None = None
+    # Set: the caller proves itself with this client-certificate identity, no token.
+    cert_identity: str | None = None
 
 
 class CallerStore:
@@ -59,8 +61,9 @@ class CallerStore:
             rows = await (await conn.execute(query, (tenant,) if tenant else ())).fetchall()
         return [_credential(row) for row in rows]
 
-    async def create(self, new: NewCaller) -> tokens.Token:
-        """A new caller with its first token (returned once; only its hash is kept)."""
+    async def create(self, new: NewCaller) -> tokens.Token | None:
+        """A new caller with its first credential: a token (returned once; only its hash
+        is kept), or the certificate identity of ``new`` (then None)."""
         token = tokens.mint()
         async with self._pool.connection() as conn, conn.transaction():
             inserted = await conn.execute(
@@ -70,6 +73,13 @@ class CallerStore:
             )
             if inserted.rowcount == 0:
                 raise CallerExists(f"caller {new.tenant}/{new.name} already exists")
+            if new.cert_identity is not None:
+                await conn.execute(
+                    "INSERT INTO caller_credentials (public_id, tenant, caller_name, cert_identity,"
+                    " expires_at) VALUES (%s, %s, %s, %s, %s)",
+                    (token.public_id, new.tenant, new.name, new.cert_identity, new.expires_at),
+                )
+                return None
             await _add_token(conn, new.tenant, new.name, token, new.expires_at)
         return token
 
@@ -81,7 +91,8 @@ class CallerStore:
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(
                 "UPDATE caller_credentials SET expires_at = LEAST(coalesce(expires_at, 'infinity'),"
-                " now() + %s) WHERE tenant = %s AND caller_name = %s AND revoked_at IS NULL",
+                " now() + %s) WHERE tenant = %s AND caller_name = %s AND revoked_at IS NULL"
+                " AND token_sha256 IS NOT NULL",
                 (grace, tenant, name),
             )
             exists = await (
@@ -122,7 +133,7 @@ def _models(models: tuple[str, ...] | None) -> list[str] | None:
 
 
 def _credential(row: Sequence[Any]) -> Credential:
-    public_id, tenant, name, roles, models, digest, created, expires, revoked = row
+    public_id, tenant, name, roles, models, digest, created, expires, revoked, identity = row
     return Credential(
         public_id=public_id,
         tenant=tenant,
@@ -133,4 +144,5 @@ def _credential(row: Sequence[Any]) -> Credential:
         created_at=created,
         expires_at=expires,
         revoked_at=revoked,
+        cert_identity=identity,
     )

@@ -47,6 +47,7 @@ class CallerTable:
         self._poll_s = poll_s
         self._clock = clock
         self._by_id: dict[str, Credential] | None = None
+        self._by_identity: dict[str, Credential] = {}
         self._version: int | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -70,6 +71,18 @@ class CallerTable:
             raise refusal
         return credential.caller()
 
+    def verify_certificate(self, identity: str) -> Caller:
+        """The caller a verified client certificate's identity maps to."""
+        if self._by_id is None:
+            raise CallerTableNotLoaded("the caller table is not loaded yet", retry_after=1.0)
+        credential = self._by_identity.get(identity)
+        if credential is None:
+            raise CredentialInvalid("the client certificate is not mapped to a caller")
+        refusal = credential.refusal(self._clock())
+        if refusal is not None:
+            raise refusal
+        return credential.caller()
+
     @property
     def loaded(self) -> bool:
         return self._by_id is not None
@@ -81,6 +94,7 @@ class CallerTable:
             return False
         credentials = await self._store.credentials()
         self._by_id = {c.public_id: c for c in credentials}
+        self._by_identity = {c.cert_identity: c for c in credentials if c.cert_identity is not None}
         self._version = version
         return True
 

@@ -1,6 +1,7 @@
 -- 0006: callers and their credentials (auth/). A caller is a service of a tenant; it
--- proves itself with one or more credentials (tokens now, certificate identities
--- later). Only the SHA-256 of a token's secret is kept.
+-- proves itself with one or more credentials: a token (only the SHA-256 of its secret
+-- is kept) or a client-certificate identity (a URI SAN such as a SPIFFE id, or the
+-- certificate's subject) that mTLS has verified.
 
 CREATE TABLE callers (
     tenant         text        NOT NULL CHECK (length(tenant) BETWEEN 1 AND 128),
@@ -17,10 +18,12 @@ CREATE TABLE caller_credentials (
     tenant       text        NOT NULL,
     caller_name  text        NOT NULL,
     token_sha256 bytea,
+    cert_identity text        UNIQUE CHECK (length(cert_identity) <= 1024),
     created_at   timestamptz NOT NULL DEFAULT now(),
     expires_at   timestamptz,
     revoked_at   timestamptz,
-    FOREIGN KEY (tenant, caller_name) REFERENCES callers (tenant, name) ON DELETE CASCADE
+    FOREIGN KEY (tenant, caller_name) REFERENCES callers (tenant, name) ON DELETE CASCADE,
+    CHECK ((token_sha256 IS NULL) <> (cert_identity IS NULL))
 );
 
 -- Every replica polls this one row (auth/table.py) and reloads its caller table when
