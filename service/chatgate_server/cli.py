@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from chatgate_server.auth.commands import CALLERS_COMMAND, add_callers_command, run_callers_command
 from chatgate_server.config import ConfigError, Settings, database_url_from_env
 from chatgate_server.logs import configure_logging
 from chatgate_server.usage.commands import USAGE_COMMANDS, add_usage_commands, run_usage_command
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "i.e. usage rows reach Postgres rather than wait in the spool",
     )
     add_usage_commands(sub)
+    add_callers_command(sub)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "simulator":
@@ -50,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _migrate()
         if args.command == "health":
             return _health(args.address, args.timeout, ledger=args.ledger)
+        if args.command == CALLERS_COMMAND:
+            return run_callers_command(args)
         if args.command in USAGE_COMMANDS:
             return run_usage_command(args)
         return _serve(args.workers)

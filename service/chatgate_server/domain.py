@@ -113,10 +113,17 @@ class SamplingOptions:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is calling: the tenant decides billing scope; the service is the caller."""
+    """Who is calling: the tenant decides billing scope; the service is the caller.
+
+    ``credential_id`` is the public id of the token or certificate mapping that
+    proved it (never the secret); ``roles`` what it may do beyond calling."""
 
     tenant: str
     service: str
+    roles: frozenset[str] = frozenset()
+    credential_id: str = ""
+    # None: every model the service allows; otherwise only these (names or globs).
+    allowed_models: tuple[str, ...] | None = None
 
 
 ANONYMOUS_CALLER = Caller(tenant="default", service="unknown")

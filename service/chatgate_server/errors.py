@@ -8,6 +8,12 @@
     │   ├── TooManyStreams              (CHATGATE_MAX_CONCURRENT_STREAMS completions running)
     │   ├── RequestBytesInFlight        (CHATGATE_MAX_REQUEST_MB_IN_FLIGHT of requests held)
     │   └── TooManyHealthWatches        (health Watch streams, globally or on one connection)
+    ├── Unauthenticated                 UNAUTHENTICATED
+    │   ├── CredentialMissing           (no authorization metadata / client certificate)
+    │   ├── CredentialInvalid           (malformed, or names no known credential)
+    │   ├── CredentialRevoked
+    │   └── CredentialExpired           (expired, or rotated out after its grace)
+    ├── PermissionDenied                PERMISSION_DENIED
     ├── DeadlineExceeded                DEADLINE_EXCEEDED
     ├── ServiceUnavailable              UNAVAILABLE (ledger full)
     │   ├── ShuttingDown                UNAVAILABLE (draining; retry on another replica)
@@ -87,6 +93,37 @@ class RequestTooLarge(ChatgateError):
 class DuplicateRequest(ChatgateError):
     status_name = "ALREADY_EXISTS"
     reason = "DUPLICATE_REQUEST_ID"
+
+
+class Unauthenticated(ChatgateError):
+    """The call proved no caller; the message never repeats what was presented."""
+
+    status_name = "UNAUTHENTICATED"
+    reason = "UNAUTHENTICATED"
+
+
+class CredentialMissing(Unauthenticated):
+    reason = "CREDENTIAL_MISSING"
+
+
+class CredentialInvalid(Unauthenticated):
+    reason = "CREDENTIAL_INVALID"
+
+
+class CredentialRevoked(Unauthenticated):
+    reason = "CREDENTIAL_REVOKED"
+
+
+class CredentialExpired(Unauthenticated):
+    reason = "CREDENTIAL_EXPIRED"
+
+
+class PermissionDenied(ChatgateError):
+    """The caller is known but may not do this (a model outside its allow-list, a role it
+    lacks)."""
+
+    status_name = "PERMISSION_DENIED"
+    reason = "PERMISSION_DENIED"
 
 
 class Overloaded(ChatgateError):

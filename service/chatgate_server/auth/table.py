@@ -1,0 +1,124 @@
+"""Every credential in memory, so that authenticating a call never waits on Postgres.
+
+The table reloads when the database's caller version changes: one indexed read of a
+one-row table every ``poll_s`` (1 s by default), so a revocation or a new caller takes
+effect on every process of every replica within about a second plus one reload. Why
+polling and not LISTEN/NOTIFY alone: a notification is lost while the listening
+connection is down and never arrives through a transaction-mode pooler such as
+PgBouncer; the version read is cheap and always right.
+
+While Postgres is away the table keeps what it last loaded (nobody can revoke then
+either). A table that has never loaded refuses every call: authentication fails
+closed, never open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from chatgate_server.auth import tokens
+from chatgate_server.auth.records import Credential
+from chatgate_server.auth.store import CallerStore
+from chatgate_server.domain import Caller
+from chatgate_server.errors import CredentialInvalid, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class CallerTableNotLoaded(ServiceUnavailable):
+    reason = "CALLERS_UNAVAILABLE"
+
+
+class CallerTable:
+    """Verifies tokens against an in-memory copy of the credentials."""
+
+    def __init__(
+        self,
+        store: CallerStore,
+        *,
+        poll_s: float = 1.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._poll_s = poll_s
+        self._clock = clock
+        self._by_id: dict[str, Credential] | None = None
+        self._by_identity: dict[str, Credential] = {}
+        self._version: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def verify_token(self, text: str) -> Caller:
+        """The caller a bearer token proves; raises an ``Unauthenticated`` subclass."""
+        if self._by_id is None:
+            raise CallerTableNotLoaded("the caller table is not loaded yet", retry_after=1.0)
+        try:
+            token = tokens.parse(text)
+        except tokens.MalformedToken as exc:
+            raise CredentialInvalid(str(exc)) from None
+        credential = self._by_id.get(token.public_id)
+        if (
+            credential is None
+            or credential.token_sha256 is None
+            or not tokens.matches(token.secret, credential.token_sha256)
+        ):
+            raise CredentialInvalid("unknown credential")
+        refusal = credential.refusal(self._clock())
+        if refusal is not None:
+            raise refusal
+        return credential.caller()
+
+    def verify_certificate(self, identity: str) -> Caller:
+        """The caller a verified client certificate's identity maps to."""
+        if self._by_id is None:
+            raise CallerTableNotLoaded("the caller table is not loaded yet", retry_after=1.0)
+        credential = self._by_identity.get(identity)
+        if credential is None:
+            raise CredentialInvalid("the client certificate is not mapped to a caller")
+        refusal = credential.refusal(self._clock())
+        if refusal is not None:
+            raise refusal
+        return credential.caller()
+
+    @property
+    def loaded(self) -> bool:
+        return self._by_id is not None
+
+    async def refresh(self) -> bool:
+        """Reload if the database's version moved; True if it reloaded."""
+        version = await self._store.version()
+        if version == self._version and self._by_id is not None:
+            return False
+        credentials = await self._store.credentials()
+        self._by_id = {c.public_id: c for c in credentials}
+        self._by_identity = {c.cert_identity: c for c in credentials if c.cert_identity is not None}
+        self._version = version
+        return True
+
+    async def start(self) -> None:
+        """Load once (best effort: a failure is logged and retried) and keep refreshing."""
+        with contextlib.suppress(Exception):
+            await self.refresh()
+        self._task = asyncio.create_task(self._poll(), name="caller-table")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _poll(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - any failure: keep the last table, retry
+                if not failing:  # once per outage, not once per poll
+                    log.warning("cannot refresh the caller table: %s", type(exc).__name__)
+                failing = True
+            else:
+                failing = False
