@@ -140,6 +140,8 @@ class App:
         self.breaker = CircuitBreaker(
             self._upstream.name,
             failure_threshold=s.breaker_failure_threshold,
+            window_s=s.breaker_window_s,
+            failure_rate=s.breaker_failure_rate,
             cooldown_s=s.breaker_cooldown_s,
             max_cooldown_s=s.breaker_max_cooldown_s,
         )

@@ -305,8 +305,9 @@ class CompletionService:
 
     @staticmethod
     def _judge(permit: Permit, exc: ChatgateError, progress: _Progress) -> None:
-        """Tell the breaker what a failed call says about the upstream."""
-        if isinstance(exc, UpstreamError) and exc.breaker_failure:
+        """Tell the breaker what a failed call says about the upstream (upstream/breaker.py
+        says why a stream that failed after delivering content does not count)."""
+        if isinstance(exc, UpstreamError) and exc.breaker_failure and progress.first_token_at is None:
             permit.failure()
         elif isinstance(exc, DeadlineExceeded) and progress.started is None:
             permit.failure()  # the upstream never answered in time

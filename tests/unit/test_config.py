@@ -31,3 +31,16 @@ def test_a_key_that_cannot_be_a_header_is_refused_without_echoing_it(key: str) -
         Settings.from_env({**BASE, "OPENAI_API_KEY": key})
     assert "SECRETPART" not in str(caught.value)
     assert "OPENAI_API_KEY" in str(caught.value)
+
+
+def test_breaker_window_and_rate() -> None:
+    env = {**BASE, "OPENAI_API_KEY": "sk-x"}
+    settings = Settings.from_env(env)
+    assert (settings.breaker_window_s, settings.breaker_failure_rate) == (10.0, 0.5)
+    tuned = Settings.from_env(
+        {**env, "CHATGATE_BREAKER_WINDOW_SECONDS": "30", "CHATGATE_BREAKER_FAILURE_RATE": "0.25"}
+    )
+    assert (tuned.breaker_window_s, tuned.breaker_failure_rate) == (30.0, 0.25)
+    for name, bad in (("CHATGATE_BREAKER_FAILURE_RATE", "1.5"), ("CHATGATE_BREAKER_WINDOW_SECONDS", "0")):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({**env, name: bad})
