@@ -31,8 +31,9 @@ DEADLINE_S = 1.5
 
 
 def test_the_margin_is_a_few_percent_with_a_floor_and_a_ceiling() -> None:
-    assert final_event_margin(0.5) == pytest.approx(0.05)
-    assert final_event_margin(2.0) == pytest.approx(0.1)
+    assert final_event_margin(0.2) == pytest.approx(0.05)  # a quarter of a short deadline
+    assert final_event_margin(2.0) == pytest.approx(0.25)
+    assert final_event_margin(10.0) == pytest.approx(0.5)
     assert final_event_margin(600.0) == pytest.approx(1.0)
 
 
