@@ -240,6 +240,8 @@ class CompletionService:
                 await self._send_final(send, self._finished(request, progress, outcome))
             raise
         finally:
+            if permit is not None:
+                permit.release()  # a no-op when reported above; else a bug ended the call
             record = self._record(request, progress, outcome, status, trace_id, span_id)
             self._ledger.submit(record)
             access_log(record)

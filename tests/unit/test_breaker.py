@@ -195,3 +195,14 @@ def test_a_permit_reports_once() -> None:
     for _ in range(10):
         permit.failure()
     assert state(breaker) is BreakerState.CLOSED
+
+
+def test_calls_in_flight_are_counted_until_each_permit_reports() -> None:
+    breaker = make(Clock())
+    permits = [breaker.acquire() for _ in range(3)]
+    assert breaker.in_flight == 3
+    permits[0].success()
+    permits[1].failure()
+    permits[2].release()
+    permits[2].release()  # reporting twice changes nothing
+    assert breaker.in_flight == 0

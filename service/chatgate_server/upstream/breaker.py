@@ -134,6 +134,11 @@ class CircuitBreaker:
             return BreakerState.HALF_OPEN
         return self._state
 
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a permit that has not reported yet."""
+        return self._in_flight
+
     def acquire(self) -> Permit:
         """Permission for one call, or BreakerOpen with the time to wait."""
         if self._state is BreakerState.OPEN:
