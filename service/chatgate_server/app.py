@@ -164,6 +164,8 @@ class App:
         self.breaker = CircuitBreaker(
             self._upstream.name,
             failure_threshold=s.breaker_failure_threshold,
+            window_s=s.breaker_window_s,
+            failure_rate=s.breaker_failure_rate,
             cooldown_s=s.breaker_cooldown_s,
             max_cooldown_s=s.breaker_max_cooldown_s,
         )
@@ -280,9 +282,21 @@ class App:
             await asyncio.to_thread(self._providers.shutdown)
             self._providers = None
 
+    @property
+    def upstream_connections(self) -> int:
+        """Upstream connections open now, idle ones included."""
+        return self._upstream.open_connections if self._upstream is not None else 0
+
     def _observe(self) -> None:
         """Gauges read at each metrics export."""
-        breaker, ledger = self.breaker, self.ledger
+        breaker, ledger, upstream = self.breaker, self.ledger, self._upstream
+        if upstream is not None:
+            self.telemetry.observe(
+                "chatgate.upstream.connections",
+                "{connection}",
+                "Upstream connections open, idle ones included (idle ones the server closed are reaped)",
+                lambda: [(float(upstream.open_connections), {"chatgate.upstream": upstream.name})],
+            )
         if breaker is not None:
             self.telemetry.observe(
                 "chatgate.breaker.state",

@@ -90,7 +90,13 @@ class Settings:
     retry_cap_s: float
     """CHATGATE_RETRY_CAP_SECONDS: largest backoff ceiling (default 8)."""
     breaker_failure_threshold: int
-    """CHATGATE_BREAKER_FAILURE_THRESHOLD: consecutive failed calls that open the breaker (default 5)."""
+    """CHATGATE_BREAKER_FAILURE_THRESHOLD: failed calls within the window that open the breaker,
+    when they are also CHATGATE_BREAKER_FAILURE_RATE of the calls seen (default 5)."""
+    breaker_window_s: float
+    """CHATGATE_BREAKER_WINDOW_SECONDS: the sliding window the breaker counts calls over (default 10)."""
+    breaker_failure_rate: float
+    """CHATGATE_BREAKER_FAILURE_RATE: the share of calls (ended in the window or running) that
+    must have failed to open the breaker, from 0 to 1 (default 0.5)."""
     breaker_cooldown_s: float
     """CHATGATE_BREAKER_COOLDOWN_SECONDS: first open period; doubles on each reopen (default 30)."""
     breaker_max_cooldown_s: float
@@ -153,6 +159,8 @@ class Settings:
             retry_base_s=_float(e, "CHATGATE_RETRY_BASE_SECONDS", 0.5, minimum=0),
             retry_cap_s=_float(e, "CHATGATE_RETRY_CAP_SECONDS", 8.0, minimum=0),
             breaker_failure_threshold=_int(e, "CHATGATE_BREAKER_FAILURE_THRESHOLD", 5, minimum=1),
+            breaker_window_s=_float(e, "CHATGATE_BREAKER_WINDOW_SECONDS", 10.0, minimum=0.001),
+            breaker_failure_rate=_fraction(e, "CHATGATE_BREAKER_FAILURE_RATE", 0.5),
             breaker_cooldown_s=_float(e, "CHATGATE_BREAKER_COOLDOWN_SECONDS", 30.0, minimum=0),
             breaker_max_cooldown_s=_float(e, "CHATGATE_BREAKER_MAX_COOLDOWN_SECONDS", 300.0, minimum=0),
             ledger_queue_size=_int(e, "CHATGATE_LEDGER_QUEUE_SIZE", 10000, minimum=1),
@@ -268,6 +276,13 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float)
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     if not value >= minimum:  # also rejects NaN
         raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default, minimum=0)
+    if value > 1:
+        raise ConfigError(f"{name} must be between 0 and 1, got {value:g}")
     return value
 
 
