@@ -25,6 +25,8 @@ from chatgate_server.upstream.openai import OpenAIUpstream
 from chatgate_server.upstream.retry import RetryPolicy
 from chatgate_server.usage import tokens
 from chatgate_server.usage.admission import RequestIdGuard
+from chatgate_server.usage.connect import with_connect_timeout
+from chatgate_server.usage.dberrors import describe
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
 from chatgate_server.usage.reports import UsageReports
@@ -85,11 +87,14 @@ class App:
             if not database_unreachable(exc):
                 await self.stop(0)
                 raise StartupError(
-                    f"cannot use the database at DATABASE_URL ({type(exc).__name__})"
+                    f"cannot use the database at DATABASE_URL: {describe(exc, s.database_url)}"
                 ) from None
             # Away rather than misconfigured: serve, and keep usage rows in the spool until
             # it answers (the next start checks migrations again).
-            log.warning("Postgres at DATABASE_URL is unreachable; serving, usage rows go to the spool")
+            log.warning(
+                "Postgres at DATABASE_URL is unreachable (%s); serving, usage rows go to the spool",
+                describe(exc, s.database_url),
+            )
             postgres_ok, pending = False, []
         if pending:
             await self.stop(0)
@@ -103,10 +108,13 @@ class App:
         # Opened in the background: a Postgres that is away must not hold up serving.
         # The pool retries connecting with backoff; capping a retry chain keeps it from
         # sleeping for minutes after a long outage while Postgres is back.
+        # A connect timeout on both: a Postgres that accepts TCP and never answers must
+        # fail a connection attempt in seconds, not the two minutes psycopg allows.
+        url = with_connect_timeout(s.database_url)
         self._pool = AsyncConnectionPool(
-            s.database_url, min_size=1, max_size=8, open=False, reconnect_timeout=s.ledger_retry_cap_s
+            url, min_size=1, max_size=8, open=False, reconnect_timeout=s.ledger_retry_cap_s
         )
-        self._report_pool = AsyncConnectionPool(s.database_url, min_size=1, max_size=4, open=False)
+        self._report_pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False)
         await self._pool.open(wait=False)
         await self._report_pool.open(wait=False)
         self._spool = Spool(s.spool_dir, max_bytes=s.spool_max_bytes)
@@ -246,6 +254,13 @@ class App:
                 "By",
                 "Bytes in the usage spool",
                 lambda: [(float(ledger.stats().spool_bytes), {})],
+            )
+            self.telemetry.observe(
+                "chatgate.ledger.dead_lettered",
+                "{record}",
+                "Usage records Postgres refused since start, kept in the spool's dead-letter file "
+                "(non-zero: run `chatgate usage-dead-letters list`)",
+                lambda: [(float(ledger.stats().dead_lettered), {})],
             )
             self.telemetry.observe(
                 "chatgate.ledger.state",

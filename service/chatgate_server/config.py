@@ -143,7 +143,7 @@ class Settings:
             ledger_batch_size=_int(e, "CHATGATE_LEDGER_BATCH_SIZE", 500, minimum=1),
             ledger_write_timeout_s=_float(e, "CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS", 5.0, minimum=0.01),
             ledger_retry_cap_s=_float(e, "CHATGATE_LEDGER_RETRY_CAP_SECONDS", 30.0, minimum=0.01),
-            spool_dir=Path(e.get("CHATGATE_SPOOL_DIR", "").strip() or ".chatgate/spool"),
+            spool_dir=spool_dir_from_env(e),
             spool_max_bytes=_int(e, "CHATGATE_SPOOL_MAX_MB", 1024, minimum=1) * 1024 * 1024,
             request_id_window_h=_float(e, "CHATGATE_REQUEST_ID_WINDOW_HOURS", 24.0, minimum=0.001),
             log_level=_choice(e, "CHATGATE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -162,6 +162,12 @@ def retention_months_from_env(env: Mapping[str, str] | None = None) -> int:
 def database_url_from_env(env: Mapping[str, str] | None = None) -> str:
     """DATABASE_URL alone, for commands (migrate, usage) that need nothing else."""
     return _required(os.environ if env is None else env, "DATABASE_URL")
+
+
+def spool_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
+    """CHATGATE_SPOOL_DIR alone, for ``chatgate usage-dead-letters``."""
+    e = os.environ if env is None else env
+    return Path(e.get("CHATGATE_SPOOL_DIR", "").strip() or ".chatgate/spool")
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
