@@ -132,6 +132,7 @@ class App:
             queue_size=s.ledger_queue_size,
             batch_size=s.ledger_batch_size,
             write_timeout_s=s.ledger_write_timeout_s,
+            spool_after_s=s.ledger_spool_after_s,
             retry_cap_s=s.ledger_retry_cap_s,
             guard=RequestIdGuard(store.find_attempts, window=window),
             postgres_ok=postgres_ok,

@@ -94,6 +94,10 @@ class Settings:
     ledger_write_timeout_s: float
     """CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS: longest wait for one insert, connection included,
     before its rows go to the spool (default 5)."""
+    ledger_spool_after_s: float
+    """CHATGATE_LEDGER_SPOOL_AFTER_SECONDS: how long Postgres may leave a write unanswered before
+    its rows go to the spool while it goes on (default 0.2): with the 50 ms batch linger, the
+    longest a finished call's row is only in memory, i.e. what a kill -9 can lose."""
     ledger_retry_cap_s: float
     """CHATGATE_LEDGER_RETRY_CAP_SECONDS: longest pause between probes of an absent Postgres (default 30)."""
     spool_dir: Path
@@ -142,6 +146,7 @@ class Settings:
             ledger_queue_size=_int(e, "CHATGATE_LEDGER_QUEUE_SIZE", 10000, minimum=1),
             ledger_batch_size=_int(e, "CHATGATE_LEDGER_BATCH_SIZE", 500, minimum=1),
             ledger_write_timeout_s=_float(e, "CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS", 5.0, minimum=0.01),
+            ledger_spool_after_s=_float(e, "CHATGATE_LEDGER_SPOOL_AFTER_SECONDS", 0.2, minimum=0.01),
             ledger_retry_cap_s=_float(e, "CHATGATE_LEDGER_RETRY_CAP_SECONDS", 30.0, minimum=0.01),
             spool_dir=spool_dir_from_env(e),
             spool_max_bytes=_int(e, "CHATGATE_SPOOL_MAX_MB", 1024, minimum=1) * 1024 * 1024,
