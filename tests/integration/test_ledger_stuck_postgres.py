@@ -26,6 +26,9 @@ from tests.integration.test_ledger import (
     running_ledger,
     stored,
 )
+from tests.integration.test_ledger_bad_records import POISON, dead_letters, refusing_db
+
+__all__ = ["refusing_db"]  # a fixture, used by name
 
 # Linger (50 ms) + spool_after (200 ms) + fsync, with room for a loaded machine; far
 # below the write timeouts used here, so only early spooling passes.
@@ -117,3 +120,26 @@ async def test_kill_9_while_postgres_hangs_loses_no_row(migrated_database_url: s
 def _hang_then_go(proxy: PgProxy, stdin: asyncio.StreamWriter) -> None:
     proxy.hang()
     stdin.write(b"go\n")
+
+
+async def test_a_bad_row_in_a_stuck_write_is_dead_lettered_once(refusing_db: str, tmp_path: Path) -> None:
+    # The stuck write lands late and splits its batch around the bad row; the replay of
+    # the spooled copy splits it again. One dead letter, every good row once.
+    good = [make_record("poison", n) for n in range(20)]
+    poison = make_record("poison", 99, requested_model=POISON + "late")
+    async with (
+        running_proxy(refusing_db) as proxy,
+        running_ledger(proxy.url_for(refusing_db), tmp_path, write_timeout_s=60.0) as ledger,
+    ):
+        ledger.submit(good[0])
+        await stored(ledger)
+        proxy.hang()
+        for r in [*good[1:10], poison, *good[10:]]:
+            ledger.submit(r)
+        await wait_for(lambda: len(spooled_ids(tmp_path)) == 20, SPOOLED_WITHIN_S)
+        proxy.restore()
+        await stored(ledger)
+        assert ledger.stats().dead_lettered == 1
+    stored_rows, _ = rows_and_rollup(refusing_db, "poison")
+    assert stored_rows == {r.request_id: 1 for r in good}
+    assert [r.request_id for r in dead_letters(tmp_path)] == [poison.request_id]

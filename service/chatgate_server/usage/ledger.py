@@ -55,6 +55,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 import psycopg
@@ -122,6 +123,9 @@ _Stored = tuple[list[UsageRecord], BaseException | None]
 """What :meth:`UsageLedger._write_records` left unwritten because Postgres went away, and why."""
 
 
+# Keys of dead-lettered rows remembered to write each letter once (a bound on memory).
+_DEAD_KEYS_KEPT = 10_000
+
 # The SDK keeps at most 128 links per span by default; more would be dropped anyway.
 _MAX_LINKS = 128
 
@@ -180,6 +184,7 @@ class UsageLedger:
         self._spool_after_s = spool_after_s
         self._late_writes: set[asyncio.Task[_Stored]] = set()
         self._answered_at = 0.0  # loop time of Postgres's latest answer to an insert
+        self._dead_keys: set[tuple[str, datetime]] = set()  # dead-lettered by this process
         self._tracer = tracer or trace.NoOpTracer()
         self._spool_broken = False
         self._closing = False
@@ -523,6 +528,14 @@ class UsageLedger:
         return inserted
 
     async def _dead_letter(self, record: UsageRecord, exc: BaseException) -> None:
+        key = (record.request_id, record.started_at)
+        if key in self._dead_keys:
+            # The same row refused again: a stuck write that landed late and the replay of
+            # its spooled copy both split the batch. One letter is enough.
+            return
+        if len(self._dead_keys) >= _DEAD_KEYS_KEPT:
+            self._dead_keys.clear()
+        self._dead_keys.add(key)
         self._dead += 1
         reason = describe(exc)
         try:
