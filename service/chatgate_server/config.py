@@ -92,8 +92,8 @@ class Settings:
     ledger_batch_size: int
     """CHATGATE_LEDGER_BATCH_SIZE: most rows written in one insert."""
     ledger_write_timeout_s: float
-    """CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS: longest wait for one insert, connection included,
-    before its rows go to the spool (default 5)."""
+    """CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS: longest one insert or probe may take, connection
+    included, before it counts as failed (default 5); its rows are spooled sooner, see below."""
     ledger_spool_after_s: float
     """CHATGATE_LEDGER_SPOOL_AFTER_SECONDS: how long Postgres may leave a write unanswered before
     its rows go to the spool while it goes on (default 0.2): with the 50 ms batch linger, the
