@@ -22,9 +22,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from grpc_health.v1 import health, health_pb2
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from chatgate_server.domain import UsageRecord
+from chatgate_server.rpc.ledger_health import LEDGER_HEALTH_SERVICE, LedgerHealth
 from chatgate_server.usage import fields
 from chatgate_server.usage.ledger import LedgerState
 from chatgate_server.usage.migrate import apply_migrations
@@ -105,11 +107,21 @@ async def test_a_row_postgres_refuses_for_a_program_limit_is_dead_lettered_alone
     good = [make_record(tenant, n) for n in range(40)]
     poison = make_record(tenant, 99, requested_model=POISON + "x")
     async with running_ledger(refusing_db, tmp_path) as ledger:
+        health_servicer = health.aio.HealthServicer()
+        ledger_health = LedgerHealth(health_servicer, ("",))
+        ledger.add_listener(ledger_health)
         for r in [*good[:17], poison, *good[17:]]:
             ledger.submit(r)
         await stored(ledger)
         stats = ledger.stats()
-        assert stats.state is LedgerState.OK  # never held NOT_SERVING by a bad row
+        assert stats.state is LedgerState.OK  # not held NOT_SERVING by a bad row
+        ledger_health(ledger.state)
+        await ledger_health.settled()
+        check = await health_servicer.Check(
+            health_pb2.HealthCheckRequest(service=LEDGER_HEALTH_SERVICE),
+            None,  # a known service: the context is not used
+        )
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
         assert stats.dead_lettered == 1 and stats.spooled_records == 0
         more = [make_record(tenant, n) for n in range(40, 50)]
         for r in more:  # and rows after it are written straight away
