@@ -55,6 +55,8 @@ def bad_url(request: pytest.FixtureRequest, database_url: str) -> tuple[str, str
     case = str(request.node.callspec.params["case"])
     if case == "wrong_database":
         return case, url_with(database_url, dbname="chatgate_no_such_db"), 'database "chatgate_no_such_db"'
+    if case == "wrong_user":
+        return case, url_with(database_url, user="chatgate_no_such_role"), '"chatgate_no_such_role"'
     if case == "refused":
         port = request.getfixturevalue("refused_port")
         return case, url_with(database_url, host="127.0.0.1", port=str(port)), "Connection refused"
@@ -83,7 +85,7 @@ def run(*args: str, url: str) -> tuple[subprocess.CompletedProcess[str], float]:
     return result, time.monotonic() - start
 
 
-@pytest.mark.parametrize("case", ["wrong_database", "refused", "silent"])
+@pytest.mark.parametrize("case", ["wrong_database", "wrong_user", "refused", "silent"])
 @pytest.mark.parametrize("command", [("migrate",), ("usage", "--since", "1d")])
 def test_migrate_and_usage_say_why_in_one_line_in_bounded_time(
     command: tuple[str, ...], case: str, bad_url: tuple[str, str, str]
@@ -100,7 +102,7 @@ def test_migrate_and_usage_say_why_in_one_line_in_bounded_time(
     assert PASSWORD not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("case", ["wrong_database"])
+@pytest.mark.parametrize("case", ["wrong_database", "wrong_user"])
 def test_serve_refused_by_the_database_exits_with_the_cause(case: str, bad_url: tuple[str, str, str]) -> None:
     _, url, cause = bad_url
     env = {"OPENAI_API_KEY": TEST_API_KEY, "CHATGATE_LISTEN": "127.0.0.1:0"}
@@ -116,7 +118,7 @@ def test_serve_refused_by_the_database_exits_with_the_cause(case: str, bad_url: 
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("chatgate: cannot use the database at DATABASE_URL: OperationalError")
-    assert cause in lines[-1] and "does not exist" in lines[-1]
+    assert cause in lines[-1] and "FATAL" in lines[-1]
     assert PASSWORD not in result.stdout + result.stderr
 
 
