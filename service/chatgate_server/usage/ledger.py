@@ -123,6 +123,10 @@ _Stored = tuple[list[UsageRecord], BaseException | None]
 """What :meth:`UsageLedger._write_records` left unwritten because Postgres went away, and why."""
 
 
+# How much longer than ``spool_after_s`` a write may wait for a pool connection (a first
+# connection on a loaded host took up to 0.3 s) before its rows are spooled.
+_CONNECT_ALLOWANCE_S = 1.0
+
 # Keys of dead-lettered rows remembered to write each letter once (a bound on memory).
 _DEAD_KEYS_KEPT = 10_000
 
@@ -184,6 +188,7 @@ class UsageLedger:
         self._spool_after_s = spool_after_s
         self._late_writes: set[asyncio.Task[_Stored]] = set()
         self._answered_at = 0.0  # loop time of Postgres's latest answer to an insert
+        self._connected_at = 0.0  # loop time an insert last got its connection
         self._dead_keys: set[tuple[str, datetime]] = set()  # dead-lettered by this process
         self._tracer = tracer or trace.NoOpTracer()
         self._spool_broken = False
@@ -410,17 +415,26 @@ class UsageLedger:
             await self._to_spool(left)
 
     async def _answered_in_time(self, write: asyncio.Task[_Stored]) -> bool:
-        """Wait for ``write``; False once Postgres has been silent for ``spool_after_s``.
-        Silent, not slow: a batch split around a bad record takes several round trips,
-        each answered, and is not stuck."""
+        """Wait for ``write``; False once Postgres has been silent for ``spool_after_s``
+        with a connection in hand (or ``_CONNECT_ALLOWANCE_S`` more without one). Silent,
+        not slow: a batch split around a bad record takes several round trips, each
+        answered, and is not stuck; nor is the first connection on a loaded host."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         while not write.done():
-            quiet_until = max(started, self._answered_at) + self._spool_after_s
+            if self._connected_at < started:  # still waiting for a connection
+                quiet_until = started + _CONNECT_ALLOWANCE_S + self._spool_after_s
+            else:
+                quiet_until = max(self._connected_at, self._answered_at) + self._spool_after_s
             if loop.time() >= quiet_until:
                 return False
-            await asyncio.wait({write}, timeout=quiet_until - loop.time())
+            # In slices: a connection or an answer arriving meanwhile moves the deadline.
+            slice_s = min(quiet_until - loop.time(), self._spool_after_s / 4)
+            await asyncio.wait({write}, timeout=slice_s)
         return True
+
+    def _connected(self) -> None:
+        self._connected_at = asyncio.get_running_loop().time()
 
     def _late_write_done(self, write: asyncio.Task[_Stored]) -> None:
         """A write that outlived ``spool_after_s`` ended; its rows are in the spool."""
@@ -519,7 +533,7 @@ class UsageLedger:
         """One insert within the write timeout, noting when Postgres answered it."""
         try:
             async with asyncio.timeout(self._write_timeout_s):
-                inserted = await self._store.insert(records)
+                inserted = await self._store.insert(records, self._connected)
         except psycopg.Error as exc:
             if exc.sqlstate:  # refused by a server that answers
                 self._answered_at = asyncio.get_running_loop().time()

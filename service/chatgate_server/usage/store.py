@@ -274,7 +274,9 @@ class UsageStore:
         self._pool = pool
         self._attempt_window = attempt_window
 
-    async def insert(self, records: Sequence[UsageRecord]) -> int:
+    async def insert(
+        self, records: Sequence[UsageRecord], on_connection: Callable[[], None] | None = None
+    ) -> int:
         """Write a batch in one transaction; return how many rows were new.
 
         Records already stored (same request_id and started_at) are skipped and not
@@ -282,7 +284,8 @@ class UsageStore:
         a caller-supplied request id (those with a fingerprint) also settle earlier
         attempts of the same id (:func:`settle_attempts`), so a caller's retry leaves one
         row. Raises ValueError for a record with a naive ``started_at`` before touching
-        the database.
+        the database. ``on_connection`` is called once a connection is in hand (the
+        ledger times Postgres's silence from there).
         """
         if not records:
             return 0
@@ -290,6 +293,8 @@ class UsageStore:
             _started_at(r)
         keyed = [r for r in records if r.request_fingerprint is not None]
         async with self._pool.connection() as conn:
+            if on_connection is not None:
+                on_connection()
             if not keyed:
                 # The common case: generated ids, unique by construction. One statement.
                 return await self._insert(conn, records)
