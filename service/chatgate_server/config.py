@@ -106,8 +106,12 @@ class Settings:
     ledger_batch_size: int
     """CHATGATE_LEDGER_BATCH_SIZE: most rows written in one insert."""
     ledger_write_timeout_s: float
-    """CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS: longest wait for one insert, connection included,
-    before its rows go to the spool (default 5)."""
+    """CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS: longest one insert or probe may take, connection
+    included, before it counts as failed (default 5); its rows are spooled sooner, see below."""
+    ledger_spool_after_s: float
+    """CHATGATE_LEDGER_SPOOL_AFTER_SECONDS: how long Postgres may leave a write unanswered before
+    its rows go to the spool while it goes on (default 0.2): with the 50 ms batch linger, the
+    longest a finished call's row is only in memory, i.e. what a kill -9 can lose."""
     ledger_retry_cap_s: float
     """CHATGATE_LEDGER_RETRY_CAP_SECONDS: longest pause between probes of an absent Postgres (default 30)."""
     spool_dir: Path
@@ -166,8 +170,9 @@ class Settings:
             ledger_queue_size=_int(e, "CHATGATE_LEDGER_QUEUE_SIZE", 10000, minimum=1),
             ledger_batch_size=_int(e, "CHATGATE_LEDGER_BATCH_SIZE", 500, minimum=1),
             ledger_write_timeout_s=_float(e, "CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS", 5.0, minimum=0.01),
+            ledger_spool_after_s=_float(e, "CHATGATE_LEDGER_SPOOL_AFTER_SECONDS", 0.2, minimum=0.01),
             ledger_retry_cap_s=_float(e, "CHATGATE_LEDGER_RETRY_CAP_SECONDS", 30.0, minimum=0.01),
-            spool_dir=Path(e.get("CHATGATE_SPOOL_DIR", "").strip() or ".chatgate/spool"),
+            spool_dir=spool_dir_from_env(e),
             spool_max_bytes=_int(e, "CHATGATE_SPOOL_MAX_MB", 1024, minimum=1) * 1024 * 1024,
             request_id_window_h=request_id_window_from_env(e),
             log_level=_choice(e, "CHATGATE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -216,6 +221,12 @@ def _in_flight_budget(env: Mapping[str, str]) -> int:
         # A request that is allowed must be able to run alone.
         raise ConfigError("CHATGATE_MAX_REQUEST_MB_IN_FLIGHT must hold at least CHATGATE_MAX_REQUEST_BYTES")
     return budget
+
+
+def spool_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
+    """CHATGATE_SPOOL_DIR alone, for ``chatgate usage-dead-letters``."""
+    e = os.environ if env is None else env
+    return Path(e.get("CHATGATE_SPOOL_DIR", "").strip() or ".chatgate/spool")
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
