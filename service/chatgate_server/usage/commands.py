@@ -349,7 +349,6 @@ def _table(
 
 async def _retention(url: str, months: int, window: timedelta, dry_run: bool, out: TextIO) -> int:
     from chatgate_server.usage.connect import connect
-
     from chatgate_server.usage.maintenance import apply_retention
     from chatgate_server.usage.reservations import count_expired, delete_expired
 
@@ -376,7 +375,6 @@ async def _reprice(
     url: str, since: datetime, until: datetime, dry_run: bool, prices_file: Path | None, out: TextIO
 ) -> int:
     from chatgate_server.usage.connect import connect
-
     from chatgate_server.usage.maintenance import reprice
     from chatgate_server.usage.pricing import load_prices
 
