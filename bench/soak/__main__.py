@@ -1,8 +1,9 @@
 """Run the chaos soak: ``python -m bench.soak --seconds 600 [--callers 50]``.
 
 The timeline, as fractions of ``--seconds``: fault bursts of 3 s in every 12 s
-throughout; Postgres cut at 25 % for min(30 s, 15 %); one SIGTERM at 50 % and one
-kill -9 at 75 %, each followed by a restart on the same spool; then the callers stop,
+throughout; Postgres cut at 25 % for min(30 s, 15 %); one SIGTERM at 50 %; at 75 %
+Postgres hangs (accepts, never answers) and, a few seconds later, chatgate gets a
+kill -9; each end is followed by a restart on the same spool; then the callers stop,
 the simulator is stopped (chatgate must close its side of every upstream connection),
 and chatgate gets its final SIGTERM before the audit. Prints the figures as JSON and
 exits 1 if a check failed.
@@ -99,8 +100,17 @@ async def timeline(
 
         await restart(chatgate, probe, terminate)
     if await at(t0, 0.75 * seconds, stop):
+        # kill -9 while Postgres hangs (accepts, never answers): the worst moment, with
+        # rows waiting on a write that will never return.
+        proxy.hang()
+        await at(time.monotonic(), min(3.0, 0.05 * seconds), stop)
         events.kill_at = time.time()
-        events.kill_restarted_at = await restart(chatgate, probe, chatgate.kill)
+
+        async def kill_then_answer() -> None:
+            await chatgate.kill()
+            proxy.restore()
+
+        events.kill_restarted_at = await restart(chatgate, probe, kill_then_answer)
     await at(t0, seconds, stop)
     return events
 
