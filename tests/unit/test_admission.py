@@ -343,3 +343,15 @@ def test_the_same_record_twice_in_one_batch_is_not_skipped() -> None:
     # ON CONFLICT keeps one of them; skipping by key here would drop both.
     delete, skip = settle_attempts([], [record(served=True), record(served=True)])
     assert delete == [] and skip == set()
+
+
+def test_the_fingerprint_names_whom_a_call_bills_not_the_credential_that_proved_it() -> None:
+    caller = Caller(tenant="acme", service="billing-api")
+    rotated = Caller(
+        tenant="acme", service="billing-api", roles=frozenset({"operator"}), credential_id="x" * 16
+    )
+    assert fingerprint(request(caller=caller)) == fingerprint(request(caller=rotated))
+    assert fingerprint(request(caller=caller)) != fingerprint(request(caller=replace(caller, tenant="other")))
+    assert fingerprint(request(caller=caller)) != fingerprint(
+        request(caller=replace(caller, service="other"))
+    )

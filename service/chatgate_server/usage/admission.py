@@ -100,6 +100,10 @@ def fingerprint(request: CompletionRequest) -> str:
     content = {
         f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name not in _NOT_CONTENT
     }
+    # Whom it is billed to, not how the caller proved itself: a retry with a rotated
+    # token (another credential id) is the same request. The same two keys as before
+    # callers authenticated, so earlier fingerprints still match.
+    content["caller"] = {"tenant": request.caller.tenant, "service": request.caller.service}
     data = orjson.dumps(content, default=_plain, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(data).digest()[:16].hex()
 
