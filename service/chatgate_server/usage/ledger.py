@@ -217,7 +217,7 @@ class UsageLedger:
                 retry_after=self._retry_cap_s,
             )
         if self._guard is not None:
-            await self._guard.admit(request, consult_database=self._postgres_ok)
+            await self._guard.admit(request)
 
     def submit(self, record: UsageRecord) -> None:
         """Queue ``record`` for writing. Never blocks, never raises, never drops."""
