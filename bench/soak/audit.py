@@ -94,6 +94,17 @@ def audit_calls(records: list[CallRecord], rows: Counter[str], timeline: Timelin
     cut = [r for r in started if r.code == "DEADLINE_EXCEEDED"]
     with_final = sum(r.finished for r in cut)
     report.figures["deadline_cut_streams_with_finished"] = f"{with_final}/{len(cut)}"
+    report.figures["deadline_cut_without_finished_sample"] = [
+        {
+            "request_id": r.request_id,
+            "deadline_s": round(r.deadline_s, 3),
+            "elapsed_s": round(r.ended_at - r.started_at, 3),
+            "events": r.events,
+            "scenario": r.scenario,
+        }
+        for r in cut
+        if not r.finished
+    ][:10]
     report.check(with_final == len(cut), f"{len(cut) - with_final} deadline-cut streams lacked `finished`")
 
 
