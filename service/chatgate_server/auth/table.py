@@ -98,11 +98,19 @@ class CallerTable:
         self._version = version
         return True
 
-    async def start(self) -> None:
-        """Load once (best effort: a failure is logged and retried) and keep refreshing."""
-        with contextlib.suppress(Exception):
-            await self.refresh()
+    async def start(self, load_timeout_s: float | None = None) -> bool:
+        """Load once, waiting at most ``load_timeout_s`` (best effort: a failure is logged
+        and the poll retries), and keep refreshing. True if the table is loaded."""
+        try:
+            async with asyncio.timeout(load_timeout_s):
+                await self.refresh()
+        except Exception as exc:  # noqa: BLE001 - not loaded: calls are refused until it is
+            log.warning(
+                "cannot load the caller table (%s); calls are refused (CALLERS_UNAVAILABLE) until it loads",
+                type(exc).__name__,
+            )
         self._task = asyncio.create_task(self._poll(), name="caller-table")
+        return self.loaded
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -100,6 +100,9 @@ def fingerprint(request: CompletionRequest) -> str:
     content = {
         f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name not in _NOT_CONTENT
     }
+    # Whom it is billed to, not which of the caller's credentials sent it: a retry made
+    # with the new token of a rotation is the same request.
+    content["caller"] = (request.caller.tenant, request.caller.service)
     data = orjson.dumps(content, default=_plain, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(data).digest()[:16].hex()
 
