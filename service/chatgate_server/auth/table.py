@@ -24,13 +24,13 @@ from chatgate_server.auth import tokens
 from chatgate_server.auth.records import Credential
 from chatgate_server.auth.store import CallerStore
 from chatgate_server.domain import Caller
-from chatgate_server.errors import CredentialInvalid, ServiceUnavailable
+from chatgate_server.errors import CallersUnavailable, CredentialInvalid
 
 log = logging.getLogger(__name__)
 
 
-class CallerTableNotLoaded(ServiceUnavailable):
-    reason = "CALLERS_UNAVAILABLE"
+# The name the table's callers knew first.
+CallerTableNotLoaded = CallersUnavailable
 
 
 class CallerTable:
@@ -54,7 +54,7 @@ class CallerTable:
     def verify_token(self, text: str) -> Caller:
         """The caller a bearer token proves; raises an ``Unauthenticated`` subclass."""
         if self._by_id is None:
-            raise CallerTableNotLoaded("the caller table is not loaded yet", retry_after=1.0)
+            raise CallersUnavailable("the caller table is not loaded yet", retry_after=1.0)
         try:
             token = tokens.parse(text)
         except tokens.MalformedToken as exc:
@@ -74,7 +74,7 @@ class CallerTable:
     def verify_certificate(self, identity: str) -> Caller:
         """The caller a verified client certificate's identity maps to."""
         if self._by_id is None:
-            raise CallerTableNotLoaded("the caller table is not loaded yet", retry_after=1.0)
+            raise CallersUnavailable("the caller table is not loaded yet", retry_after=1.0)
         credential = self._by_identity.get(identity)
         if credential is None:
             raise CredentialInvalid("the client certificate is not mapped to a caller")

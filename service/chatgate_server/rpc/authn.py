@@ -21,9 +21,15 @@ from typing import Any
 
 import grpc
 
-from chatgate_server.auth.table import CallerTable, CallerTableNotLoaded
+from chatgate_server.auth.table import CallerTable
 from chatgate_server.domain import ANONYMOUS_CALLER, Caller
-from chatgate_server.errors import ChatgateError, CredentialInvalid, CredentialMissing, Unauthenticated
+from chatgate_server.errors import (
+    CallersUnavailable,
+    ChatgateError,
+    CredentialInvalid,
+    CredentialMissing,
+    Unauthenticated,
+)
 from chatgate_server.rpc.tls import certificate_identity
 from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
 
@@ -66,7 +72,7 @@ class Authenticator:
             return ANONYMOUS_CALLER
         try:
             return self._verify(table, context)
-        except (Unauthenticated, CallerTableNotLoaded) as exc:
+        except (Unauthenticated, CallersUnavailable) as exc:
             self._failed(exc, context)
             raise
 
