@@ -489,3 +489,57 @@ async def test_no_token_or_private_key_in_logs_spans_statuses_or_rows(
         r for r in caplog.records if r.getMessage().startswith("authentication failed: CREDENTIAL_INVALID")
     ]
     assert len(lines) == 1
+
+
+# --- the clients -------------------------------------------------------------------------
+
+
+async def test_the_python_clients_take_a_token_file_and_tls_files(
+    start_app: AppFactory, pki: Pki, store: CallerStore, tmp_path: Path
+) -> None:
+    from chatgate.client import AsyncClient, ChatgateError, Client, build_request, user
+
+    identity = f"spiffe://{unique('py')}.example/client"
+    client_cert, client_key = pki.ca.issue("py-client", uri=identity).write(tmp_path, "client")
+    tenant = unique("py")
+    await store.create(NewCaller(tenant, "by-cert", cert_identity=identity))
+    (tmp_path / "token").write_text(await new_token(store, tenant, "by-token") + "\n")
+    app = await start_app(
+        auth="tokens",
+        tls_cert_file=pki.folder / "server.crt",
+        tls_key_file=pki.folder / "server.key",
+        tls_client_ca_file=pki.folder / "ca.crt",
+    )
+    target, ca = f"127.0.0.1:{app.port}", pki.folder / "ca.crt"
+    req = build_request(MODEL, [user("hi")], user_id="u1")
+    mtls: dict[str, Any] = {"ca_file": ca, "cert_file": client_cert, "key_file": client_key}
+    async with AsyncClient(target, token_file=tmp_path / "token", **mtls) as client:
+        assert (await client.collect(req)).text
+
+    # The certificate alone proves its caller; with a bad token the token decides.
+    def by_certificate() -> str:  # blocking: in a thread, so the server keeps running
+        with Client(target, **mtls) as sync_client:
+            return sync_client.collect(req).text
+
+    assert await asyncio.to_thread(by_certificate)
+    async with AsyncClient(target, token="cgt_nope", **mtls) as client:
+        with pytest.raises(ChatgateError) as caught:
+            await client.collect(req)
+    assert caught.value.known_reason == "CREDENTIAL_INVALID" and not caught.value.retryable
+    with pytest.raises(ValueError, match="cert_file and key_file"):
+        Client(target, ca_file=ca, cert_file=client_cert)
+
+
+async def test_the_python_client_over_plain_tls_without_a_token_is_told_so(
+    start_app: AppFactory, pki: Pki
+) -> None:
+    from chatgate.client import AsyncClient, ChatgateError, build_request, user
+
+    app = await start_app(
+        auth="tokens", tls_cert_file=pki.folder / "server.crt", tls_key_file=pki.folder / "server.key"
+    )
+    async with AsyncClient(f"127.0.0.1:{app.port}", ca_file=pki.folder / "ca.crt") as client:
+        with pytest.raises(ChatgateError) as caught:
+            await client.collect(build_request(MODEL, [user("hi")], user_id="u1"))
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert caught.value.known_reason == "CREDENTIAL_MISSING"
