@@ -48,6 +48,7 @@ class CallerTable:
         self._clock = clock
         self._by_id: dict[str, Credential] | None = None
         self._by_identity: dict[str, Credential] = {}
+        self._callers: dict[str, Caller] = {}
         self._version: int | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -69,7 +70,7 @@ class CallerTable:
         refusal = credential.refusal(self._clock())
         if refusal is not None:
             raise refusal
-        return credential.caller()
+        return self._callers[credential.public_id]
 
     def verify_certificate(self, identity: str) -> Caller:
         """The caller a verified client certificate's identity maps to."""
@@ -81,7 +82,7 @@ class CallerTable:
         refusal = credential.refusal(self._clock())
         if refusal is not None:
             raise refusal
-        return credential.caller()
+        return self._callers[credential.public_id]
 
     @property
     def loaded(self) -> bool:
@@ -93,6 +94,8 @@ class CallerTable:
         if version == self._version and self._by_id is not None:
             return False
         credentials = await self._store.credentials()
+        # Callers are immutable: made once per load, not once per call.
+        self._callers = {c.public_id: c.caller() for c in credentials}
         self._by_id = {c.public_id: c for c in credentials}
         self._by_identity = {c.cert_identity: c for c in credentials if c.cert_identity is not None}
         self._version = version
