@@ -35,8 +35,9 @@ from chatgate_server.auth import tokens
 from chatgate_server.auth.records import OPERATOR_ROLE
 from chatgate_server.auth.store import CallerStore, NewCaller
 from chatgate_server.simulator import Simulator
+from chatgate_server.telemetry import NO_TELEMETRY
 from tests.certs import Authority, Issued
-from tests.integration.conftest import TEST_API_KEY, AppFactory
+from tests.integration.conftest import TEST_API_KEY, AppFactory, make_settings
 from tests.integration.test_tracing import Captured
 from tests.integration.test_workers import free_port, serving
 
@@ -543,3 +544,43 @@ async def test_the_python_client_over_plain_tls_without_a_token_is_told_so(
             await client.collect(build_request(MODEL, [user("hi")], user_id="u1"))
     assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert caught.value.known_reason == "CREDENTIAL_MISSING"
+
+
+# --- failing closed, and authentication off -------------------------------------------
+
+
+async def test_without_its_callers_loaded_chatgate_refuses_every_call(
+    simulator: Simulator, store: CallerStore
+) -> None:
+    token = await new_token(store, unique("acme"))
+    # Postgres away since start-up: chatgate serves (usage rows go to the spool) but
+    # cannot know any caller, so it authenticates nobody rather than everybody.
+    settings = make_settings("postgresql://postgres@127.0.0.1:1/none", simulator.base_url, auth="tokens")
+    app = App(settings, telemetry=NO_TELEMETRY)
+    await app.start()
+    try:
+        assert app.callers is not None and not app.callers.loaded
+        await refuses_as_callers_unavailable(app, token)
+    finally:
+        await app.stop(0)
+
+
+async def refuses_as_callers_unavailable(app: App, token: str) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        got = await refused(ch, bearer(token))
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert (got.code, got.reason) == (grpc.StatusCode.UNAVAILABLE, "CALLERS_UNAVAILABLE")
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_authentication_off_is_a_warning_at_start_and_on_the_first_health_check(
+    start_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    app = await start_app(auth="off")
+    assert sum("CHATGATE_AUTH=off" in r.getMessage() for r in caplog.records) == 1
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        for _ in range(3):
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert (await complete(ch))[-1].WhichOneof("event") == "finished"  # anyone may call
+    assert sum("CHATGATE_AUTH=off" in r.getMessage() for r in caplog.records) == 2
