@@ -30,6 +30,8 @@ from chatgate_server.upstream.openai import OpenAIUpstream
 from chatgate_server.upstream.retry import RetryPolicy
 from chatgate_server.usage import tokens
 from chatgate_server.usage.admission import RequestIdGuard
+from chatgate_server.usage.connect import with_connect_timeout
+from chatgate_server.usage.dberrors import describe
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
 from chatgate_server.usage.pricing import PriceFileError, load_prices
@@ -105,11 +107,14 @@ class App:
             if not database_unreachable(exc):
                 await self.stop(0)
                 raise StartupError(
-                    f"cannot use the database at DATABASE_URL ({type(exc).__name__})"
+                    f"cannot use the database at DATABASE_URL: {describe(exc, s.database_url)}"
                 ) from None
             # Away rather than misconfigured: serve, and keep usage rows in the spool until
             # it answers (the next start checks migrations again).
-            log.warning("Postgres at DATABASE_URL is unreachable; serving, usage rows go to the spool")
+            log.warning(
+                "Postgres at DATABASE_URL is unreachable (%s); serving, usage rows go to the spool",
+                describe(exc, s.database_url),
+            )
             postgres_ok, pending = False, []
         if pending:
             await self.stop(0)
@@ -123,15 +128,18 @@ class App:
         # Opened in the background: a Postgres that is away must not hold up serving.
         # The pool retries connecting with backoff; capping a retry chain keeps it from
         # sleeping for minutes after a long outage while Postgres is back.
+        # A connect timeout on both: a Postgres that accepts TCP and never answers must
+        # fail a connection attempt in seconds, not the two minutes psycopg allows.
+        url = with_connect_timeout(s.database_url)
         self._pool = AsyncConnectionPool(
-            s.database_url, min_size=1, max_size=8, open=False, reconnect_timeout=s.ledger_retry_cap_s
+            url, min_size=1, max_size=8, open=False, reconnect_timeout=s.ledger_retry_cap_s
         )
-        self._report_pool = AsyncConnectionPool(s.database_url, min_size=1, max_size=4, open=False)
+        self._report_pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False)
         # Request-id reservations (usage/reservations.py): a pool of their own, so a burst
         # of ledger batches or reports never makes a call wait for its reservation, and
         # with the settings that make a reservation one cheap round trip.
         self._reservation_pool = AsyncConnectionPool(
-            s.database_url,
+            url,
             min_size=1,
             max_size=4,
             open=False,
@@ -158,6 +166,7 @@ class App:
             queue_size=s.ledger_queue_size,
             batch_size=s.ledger_batch_size,
             write_timeout_s=s.ledger_write_timeout_s,
+            spool_after_s=s.ledger_spool_after_s,
             retry_cap_s=s.ledger_retry_cap_s,
             guard=self._guard,
             postgres_ok=postgres_ok,
@@ -174,6 +183,8 @@ class App:
         self.breaker = CircuitBreaker(
             self._upstream.name,
             failure_threshold=s.breaker_failure_threshold,
+            window_s=s.breaker_window_s,
+            failure_rate=s.breaker_failure_rate,
             cooldown_s=s.breaker_cooldown_s,
             max_cooldown_s=s.breaker_max_cooldown_s,
         )
@@ -334,9 +345,21 @@ class App:
             await asyncio.to_thread(self._providers.shutdown)
             self._providers = None
 
+    @property
+    def upstream_connections(self) -> int:
+        """Upstream connections open now, idle ones included."""
+        return self._upstream.open_connections if self._upstream is not None else 0
+
     def _observe(self) -> None:
         """Gauges read at each metrics export."""
-        breaker, ledger = self.breaker, self.ledger
+        breaker, ledger, upstream = self.breaker, self.ledger, self._upstream
+        if upstream is not None:
+            self.telemetry.observe(
+                "chatgate.upstream.connections",
+                "{connection}",
+                "Upstream connections open, idle ones included (idle ones the server closed are reaped)",
+                lambda: [(float(upstream.open_connections), {"chatgate.upstream": upstream.name})],
+            )
         if breaker is not None:
             self.telemetry.observe(
                 "chatgate.breaker.state",
@@ -362,6 +385,13 @@ class App:
                 "By",
                 "Bytes in the usage spool",
                 lambda: [(float(ledger.stats().spool_bytes), {})],
+            )
+            self.telemetry.observe(
+                "chatgate.ledger.dead_lettered",
+                "{record}",
+                "Usage records Postgres refused since start, kept in the spool's dead-letter file "
+                "(non-zero: run `chatgate usage-dead-letters list`)",
+                lambda: [(float(ledger.stats().dead_lettered), {})],
             )
             self.telemetry.observe(
                 "chatgate.ledger.state",

@@ -63,13 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _migrate() -> int:
+    from chatgate_server.usage.dberrors import describe
     from chatgate_server.usage.migrate import apply_migrations
 
     url = database_url_from_env()
     try:
         applied = apply_migrations(url)
     except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
-        print(f"chatgate: migrate failed: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        # The cause (host, database, user and libpq's reason) in one line; never the password.
+        print(f"chatgate: migrate failed: {describe(exc, url)}", file=sys.stderr)
         return 1
     print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
     return 0
@@ -144,11 +146,6 @@ def _health(address: str, timeout: float, *, ledger: bool = False) -> int:
         print(f"{service}: {status}" if service else status)
         healthy = healthy and status == "SERVING"
     return 0 if healthy else 1
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else ""
 
 
 if __name__ == "__main__":

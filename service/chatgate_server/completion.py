@@ -245,6 +245,8 @@ class CompletionService:
                 await self._send_final(send, self._finished(request, progress, outcome))
             raise
         finally:
+            if permit is not None:
+                permit.release()  # a no-op when reported above; else a bug ended the call
             record = self._record(request, progress, outcome, status, trace_id, span_id)
             self._ledger.submit(record)
             access_log(record)
@@ -310,8 +312,9 @@ class CompletionService:
 
     @staticmethod
     def _judge(permit: Permit, exc: ChatgateError, progress: _Progress) -> None:
-        """Tell the breaker what a failed call says about the upstream."""
-        if isinstance(exc, UpstreamError) and exc.breaker_failure:
+        """Tell the breaker what a failed call says about the upstream (upstream/breaker.py
+        says why a stream that failed after delivering content does not count)."""
+        if isinstance(exc, UpstreamError) and exc.breaker_failure and progress.first_token_at is None:
             permit.failure()
         elif isinstance(exc, DeadlineExceeded) and progress.started is None:
             permit.failure()  # the upstream never answered in time

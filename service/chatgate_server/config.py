@@ -90,7 +90,13 @@ class Settings:
     retry_cap_s: float
     """CHATGATE_RETRY_CAP_SECONDS: largest backoff ceiling (default 8)."""
     breaker_failure_threshold: int
-    """CHATGATE_BREAKER_FAILURE_THRESHOLD: consecutive failed calls that open the breaker (default 5)."""
+    """CHATGATE_BREAKER_FAILURE_THRESHOLD: failed calls within the window that open the breaker,
+    when they are also CHATGATE_BREAKER_FAILURE_RATE of the calls seen (default 5)."""
+    breaker_window_s: float
+    """CHATGATE_BREAKER_WINDOW_SECONDS: the sliding window the breaker counts calls over (default 10)."""
+    breaker_failure_rate: float
+    """CHATGATE_BREAKER_FAILURE_RATE: the share of calls (ended in the window or running) that
+    must have failed to open the breaker, from 0 to 1 (default 0.5)."""
     breaker_cooldown_s: float
     """CHATGATE_BREAKER_COOLDOWN_SECONDS: first open period; doubles on each reopen (default 30)."""
     breaker_max_cooldown_s: float
@@ -100,8 +106,12 @@ class Settings:
     ledger_batch_size: int
     """CHATGATE_LEDGER_BATCH_SIZE: most rows written in one insert."""
     ledger_write_timeout_s: float
-    """CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS: longest wait for one insert, connection included,
-    before its rows go to the spool (default 5)."""
+    """CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS: longest one insert or probe may take, connection
+    included, before it counts as failed (default 5); its rows are spooled sooner, see below."""
+    ledger_spool_after_s: float
+    """CHATGATE_LEDGER_SPOOL_AFTER_SECONDS: how long Postgres may leave a write unanswered before
+    its rows go to the spool while it goes on (default 0.2): with the 50 ms batch linger, the
+    longest a finished call's row is only in memory, i.e. what a kill -9 can lose."""
     ledger_retry_cap_s: float
     """CHATGATE_LEDGER_RETRY_CAP_SECONDS: longest pause between probes of an absent Postgres (default 30)."""
     spool_dir: Path
@@ -167,13 +177,16 @@ class Settings:
             retry_base_s=_float(e, "CHATGATE_RETRY_BASE_SECONDS", 0.5, minimum=0),
             retry_cap_s=_float(e, "CHATGATE_RETRY_CAP_SECONDS", 8.0, minimum=0),
             breaker_failure_threshold=_int(e, "CHATGATE_BREAKER_FAILURE_THRESHOLD", 5, minimum=1),
+            breaker_window_s=_float(e, "CHATGATE_BREAKER_WINDOW_SECONDS", 10.0, minimum=0.001),
+            breaker_failure_rate=_fraction(e, "CHATGATE_BREAKER_FAILURE_RATE", 0.5),
             breaker_cooldown_s=_float(e, "CHATGATE_BREAKER_COOLDOWN_SECONDS", 30.0, minimum=0),
             breaker_max_cooldown_s=_float(e, "CHATGATE_BREAKER_MAX_COOLDOWN_SECONDS", 300.0, minimum=0),
             ledger_queue_size=_int(e, "CHATGATE_LEDGER_QUEUE_SIZE", 10000, minimum=1),
             ledger_batch_size=_int(e, "CHATGATE_LEDGER_BATCH_SIZE", 500, minimum=1),
             ledger_write_timeout_s=_float(e, "CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS", 5.0, minimum=0.01),
+            ledger_spool_after_s=_float(e, "CHATGATE_LEDGER_SPOOL_AFTER_SECONDS", 0.2, minimum=0.01),
             ledger_retry_cap_s=_float(e, "CHATGATE_LEDGER_RETRY_CAP_SECONDS", 30.0, minimum=0.01),
-            spool_dir=Path(e.get("CHATGATE_SPOOL_DIR", "").strip() or ".chatgate/spool"),
+            spool_dir=spool_dir_from_env(e),
             spool_max_bytes=_int(e, "CHATGATE_SPOOL_MAX_MB", 1024, minimum=1) * 1024 * 1024,
             request_id_window_h=request_id_window_from_env(e),
             log_level=_choice(e, "CHATGATE_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -256,6 +269,12 @@ def _in_flight_budget(env: Mapping[str, str]) -> int:
     return budget
 
 
+def spool_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
+    """CHATGATE_SPOOL_DIR alone, for ``chatgate usage-dead-letters``."""
+    e = os.environ if env is None else env
+    return Path(e.get("CHATGATE_SPOOL_DIR", "").strip() or ".chatgate/spool")
+
+
 def _required(env: Mapping[str, str], name: str) -> str:
     value = env.get(name, "").strip()
     if not value:
@@ -314,6 +333,13 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float)
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     if not value >= minimum:  # also rejects NaN
         raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default, minimum=0)
+    if value > 1:
+        raise ConfigError(f"{name} must be between 0 and 1, got {value:g}")
     return value
 
 

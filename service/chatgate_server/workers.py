@@ -210,6 +210,7 @@ def _preflight(settings: Settings) -> str | None:
     A Postgres that is away (rather than misconfigured) is not an error: each worker
     then serves and spools its usage rows, as a single process does.
     """
+    from chatgate_server.usage.dberrors import describe
     from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
 
     try:
@@ -221,7 +222,7 @@ def _preflight(settings: Settings) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure here means: no database
         if database_unreachable(exc):
             return None
-        return f"cannot use the database at DATABASE_URL ({type(exc).__name__})"
+        return f"cannot use the database at DATABASE_URL: {describe(exc, settings.database_url)}"
     if pending:
         return (
             f"the database at DATABASE_URL lacks migrations {', '.join(pending)}: "

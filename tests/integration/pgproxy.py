@@ -14,7 +14,9 @@ class PgProxy:
     """Forwards 127.0.0.1:<port> to Postgres (over TCP, or to its Unix socket).
 
     ``cut()``: every open connection is dropped and new ones are closed on arrival
-    (Postgres "gone"); ``restore()``: forwarding again."""
+    (Postgres "gone"); ``hang()``: connections stay open and new ones are accepted, but
+    nothing is forwarded either way (a Postgres that accepts and never answers; what was
+    sent meanwhile is delivered on restore); ``restore()``: forwarding again."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self._target = (target_host, target_port)
@@ -23,6 +25,8 @@ class PgProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.up = True
         self.port = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -40,8 +44,12 @@ class PgProxy:
             writer.transport.abort()
         self._writers.clear()
 
+    def hang(self) -> None:
+        self._flowing.clear()
+
     def restore(self) -> None:
         self.up = True
+        self._flowing.set()
 
     async def stop(self) -> None:
         self.cut()
@@ -85,10 +93,10 @@ class PgProxy:
             self._writers.discard(w)
             w.transport.abort()
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
 

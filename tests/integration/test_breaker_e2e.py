@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from chatgate.v1 import chat_pb2 as pb
+from chatgate.v1 import chat_pb2_grpc
 from chatgate_server.simulator import Simulator
 from chatgate_server.upstream.breaker import BreakerState
 from tests.integration.conftest import AppFactory
@@ -98,3 +100,36 @@ async def test_breaker_state_is_visible(start_app: AppFactory, simulator: Simula
         for _ in range(5):
             await call(stub, "gpt-4o-mini::status=500")
         assert app.breaker.state is BreakerState.OPEN  # type: ignore[comparison-overlap]
+
+
+@pytest.mark.parametrize("fault", ["disconnect_after=2", "status=500"], ids=["mid-stream", "before-content"])
+async def test_a_tenth_of_calls_failing_under_load_does_not_open_it(
+    start_app: AppFactory, simulator: Simulator, fault: str
+) -> None:
+    # Issue 13 item 12: with ~9 % of calls failing, failures (fast) landed in bursts
+    # between successes (slow streams) and "5 consecutive failures" opened the breaker.
+    # Here 5 of 60 calls fail, all while 45 healthy streams run; then 10 more calls come.
+    app = await start_app(**{**BREAKER, "breaker_cooldown_s": 30, "breaker_window_s": 2.0})
+    breaker = app.breaker
+    assert breaker is not None
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    async with channel:
+        for _ in range(3):
+            healthy = "gpt-4o-mini::chunks=100,delay_ms=20"
+            seen = len(simulator.requests)
+            slow = [asyncio.ensure_future(call(stub, healthy)) for _ in range(45)]
+            await simulator.wait_requests(seen + 45, timeout=20)  # the healthy 2 s streams run
+            failed = await asyncio.gather(*(call(stub, f"gpt-4o-mini::{fault}") for _ in range(5)))
+            assert [r.reason for r in failed] == ["UPSTREAM_UNAVAILABLE"] * 5
+            # Calls keep coming while the healthy streams run: none may be refused.
+            later = await asyncio.gather(*(call(stub, "gpt-4o-mini") for _ in range(10)))
+            later += await asyncio.gather(*slow)
+            refused = [r.reason for r in later if r.code != grpc.StatusCode.OK]
+            assert refused == [], f"healthy calls refused: {refused}"
+        assert breaker.state is BreakerState.CLOSED
+        # Once the window holds only failures, a fully failing upstream opens it after 5.
+        await asyncio.sleep(2.1)
+        for _ in range(5):
+            await call(stub, "gpt-4o-mini::status=500")
+        assert (await call(stub, "gpt-4o-mini")).reason == "UPSTREAM_CIRCUIT_OPEN"

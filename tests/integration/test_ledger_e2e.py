@@ -203,9 +203,11 @@ async def test_streams_keep_flowing_while_postgres_is_away_and_every_row_lands_o
         stats = app.ledger.stats()
         assert stats.state is LedgerState.SPOOLING
         # Every record is in Postgres (the warm-up, and any long stream that somehow ended
-        # before the cut) or in the spool: surely the 100 that started after the cut.
+        # before the cut) or in the spool: surely the 100 that started after the cut. A
+        # row can be in both (a commit whose answer the cut lost, or a write slow enough
+        # to be spooled while it went on); the replay then stores nothing twice.
         in_postgres = len(rows_of(migrated_database_url, user))
-        assert in_postgres + stats.spooled_records == 201
+        assert in_postgres + stats.spooled_records >= 201
         assert stats.spooled_records >= 100
         assert metric(reader, "chatgate.ledger.spool_records") == stats.spooled_records
         assert metric(reader, "chatgate.ledger.state") == float(LedgerState.SPOOLING)

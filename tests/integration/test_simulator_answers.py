@@ -12,6 +12,8 @@ import httpx
 import orjson
 import pytest
 from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from chatgate.v1 import chat_pb2 as pb
 from chatgate_server.simulator import Simulator
@@ -215,7 +217,7 @@ async def test_through_chatgate_a_tool_loop_ends(stub: ChatServiceAsyncStub) -> 
 
 @pytest.mark.parametrize(
     ("model", "text", "code"),
-    [("gpt-4o-minii", "hi", "model_not_found"), ("gpt-4", "word " * 8000, "context_length_exceeded")],
+    [("gpt-4o-minii", "hi", "MODEL_NOT_FOUND"), ("gpt-4", "word " * 8000, "CONTEXT_LENGTH_EXCEEDED")],
 )
 async def test_through_chatgate_model_errors_are_invalid_argument(
     stub: ChatServiceAsyncStub, model: str, text: str, code: str
@@ -224,4 +226,12 @@ async def test_through_chatgate_model_errors_are_invalid_argument(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await collect(stub, req)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert code in (info.value.details() or "")
+    # The upstream's own code never reaches the caller; chatgate names the cause.
+    status = rpc_status.from_call(info.value)
+    assert status is not None
+    causes = []
+    for detail in status.details:
+        error_info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(error_info):
+            causes.append(error_info.metadata["cause"])
+    assert causes == [code]

@@ -271,15 +271,20 @@ async def test_a_stored_attempt_that_sent_nothing_admits_the_retry() -> None:
     await g.admit(request())
 
 
-async def test_when_postgres_is_away_the_lookup_fails_open() -> None:
+async def test_when_postgres_is_away_the_lookup_fails_open_then_backs_off() -> None:
     lookups = Reservations(fail=True)
-    g = guard(lookups)
-    await g.admit(request())
+    now = [100.0]
+    g = RequestIdGuard(lookups, window=timedelta(hours=24), clock=lambda: now[0], backoff_s=2.0)
+    await g.admit(request(request_id="a"))
     assert g.lookups_skipped == 1
-    g.finished(record(served=False))
-    g2 = guard(Reservations())
-    await g2.admit(request(), consult_database=False)  # the ledger knows Postgres is away
-    assert g2.lookups_skipped == 1
+    # Within the back-off the next call does not wait on Postgres at all...
+    lookups.fail = False
+    await g.admit(request(request_id="b"))
+    assert (g.lookups_skipped, len(lookups.calls)) == (2, 1)
+    # ...and after it, one call tries again.
+    now[0] += 2.0
+    await g.admit(request(request_id="c"))
+    assert (g.lookups_skipped, len(lookups.calls)) == (2, 2)
 
 
 async def test_a_reservation_that_hangs_fails_open_quickly() -> None:
@@ -343,3 +348,15 @@ def test_the_same_record_twice_in_one_batch_is_not_skipped() -> None:
     # ON CONFLICT keeps one of them; skipping by key here would drop both.
     delete, skip = settle_attempts([], [record(served=True), record(served=True)])
     assert delete == [] and skip == set()
+
+
+def test_the_fingerprint_names_whom_a_call_bills_not_the_credential_that_proved_it() -> None:
+    caller = Caller(tenant="acme", service="billing-api")
+    rotated = Caller(
+        tenant="acme", service="billing-api", roles=frozenset({"operator"}), credential_id="x" * 16
+    )
+    assert fingerprint(request(caller=caller)) == fingerprint(request(caller=rotated))
+    assert fingerprint(request(caller=caller)) != fingerprint(request(caller=replace(caller, tenant="other")))
+    assert fingerprint(request(caller=caller)) != fingerprint(
+        request(caller=replace(caller, service="other"))
+    )

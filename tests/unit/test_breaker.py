@@ -20,6 +20,8 @@ def make(clock: Clock, transitions: list[tuple[BreakerState, BreakerState]] | No
     return CircuitBreaker(
         "test",
         failure_threshold=5,
+        window_s=10,
+        failure_rate=0.5,
         cooldown_s=30,
         max_cooldown_s=100,
         clock=clock,
@@ -51,12 +53,67 @@ def test_opens_on_the_fifth_consecutive_failure() -> None:
     assert info.value.retry_after == pytest.approx(30)
 
 
-def test_a_success_resets_the_count() -> None:
+def succeed(breaker: CircuitBreaker, n: int) -> None:
+    for _ in range(n):
+        breaker.acquire().success()
+
+
+def test_a_fully_failing_upstream_opens_it_on_the_fifth_failure_after_successes() -> None:
     breaker = make(Clock())
-    fail(breaker, 4)
-    breaker.acquire().success()
+    succeed(breaker, 4)
     fail(breaker, 4)
     assert state(breaker) is BreakerState.CLOSED
+    fail(breaker, 1)  # 5 failures, 5 of 9 calls
+    assert state(breaker) is BreakerState.OPEN
+
+
+def test_a_minority_of_failures_in_a_burst_does_not_open_it() -> None:
+    # Issue 13 item 12: with ~9 % failing, five failures came in a row and the seed's
+    # "5 consecutive" rule refused thousands of calls. 5 of 25 is 20 %.
+    breaker = make(Clock())
+    succeed(breaker, 20)
+    fail(breaker, 7)  # 7 of 27: still under half
+    assert state(breaker) is BreakerState.CLOSED
+
+
+def test_calls_still_running_count_as_calls_seen() -> None:
+    # Failures end fast, successes (long streams) end late: 45 calls running make
+    # 5 quick failures 10 %, not 100 %.
+    breaker = make(Clock())
+    running = [breaker.acquire() for _ in range(45)]
+    fail(breaker, 5)
+    assert state(breaker) is BreakerState.CLOSED
+    for permit in running[:30]:
+        permit.failure()  # 35 failed of 50: the upstream is failing after all
+    assert state(breaker) is BreakerState.OPEN
+
+
+def test_failures_older_than_the_window_are_forgotten() -> None:
+    clock = Clock()
+    breaker = make(clock)
+    fail(breaker, 4)
+    clock.now += 10.5
+    fail(breaker, 4)
+    assert state(breaker) is BreakerState.CLOSED
+    fail(breaker, 1)
+    assert state(breaker) is BreakerState.OPEN
+
+
+def test_successes_older_than_the_window_no_longer_dilute() -> None:
+    clock = Clock()
+    breaker = make(clock)
+    succeed(breaker, 100)
+    clock.now += 10.5
+    fail(breaker, 5)
+    assert state(breaker) is BreakerState.OPEN
+
+
+def test_released_calls_are_neither_calls_nor_failures() -> None:
+    breaker = make(Clock())
+    for _ in range(50):
+        breaker.acquire().release()  # cancelled, caller mistakes, mid-stream failures
+    fail(breaker, 5)
+    assert state(breaker) is BreakerState.OPEN
 
 
 def test_retry_info_counts_down() -> None:
@@ -138,3 +195,14 @@ def test_a_permit_reports_once() -> None:
     for _ in range(10):
         permit.failure()
     assert state(breaker) is BreakerState.CLOSED
+
+
+def test_calls_in_flight_are_counted_until_each_permit_reports() -> None:
+    breaker = make(Clock())
+    permits = [breaker.acquire() for _ in range(3)]
+    assert breaker.in_flight == 3
+    permits[0].success()
+    permits[1].failure()
+    permits[2].release()
+    permits[2].release()  # reporting twice changes nothing
+    assert breaker.in_flight == 0

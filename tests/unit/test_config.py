@@ -40,3 +40,16 @@ def test_the_request_bytes_budget_must_hold_one_largest_request() -> None:
     assert "CHATGATE_MAX_REQUEST_MB_IN_FLIGHT" in str(caught.value)
     settings = Settings.from_env({**env, "CHATGATE_MAX_REQUEST_MB_IN_FLIGHT": "8"})
     assert settings.max_request_bytes_in_flight == 8 * 1024 * 1024
+
+
+def test_breaker_window_and_rate() -> None:
+    env = {**BASE, "OPENAI_API_KEY": "sk-x"}
+    settings = Settings.from_env(env)
+    assert (settings.breaker_window_s, settings.breaker_failure_rate) == (10.0, 0.5)
+    tuned = Settings.from_env(
+        {**env, "CHATGATE_BREAKER_WINDOW_SECONDS": "30", "CHATGATE_BREAKER_FAILURE_RATE": "0.25"}
+    )
+    assert (tuned.breaker_window_s, tuned.breaker_failure_rate) == (30.0, 0.25)
+    for name, bad in (("CHATGATE_BREAKER_FAILURE_RATE", "1.5"), ("CHATGATE_BREAKER_WINDOW_SECONDS", "0")):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({**env, name: bad})

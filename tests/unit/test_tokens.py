@@ -121,3 +121,44 @@ def test_special_token_text_in_user_content_does_not_crash() -> None:
         request_id="r", model="gpt-4o", user_id="u", messages=(ChatMessage("user", "<|endoftext|>"),)
     )
     assert TiktokenEstimator().estimate(request, ["<|endoftext|>"]).output_tokens > 1
+
+
+def test_a_huge_prompt_is_sampled_and_extrapolated(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 13 item 4: tokenizing megabytes blocked the event loop for seconds. The
+    # work is bounded by characters tokenized, whatever the request's size.
+    from chatgate_server.usage import tokens
+
+    words = ("river", " stone", " lantern", " quietly", " 1987", ", ", " the", " fox")
+    prose = "".join(words[i * 7 % len(words)] for i in range(400_000))  # ~2.6 MB
+    request = CompletionRequest(
+        request_id="r",
+        model="gpt-4o-mini",
+        user_id="u",
+        messages=(ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content=prose)),
+    )
+    tokenized: list[int] = []
+    real_count = tokens.count_tokens
+
+    def spy(text: str, encoding: str) -> int:
+        tokenized.append(len(text))
+        return real_count(text, encoding)
+
+    monkeypatch.setattr(tokens, "count_tokens", spy)
+    usage = TiktokenEstimator().estimate(request, [prose[:100_000]])
+    assert sum(tokenized) <= 2 * tokens.SAMPLE_CHARS  # input and output budgets
+    truth_in = len(enc("o200k_base").encode(prose)) + 2 * TOKENS_PER_MESSAGE + REPLY_PRIMING_TOKENS
+    truth_out = len(enc("o200k_base").encode(prose[:100_000]))
+    assert usage.input_tokens == pytest.approx(truth_in, rel=0.02)
+    assert usage.output_tokens == pytest.approx(truth_out, rel=0.02)
+    assert usage.source == "estimated" and usage.estimate_encoding == "o200k_base"
+
+
+def test_small_requests_are_still_counted_exactly() -> None:
+    text = "hello world " * 1000  # 12,000 characters: under the sample budget
+    request = CompletionRequest(
+        request_id="r", model="gpt-4o-mini", user_id="u", messages=(ChatMessage(role="user", content=text),)
+    )
+    usage = TiktokenEstimator().estimate(request, [text])
+    exact = len(enc("o200k_base").encode(text))
+    assert usage.output_tokens == exact
+    assert usage.input_tokens == exact + TOKENS_PER_MESSAGE + 1 + REPLY_PRIMING_TOKENS

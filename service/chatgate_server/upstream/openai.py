@@ -107,6 +107,11 @@ class OpenAIUpstream:
                 await response.aclose()
         return OpenAIStream(response, coalesce_deltas=self._coalesce)
 
+    @property
+    def open_connections(self) -> int:
+        """Upstream connections open now, idle ones included (0 some seconds after load)."""
+        return self._pool.connections
+
     async def aclose(self) -> None:
         await self._pool.aclose()
 

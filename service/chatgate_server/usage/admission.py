@@ -36,12 +36,17 @@ looks once more after 50 ms before refusing: a retry sent the moment its attempt
 failed on another process can outrun that release.
 
 Generated ids (no ``request_id`` in the call) are unique by construction and skip all
-of this: no Postgres round trip on that path. When Postgres is unreachable (the ledger
-says so) or the reservation does not answer within ``reserve_timeout_s`` (one second by
-default: a reservation normally takes a round trip, so the cap only bites when Postgres
-is in trouble, and a call must not wait long for it then; tighter caps failed open in a
-burst of 400 calls on a loaded two-core host, letting duplicates through), the id is guarded **by this process
-only** (fail open: serving beats refusing a probably-fine retry). The write-time
+of this: no Postgres round trip on that path. When a reservation fails or does not
+answer within ``reserve_timeout_s`` (three seconds by
+default: a reservation normally takes one round trip, and a connection refused fails at
+once, so the cap only bites when Postgres is slow or hangs; a cap of one second failed
+open under a burst of 400 calls on a loaded two-core host — both calls of a pair
+served — while three held), the id is guarded **by this process
+only** (fail open: serving beats refusing a probably-fine retry), and so is every call
+for ``backoff_s`` (2 s) after, until one tries Postgres again. The guard does not take
+the ledger's word that Postgres is away: the ledger declares it after 0.2 s without an
+answer to a batch (to bound what a kill -9 can lose), which a loaded host reaches while
+reservations still answer in time. The write-time
 settlement still keeps one row unless two served attempts raced, in which case both
 rows stay and a warning is logged. A release that cannot be written (Postgres away)
 is retried a few times; failing that, the caller's retry is refused until the window
@@ -100,9 +105,10 @@ def fingerprint(request: CompletionRequest) -> str:
     content = {
         f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name not in _NOT_CONTENT
     }
-    # Whom it is billed to, not which of the caller's credentials sent it: a retry made
-    # with the new token of a rotation is the same request.
-    content["caller"] = (request.caller.tenant, request.caller.service)
+    # Whom it is billed to, not how the caller proved itself: a retry with a rotated
+    # token (another credential id) is the same request. The same two keys as before
+    # callers authenticated, so earlier fingerprints still match.
+    content["caller"] = {"tenant": request.caller.tenant, "service": request.caller.service}
     data = orjson.dumps(content, default=_plain, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(data).digest()[:16].hex()
 
@@ -122,15 +128,18 @@ class RequestIdGuard:
         reservations: Reservations,
         *,
         window: timedelta,
-        reserve_timeout_s: float = 1.0,
+        reserve_timeout_s: float = 3.0,
         remember: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
         release_delays_s: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
         recheck_delay_s: float = 0.05,
+        backoff_s: float = 2.0,
     ) -> None:
         """``remember``: how many finished ids to keep in memory. ``release_delays_s``:
         the pauses between attempts to release a reservation. ``recheck_delay_s``: how
-        long a claim refused for a same-content holder waits before it looks again."""
+        long a claim refused for a same-content holder waits before it looks again.
+        ``backoff_s``: after a claim failed, how long later calls skip the database
+        (then one call tries again), so an outage costs one timeout, not one per call."""
         self._reservations = reservations
         self._window = window
         self._timeout_s = reserve_timeout_s
@@ -144,8 +153,10 @@ class RequestIdGuard:
         # Releases under way, or failed (the task's result is False), by id.
         self._releases: OrderedDict[str, asyncio.Task[bool]] = OrderedDict()
         self.lookups_skipped = 0
+        self._backoff_s = backoff_s
+        self._skip_until = float("-inf")
 
-    async def admit(self, request: CompletionRequest, *, consult_database: bool = True) -> None:
+    async def admit(self, request: CompletionRequest) -> None:
         """Raise DuplicateRequest if ``request`` may not run under its id; else mark it in flight."""
         if not request.request_id_from_caller:
             return
@@ -158,9 +169,6 @@ class RequestIdGuard:
             self._check(request_id, fp, [(seen.fingerprint, seen.served)])
         # Placeholder first: a concurrent call with this id must not pass while we wait.
         self._in_flight[request_id] = fp
-        if not consult_database:
-            self.lookups_skipped += 1
-            return
         try:
             await self._reserve(request_id, fp)
         except BaseException:
@@ -225,12 +233,17 @@ class RequestIdGuard:
             raise
 
     async def _claim(self, request_id: str, fp: str) -> Claim | None:
-        """One claim, bounded; None when Postgres did not answer in time (logged)."""
+        """One claim, bounded; None when Postgres did not answer in time (logged), and
+        for ``backoff_s`` after that, without trying."""
+        if self._clock() < self._skip_until:
+            self.lookups_skipped += 1
+            return None
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await self._reservations.claim(request_id, fp)
         except Exception as exc:  # noqa: BLE001 - fail open, see the module docstring
             self.lookups_skipped += 1
+            self._skip_until = self._clock() + self._backoff_s
             log.warning(
                 "request id reservation skipped (%s): %r guarded by this process only",
                 type(exc).__name__,

@@ -1,4 +1,5 @@
-"""Operator commands on the usage ledger: ``chatgate usage``, ``usage-retention``, ``usage-reprice``.
+"""Operator commands on the usage ledger: ``chatgate usage``, ``usage-retention``,
+``usage-reprice``, ``usage-dead-letters``.
 
 They talk to Postgres directly (``DATABASE_URL``) with an operator's view: every
 tenant unless ``--tenant`` narrows it. Examples::
@@ -9,6 +10,8 @@ tenant unless ``--tenant`` narrows it. Examples::
     chatgate usage --vs-usual                           # top users in the last hour vs their usual
     chatgate usage-retention --dry-run                  # what dropping old months would remove
     chatgate usage-reprice --since 2026-11-01 --until 2026-11-08   # after fixing a price
+    chatgate usage-dead-letters list                    # rows Postgres refused (CHATGATE_SPOOL_DIR)
+    chatgate usage-dead-letters replay                  # retry them once the cause is fixed
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from chatgate_server.usage.reports import Dimension, Group, Totals, UsageSpike
 
-USAGE_COMMANDS = ("usage", "usage-retention", "usage-reprice")
+USAGE_COMMANDS = ("usage", "usage-retention", "usage-reprice", "usage-dead-letters")
 
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
@@ -103,6 +106,15 @@ def add_usage_commands(sub: Any) -> None:
     reprice.add_argument("--until", help="end (exclusive), default now")
     reprice.add_argument("--dry-run", action="store_true", help="count the changes, write nothing")
 
+    dead = sub.add_parser(
+        "usage-dead-letters",
+        help="list or retry usage rows Postgres refused (CHATGATE_SPOOL_DIR, DATABASE_URL)",
+        description="Usage rows Postgres refused for what they hold wait in the spool's dead-letter "
+        "files; list them, or replay them once the cause is fixed.",
+    )
+    dead.add_argument("action", choices=("list", "replay"))
+    dead.add_argument("--spool-dir", help="the spool directory (default CHATGATE_SPOOL_DIR, .chatgate/spool)")
+
 
 def run_usage_command(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """Run one of :data:`USAGE_COMMANDS`; one clear line on stderr and exit 1 on failure."""
@@ -113,9 +125,15 @@ def run_usage_command(args: argparse.Namespace, out: TextIO = sys.stdout) -> int
         retention_months_from_env,
     )
     from chatgate_server.errors import ChatgateError
+    from chatgate_server.usage.connect import CannotConnect
+    from chatgate_server.usage.dberrors import describe
 
+    if args.command == "usage-dead-letters" and args.action == "list":
+        return _list_dead_letters(args, out)
     url = database_url_from_env()
     try:
+        if args.command == "usage-dead-letters":
+            return asyncio.run(_replay_dead_letters(url, args, out))
         if args.command == "usage-retention":
             months = args.months if args.months is not None else retention_months_from_env()
             window = timedelta(hours=request_id_window_from_env())
@@ -126,15 +144,11 @@ def run_usage_command(args: argparse.Namespace, out: TextIO = sys.stdout) -> int
             prices_file = prices_file_from_env()
             return asyncio.run(_reprice(url, since, until, args.dry_run, prices_file, out))
         return asyncio.run(_report(url, args, out))
-    except (ValueError, ChatgateError) as exc:
+    except (ValueError, ChatgateError, CannotConnect) as exc:
         print(f"chatgate: {args.command}: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
-        first = str(exc).strip().splitlines()
-        print(
-            f"chatgate: {args.command} failed: {type(exc).__name__}: {first[0] if first else ''}",
-            file=sys.stderr,
-        )
+        print(f"chatgate: {args.command} failed: {describe(exc, url)}", file=sys.stderr)
         return 1
 
 
@@ -180,10 +194,18 @@ def usd(micros: int | float) -> str:
 
 
 async def _pool(url: str) -> Any:
+    """A one-connection pool (what the reports take), or CannotConnect with the cause.
+
+    One plain connection attempt first: a pool retries in the background, logging each
+    failure, and reports only "PoolTimeout" in the end; an operator needs the reason, once.
+    """
     from psycopg_pool import AsyncConnectionPool
 
-    pool: Any = AsyncConnectionPool(url, min_size=1, max_size=1, open=False)
-    await pool.open(wait=True, timeout=10)
+    from chatgate_server.usage.connect import DEFAULT_CONNECT_TIMEOUT_S, connect, with_connect_timeout
+
+    await (await connect(url)).close()
+    pool: Any = AsyncConnectionPool(with_connect_timeout(url), min_size=1, max_size=1, open=False)
+    await pool.open(wait=True, timeout=2 * DEFAULT_CONNECT_TIMEOUT_S)
     return pool
 
 
@@ -326,12 +348,11 @@ def _table(
 
 
 async def _retention(url: str, months: int, window: timedelta, dry_run: bool, out: TextIO) -> int:
-    import psycopg
-
+    from chatgate_server.usage.connect import connect
     from chatgate_server.usage.maintenance import apply_retention
     from chatgate_server.usage.reservations import count_expired, delete_expired
 
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+    async with await connect(url, autocommit=True) as conn:
         result = await apply_retention(conn, months, dry_run=dry_run)
         expired = await (count_expired if dry_run else delete_expired)(conn, window)
     verb = "would drop" if dry_run else "dropped"
@@ -353,15 +374,14 @@ async def _retention(url: str, months: int, window: timedelta, dry_run: bool, ou
 async def _reprice(
     url: str, since: datetime, until: datetime, dry_run: bool, prices_file: Path | None, out: TextIO
 ) -> int:
-    import psycopg
-
+    from chatgate_server.usage.connect import connect
     from chatgate_server.usage.maintenance import reprice
     from chatgate_server.usage.pricing import load_prices
 
     if until <= since:
         raise ValueError("--until must be after --since")
     prices = load_prices(prices_file)
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+    async with await connect(url, autocommit=True) as conn:
         result = await reprice(conn, since, until, dry_run=dry_run, prices=prices)
     verb = "would change" if dry_run else "changed"
     source = f"the shipped prices and {prices_file}" if prices_file else "the shipped prices"
@@ -373,3 +393,46 @@ async def _reprice(
         file=out,
     )
     return 0
+
+
+def _spool_root(args: argparse.Namespace) -> Path:
+    from chatgate_server.config import spool_dir_from_env
+
+    return Path(args.spool_dir) if args.spool_dir else spool_dir_from_env()
+
+
+def _list_dead_letters(args: argparse.Namespace, out: TextIO) -> int:
+    from chatgate_server.usage.dead_letters import dead_letter_files, read_dead_letters
+
+    root = _spool_root(args)
+    paths = dead_letter_files(root)
+    letters = read_dead_letters(paths)
+    for d in letters:
+        r = d.record
+        print(
+            f"{r.started_at.isoformat()}  {r.request_id[:80]}  tenant={r.tenant[:40]}  "
+            f"model={r.requested_model[:60]}  {d.error[:200]}",
+            file=out,
+        )
+    print(f"{len(letters)} dead letter(s) in {len(paths)} file(s) under {root}", file=out)
+    return 0
+
+
+async def _replay_dead_letters(url: str, args: argparse.Namespace, out: TextIO) -> int:
+    from chatgate_server.usage.dead_letters import replay
+    from chatgate_server.usage.store import UsageStore
+
+    root = _spool_root(args)
+    pool = await _pool(url)
+    try:
+        result = await replay(UsageStore(pool).insert, root)
+    finally:
+        await pool.close()
+    print(
+        f"dead letters replayed: {result.stored} stored, {result.already_stored} already stored, "
+        f"{len(result.refused)} still refused",
+        file=out,
+    )
+    for d in result.refused:
+        print(f"still refused: {d.record.request_id[:80]}: {d.error[:200]}", file=out)
+    return 1 if result.refused else 0

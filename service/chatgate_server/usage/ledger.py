@@ -13,15 +13,25 @@ in-memory queue: no I/O, no await, nothing that can fail. Background tasks do th
   timeout, write timeout, schema missing) the batch goes to the :class:`Spool` on disk
   instead, and so does every batch after it until Postgres answers again — no request
   waits for a connection timeout.
+- a write Postgres has **not answered** within ``spool_after_s`` (a server that accepts
+  connections and hangs) does not hold its rows in memory for the whole write timeout:
+  they go to the spool (fsync'd) while the write is still pending, Postgres counts as
+  away (health says so) and later batches go to the spool too. Should the pending write
+  land after all, the replay of those rows finds them stored and inserts nothing. So a
+  row is only in memory, where a kill -9 would lose it, for about ``linger_s +
+  spool_after_s``.
 - the **replayer** probes Postgres with exponential backoff while it is away, then
   drains the spool oldest segment first (and at start-up drains what an earlier process
   left). Inserts are idempotent, so a replay that is interrupted and repeated, or that
   races the live writer, stores each record once.
 - a **partition keeper** makes sure next months' partitions exist, at start and hourly.
 
-A record Postgres refuses as invalid (a check constraint, a value out of range) would
-fail its batch forever; such batches are retried one record at a time and the refused
-records go to the spool's dead-letter file with an error log, so the rest are written.
+A record Postgres refuses for what it holds (SQLSTATE classes 22, 23, 54: see
+:mod:`~chatgate_server.usage.dberrors`) would fail its batch on every retry; such a
+batch is split in halves until the refused records are alone, those go to the spool's
+dead-letter file (counted, with an error log) and the rest are written — live and
+when a spool is replayed alike. Dead letters are never replayed on their own:
+``chatgate usage-dead-letters replay`` retries them after the cause is fixed.
 
 Admission (:meth:`admit`, called before a request starts) refuses new calls with
 UNAVAILABLE when the queue is at ``queue_size`` *and* the spool is full (or unusable):
@@ -45,6 +55,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 import psycopg
@@ -53,6 +64,7 @@ from opentelemetry import trace
 from chatgate_server.domain import CompletionRequest, UsageRecord
 from chatgate_server.errors import LedgerFull
 from chatgate_server.usage.admission import RequestIdGuard
+from chatgate_server.usage.dberrors import describe, is_bad_record
 from chatgate_server.usage.spool import Segment, Spool, SpoolFull
 from chatgate_server.usage.store import UsageStore
 
@@ -103,14 +115,20 @@ class LedgerStats:
     """Records that could be written nowhere at shutdown (logged as errors)."""
 
 
-def _is_poison(exc: BaseException) -> bool:
-    """An error that retrying the same records cannot fix (as opposed to Postgres being away)."""
-    if isinstance(exc, psycopg.DataError | psycopg.IntegrityError):
-        return True
-    # Connection trouble, timeouts, a missing table (an unmigrated database that came
-    # back) or disk errors: try again later. Anything else is a bug tied to the record.
-    return not isinstance(exc, psycopg.Error | OSError | TimeoutError)
+class WriteStuck(TimeoutError):
+    """A write Postgres has not answered in ``spool_after_s``: its rows went to the spool."""
 
+
+_Stored = tuple[list[UsageRecord], BaseException | None]
+"""What :meth:`UsageLedger._write_records` left unwritten because Postgres went away, and why."""
+
+
+# How much longer than ``spool_after_s`` a write may wait for a pool connection (a first
+# connection on a loaded host took up to 0.3 s) before its rows are spooled.
+_CONNECT_ALLOWANCE_S = 1.0
+
+# Keys of dead-lettered rows remembered to write each letter once (a bound on memory).
+_DEAD_KEYS_KEPT = 10_000
 
 # The SDK keeps at most 128 links per span by default; more would be dropped anyway.
 _MAX_LINKS = 128
@@ -147,11 +165,14 @@ class UsageLedger:
         postgres_ok: bool = True,
         partition_interval_s: float = 3600.0,
         linger_s: float = 0.05,
+        spool_after_s: float = 0.2,
         tracer: trace.Tracer | None = None,
     ) -> None:
         """``spool`` must be open. ``postgres_ok``: whether Postgres answered at start-up
         (when not, the first batches go straight to the spool). ``write_timeout_s`` bounds
-        each insert and probe, connection wait included."""
+        each insert and probe, connection wait included. ``spool_after_s``: how long a
+        live write may go unanswered before its rows are spooled (and Postgres counts as
+        away) while it goes on in the background."""
         self._store = store
         self._spool = spool
         self._queue: deque[UsageRecord] = deque()
@@ -164,6 +185,11 @@ class UsageLedger:
         self._postgres_ok = postgres_ok
         self._partition_interval_s = partition_interval_s
         self._linger_s = linger_s
+        self._spool_after_s = spool_after_s
+        self._late_writes: set[asyncio.Task[_Stored]] = set()
+        self._answered_at = 0.0  # loop time of Postgres's latest answer to an insert
+        self._connected_at = 0.0  # loop time an insert last got its connection
+        self._dead_keys: set[tuple[str, datetime]] = set()  # dead-lettered by this process
         self._tracer = tracer or trace.NoOpTracer()
         self._spool_broken = False
         self._closing = False
@@ -191,7 +217,7 @@ class UsageLedger:
                 retry_after=self._retry_cap_s,
             )
         if self._guard is not None:
-            await self._guard.admit(request, consult_database=self._postgres_ok)
+            await self._guard.admit(request)
 
     def submit(self, record: UsageRecord) -> None:
         """Queue ``record`` for writing. Never blocks, never raises, never drops."""
@@ -247,6 +273,11 @@ class UsageLedger:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        # Writes still pending on a stuck Postgres: their rows are in the spool already.
+        for late in self._late_writes:
+            late.cancel()
+        if self._late_writes:
+            await asyncio.wait(self._late_writes, timeout=1.0)
         if self._spool.records:
             log.warning(
                 "usage ledger stopped with %d record(s) in the spool %s; they are replayed at next start",
@@ -329,7 +360,7 @@ class UsageLedger:
         if self._postgres_ok:
             log.warning(
                 "usage ledger: Postgres unavailable (%s); spooling usage records to %s",
-                type(exc).__name__,
+                describe(exc),
                 self._spool.directory,
             )
         self._postgres_ok = False
@@ -365,22 +396,74 @@ class UsageLedger:
                 await asyncio.sleep(self._retry_base_s)
 
     async def _write(self, batch: list[UsageRecord]) -> None:
-        if self._postgres_ok:
-            try:
-                inserted = await self._insert(batch)
-            except Exception as exc:  # noqa: BLE001 - sorted by _is_poison
-                if not _is_poison(exc):
-                    self._postgres_lost(exc)
-                    await self._to_spool(batch)
-                    return
-                batch = await self._isolate(batch)
-                if batch:
-                    await self._to_spool(batch)
-                return
-            self._written += inserted
-            self._settle(len(batch))
+        if not self._postgres_ok:
+            await self._to_spool(batch)
             return
-        await self._to_spool(batch)
+        write = asyncio.create_task(self._write_records(batch), name="usage-ledger-insert")
+        if not await self._answered_in_time(write):
+            # Postgres took the write and does not answer. Memory is where a crash loses
+            # rows: put them on disk now and let the write go on (or time out) alone.
+            self._late_writes.add(write)
+            write.add_done_callback(self._late_write_done)
+            self._postgres_lost(WriteStuck(f"a write unanswered for {self._spool_after_s:g}s"))
+            await self._to_spool(batch)
+            return
+        left, exc = write.result()
+        self._settle(len(batch) - len(left))
+        if exc is not None:
+            self._postgres_lost(exc)
+            await self._to_spool(left)
+
+    async def _answered_in_time(self, write: asyncio.Task[_Stored]) -> bool:
+        """Wait for ``write``; False once Postgres has been silent for ``spool_after_s``
+        with a connection in hand (or ``_CONNECT_ALLOWANCE_S`` more without one). Silent,
+        not slow: a batch split around a bad record takes several round trips, each
+        answered, and is not stuck; nor is the first connection on a loaded host."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while not write.done():
+            if self._connected_at < started:  # still waiting for a connection
+                quiet_until = started + _CONNECT_ALLOWANCE_S + self._spool_after_s
+            else:
+                quiet_until = max(self._connected_at, self._answered_at) + self._spool_after_s
+            if loop.time() >= quiet_until:
+                return False
+            # In slices: a connection or an answer arriving meanwhile moves the deadline.
+            slice_s = min(quiet_until - loop.time(), self._spool_after_s / 4)
+            await asyncio.wait({write}, timeout=slice_s)
+        return True
+
+    def _connected(self) -> None:
+        self._connected_at = asyncio.get_running_loop().time()
+
+    def _late_write_done(self, write: asyncio.Task[_Stored]) -> None:
+        """A write that outlived ``spool_after_s`` ended; its rows are in the spool."""
+        self._late_writes.discard(write)
+        if write.cancelled() or write.exception() is not None:
+            return
+        if write.result()[1] is None:
+            # It landed after all: Postgres answers (the spooled copy replays as a no-op).
+            self._postgres_back()
+            self._replay.set()
+
+    async def _write_records(self, records: Sequence[UsageRecord]) -> _Stored:
+        """Insert ``records``, splitting a batch Postgres refuses in halves until each bad
+        record is alone and dead-lettered. Returns the records left unwritten because
+        Postgres went away meanwhile (not dead-lettered: they are not bad), and why."""
+        try:
+            self._written += await self._insert(records)
+            return [], None
+        except Exception as exc:  # noqa: BLE001 - sorted by is_bad_record
+            if not is_bad_record(exc):
+                return list(records), exc
+            if len(records) == 1:
+                await self._dead_letter(records[0], exc)
+                return [], None
+        middle = len(records) // 2
+        left, away = await self._write_records(records[:middle])
+        if away is not None:
+            return left + list(records[middle:]), away
+        return await self._write_records(records[middle:])
 
     async def _to_spool(self, batch: list[UsageRecord]) -> None:
         """Append to the spool; when it has no room, hold the batch and wait for some."""
@@ -440,41 +523,46 @@ class UsageLedger:
 
     async def _insert_once_or_twice(self, records: Sequence[UsageRecord]) -> int:
         try:
-            async with asyncio.timeout(self._write_timeout_s):
-                return await self._store.insert(records)
+            return await self._insert_answered(records)
         except psycopg.errors.TransactionRollback:
             # A deadlock with another writer settling the same roll-up rows (replicas, the
             # replayer): Postgres rolled one back; run it again rather than call it an outage.
-            async with asyncio.timeout(self._write_timeout_s):
-                return await self._store.insert(records)
+            return await self._insert_answered(records)
 
-    async def _isolate(self, batch: list[UsageRecord]) -> list[UsageRecord]:
-        """Insert one by one; dead-letter the records Postgres refuses. Returns the records
-        left unwritten because Postgres went away meanwhile."""
-        for i, record in enumerate(batch):
-            try:
-                self._written += await self._insert([record])
-            except Exception as exc:  # noqa: BLE001 - sorted by _is_poison
-                if not _is_poison(exc):
-                    self._postgres_lost(exc)
-                    self._settle(i)
-                    return batch[i:]
-                await self._dead_letter(record, exc)
-        self._settle(len(batch))
-        return []
+    async def _insert_answered(self, records: Sequence[UsageRecord]) -> int:
+        """One insert within the write timeout, noting when Postgres answered it."""
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                inserted = await self._store.insert(records, self._connected)
+        except psycopg.Error as exc:
+            if exc.sqlstate:  # refused by a server that answers
+                self._answered_at = asyncio.get_running_loop().time()
+            raise
+        self._answered_at = asyncio.get_running_loop().time()
+        return inserted
 
     async def _dead_letter(self, record: UsageRecord, exc: BaseException) -> None:
+        key = (record.request_id, record.started_at)
+        if key in self._dead_keys:
+            # The same row refused again: a stuck write that landed late and the replay of
+            # its spooled copy both split the batch. One letter is enough.
+            return
+        if len(self._dead_keys) >= _DEAD_KEYS_KEPT:
+            self._dead_keys.clear()
+        self._dead_keys.add(key)
         self._dead += 1
+        reason = describe(exc)
         try:
-            path = await asyncio.to_thread(self._spool.dead_letter, [record])
-        except OSError as err:
-            log.error("usage record %s refused by Postgres (%s) and LOST: %s", record.request_id, exc, err)
+            path = await asyncio.to_thread(self._spool.dead_letter, [record], reason)
+        except Exception as err:  # noqa: BLE001 - a dead letter must never stop the writer
+            self._lost += 1
+            log.error("usage record %s refused by Postgres (%s) and LOST: %s", record.request_id, reason, err)
             return
         log.error(
-            "usage record %s refused by Postgres (%s: %s); kept in %s",
+            "usage record %s refused by Postgres (%s); kept in %s, retry with "
+            "`chatgate usage-dead-letters replay`",
             record.request_id,
-            type(exc).__name__,
-            str(exc).splitlines()[0] if str(exc) else "",
+            reason,
             path,
         )
 
@@ -516,20 +604,9 @@ class UsageLedger:
         records = await asyncio.to_thread(self._spool.read, segment)
         for start in range(0, len(records), self._batch_size):
             chunk = records[start : start + self._batch_size]
-            try:
-                inserted = await self._insert(chunk)
-            except Exception as exc:
-                if not _is_poison(exc):
-                    raise
-                inserted = 0
-                for record in chunk:
-                    try:
-                        inserted += await self._insert([record])
-                    except Exception as one:
-                        if not _is_poison(one):
-                            raise
-                        await self._dead_letter(record, one)
-            self._written += inserted
+            _, exc = await self._write_records(chunk)  # a bad record is dead-lettered, not retried
+            if exc is not None:
+                raise exc
             self._replayed += len(chunk)
             self._postgres_back()
         await asyncio.to_thread(self._spool.remove, segment)

@@ -23,6 +23,8 @@ from typing import Any
 
 import psycopg
 
+from chatgate_server.usage.connect import with_connect_timeout
+
 log = logging.getLogger(__name__)
 
 # pg_advisory_lock key for the runner: b"cgmigrat" as a bigint. Fixed, so that every
@@ -89,7 +91,7 @@ def _pending(migrations: list[Migration], applied: dict[int, str]) -> list[Migra
 
 def pending_migrations(database_url: str) -> list[str]:
     """Names of the packaged migrations not yet applied to this database, in order."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(with_connect_timeout(database_url), autocommit=True) as conn:
         return [m.name for m in _pending(load_migrations(), _applied(conn))]
 
 
@@ -102,7 +104,7 @@ def apply_migrations(database_url: str) -> list[str]:
     """
     migrations = load_migrations()
     applied_now: list[str] = []
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(with_connect_timeout(database_url), autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", [MIGRATION_LOCK_KEY])
         try:
             # Created under the lock: concurrent CREATE TABLE IF NOT EXISTS can still

@@ -6,6 +6,7 @@ sharing a working directory never share files::
     slot-0/spool.lock                     held (flock) by the process that owns the slot
     slot-0/segment-000000000007.jsonl     append-only segments, one record per line
     slot-0/dead-letter.jsonl              records Postgres refused as invalid: kept, never replayed
+                                          (``chatgate usage-dead-letters`` lists and retries them)
 
 A process takes the first free slot. At start-up it also *adopts* every slot no live
 process holds (its owner died or stopped with Postgres away): it moves that slot's
@@ -153,9 +154,36 @@ def record_from_json(d: Mapping[str, Any]) -> UsageRecord:
     )
 
 
-def encode_line(record: UsageRecord) -> bytes:
-    payload = orjson.dumps(record_to_json(record))
+def encode_line(record: UsageRecord, **extra: str) -> bytes:
+    """One line; ``extra`` keys (a dead letter's ``error``) ride along and are ignored on reading."""
+    data = record_to_json(record) | extra
+    try:
+        payload = orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        # A lone surrogate (from a JSON escape upstream) is not UTF-8; orjson refuses it,
+        # and one such record must not make its whole batch unspoolable.
+        payload = orjson.dumps(_scrub(data))
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value
+
+
+def decode_line_json(line: bytes) -> dict[str, Any] | None:
+    """A line's JSON object when its checksum holds, else None."""
+    checksum, _, payload = line.partition(b" ")
+    if not _checksum_ok(checksum, payload):
+        return None
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def decode_lines(data: bytes, source: str) -> list[UsageRecord]:
@@ -187,6 +215,18 @@ def _checksum_ok(checksum: bytes, payload: bytes) -> bool:
         return len(checksum) == 8 and int(checksum, 16) == zlib.crc32(payload)
     except ValueError:
         return False
+
+
+def append_lines(path: Path, data: bytes) -> None:
+    """Append whole lines with one write, made durable (O_APPEND: writers never interleave)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --- the directory -----------------------------------------------------------------------
@@ -327,16 +367,11 @@ class Spool:
             self._active_records += len(records)
             self._active_size += len(data)
 
-    def dead_letter(self, records: Sequence[UsageRecord]) -> Path:
-        """Keep records Postgres refused as invalid, for an operator to look at."""
+    def dead_letter(self, records: Sequence[UsageRecord], reason: str = "") -> Path:
+        """Keep records Postgres refused as invalid, with why, for an operator to look at
+        (and retry: :mod:`~chatgate_server.usage.dead_letters`)."""
         path = self.directory / DEAD_LETTER_FILE
-        data = b"".join(encode_line(r) for r in records)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_lines(path, b"".join(encode_line(r, error=reason) for r in records))
         return path
 
     def _open_active(self) -> None:

@@ -20,9 +20,10 @@ Lock order: concurrent writers (two replicas, or a replay racing a live batch) i
 rows in primary-key order and upsert roll-up rows in roll-up-key order, so two
 transactions touching the same keys wait for each other instead of deadlocking.
 
-Errors propagate as psycopg exceptions: ``psycopg.OperationalError`` (connection
-trouble: try again later) or ``psycopg.DataError``/``psycopg.IntegrityError`` (a row
-the schema refuses: retrying the same batch cannot succeed).
+Every string is cut to a documented size and made storable first (:mod:`.fields`), so
+a caller's value cannot exceed an index's row limit. Errors propagate as psycopg
+exceptions; :func:`chatgate_server.usage.errors.is_bad_record` tells a row the schema
+refuses (retrying the same batch cannot succeed) from Postgres being away.
 """
 
 from __future__ import annotations
@@ -38,19 +39,9 @@ from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from chatgate_server.domain import UsageRecord
-from chatgate_server.usage import partitions
+from chatgate_server.usage import fields, partitions
 
 Pool = AsyncConnectionPool[AsyncConnection[Any]]
-
-
-def _text(value: str) -> str:
-    # Postgres text and jsonb cannot hold NUL; one caller-supplied NUL (in a user id or
-    # a tag) would otherwise make the whole batch unwritable, forever.
-    return value.replace("\x00", "\ufffd") if "\x00" in value else value
-
-
-def _opt_text(value: str | None) -> str | None:
-    return None if value is None else _text(value)
 
 
 def _tags(tags: Mapping[str, str]) -> str:
@@ -58,7 +49,12 @@ def _tags(tags: Mapping[str, str]) -> str:
         return "{}"
     # orjson: a few times faster than json on the writer's per-row path (jsonb keeps no
     # formatting, so the text differs from json.dumps's in nothing that is stored).
-    return orjson.dumps({_text(k): _text(v) for k, v in tags.items()}, option=orjson.OPT_SORT_KEYS).decode()
+    return orjson.dumps(fields.tags(tags), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def request_key(request_id: str) -> str:
+    """``request_id`` as stored (cut to its documented size, see :mod:`.fields`)."""
+    return fields.text(request_id, fields.REQUEST_ID_BYTES)
 
 
 def _fingerprint(value: str | None) -> bytes | None:
@@ -82,31 +78,37 @@ class _Column:
 
 # The one place where UsageRecord fields meet columns.
 _COLUMNS: tuple[_Column, ...] = (
-    _Column("request_id", "text[]", lambda r: _text(r.request_id)),
+    _Column("request_id", "text[]", lambda r: request_key(r.request_id)),
     _Column("started_at", "timestamptz[]", _started_at),
-    _Column("tenant", "text[]", lambda r: _text(r.tenant)),
-    _Column("caller_service", "text[]", lambda r: _text(r.caller_service)),
-    _Column("user_id", "text[]", lambda r: _text(r.user_id)),
-    _Column("requested_model", "text[]", lambda r: _text(r.requested_model)),
-    _Column("resolved_model", "text[]", lambda r: _opt_text(r.resolved_model)),
-    _Column("upstream_response_id", "text[]", lambda r: _opt_text(r.upstream_response_id)),
+    _Column("tenant", "text[]", lambda r: fields.text(r.tenant, fields.TENANT_BYTES)),
+    _Column("caller_service", "text[]", lambda r: fields.text(r.caller_service, fields.TENANT_BYTES)),
+    _Column("user_id", "text[]", lambda r: fields.text(r.user_id, fields.USER_ID_BYTES)),
+    _Column("requested_model", "text[]", lambda r: fields.text(r.requested_model, fields.MODEL_BYTES)),
+    _Column("resolved_model", "text[]", lambda r: fields.opt_text(r.resolved_model, fields.MODEL_BYTES)),
+    _Column(
+        "upstream_response_id",
+        "text[]",
+        lambda r: fields.opt_text(r.upstream_response_id, fields.RESPONSE_ID_BYTES),
+    ),
     _Column("input_tokens", "bigint[]", lambda r: r.usage.input_tokens),
     _Column("output_tokens", "bigint[]", lambda r: r.usage.output_tokens),
     _Column("cached_input_tokens", "bigint[]", lambda r: r.usage.cached_input_tokens),
     _Column("reasoning_tokens", "bigint[]", lambda r: r.usage.reasoning_tokens),
     _Column("total_tokens", "bigint[]", lambda r: r.usage.total_tokens),
     _Column("cost_usd_micros", "bigint[]", lambda r: r.cost.usd_micros),
-    _Column("usage_source", "text[]", lambda r: r.usage.source),
-    _Column("estimate_encoding", "text[]", lambda r: _opt_text(r.usage.estimate_encoding)),
-    _Column("price_version", "text[]", lambda r: _text(r.cost.price_version)),
+    _Column("usage_source", "text[]", lambda r: fields.text(r.usage.source, fields.CODE_BYTES)),
+    _Column(
+        "estimate_encoding", "text[]", lambda r: fields.opt_text(r.usage.estimate_encoding, fields.CODE_BYTES)
+    ),
+    _Column("price_version", "text[]", lambda r: fields.text(r.cost.price_version, fields.CODE_BYTES)),
     _Column("cost_basis", "text[]", lambda r: r.cost.basis.value if r.cost.basis else None),
     _Column("outcome", "text[]", lambda r: r.outcome.value),
-    _Column("grpc_status", "text[]", lambda r: _text(r.grpc_status)),
-    _Column("finish_reason", "text[]", lambda r: r.finish_reason),
+    _Column("grpc_status", "text[]", lambda r: fields.text(r.grpc_status, fields.CODE_BYTES)),
+    _Column("finish_reason", "text[]", lambda r: fields.opt_text(r.finish_reason, fields.CODE_BYTES)),
     _Column("attempts", "integer[]", lambda r: r.attempts),
     _Column("ttft_ms", "float8[]", lambda r: r.time_to_first_token_ms),
     _Column("duration_ms", "float8[]", lambda r: r.duration_ms),
-    _Column("trace_id", "text[]", lambda r: _opt_text(r.trace_id)),
+    _Column("trace_id", "text[]", lambda r: fields.opt_text(r.trace_id, fields.CODE_BYTES)),
     _Column("tags", "jsonb[]", lambda r: _tags(r.tags)),
     _Column("request_fingerprint", "bytea[]", lambda r: _fingerprint(r.request_fingerprint)),
 )
@@ -273,7 +275,9 @@ class UsageStore:
         self._pool = pool
         self._attempt_window = attempt_window
 
-    async def insert(self, records: Sequence[UsageRecord]) -> int:
+    async def insert(
+        self, records: Sequence[UsageRecord], on_connection: Callable[[], None] | None = None
+    ) -> int:
         """Write a batch in one transaction; return how many rows were new.
 
         Records already stored (same request_id and started_at) are skipped and not
@@ -281,7 +285,8 @@ class UsageStore:
         a caller-supplied request id (those with a fingerprint) also settle earlier
         attempts of the same id (:func:`settle_attempts`), so a caller's retry leaves one
         row. Raises ValueError for a record with a naive ``started_at`` before touching
-        the database.
+        the database. ``on_connection`` is called once a connection is in hand (the
+        ledger times Postgres's silence from there).
         """
         if not records:
             return 0
@@ -289,13 +294,15 @@ class UsageStore:
             _started_at(r)
         keyed = [r for r in records if r.request_fingerprint is not None]
         async with self._pool.connection() as conn:
+            if on_connection is not None:
+                on_connection()
             if not keyed:
                 # The common case: generated ids, unique by construction. One statement.
                 return await self._insert(conn, records)
             async with conn.transaction():
                 skip = await self._settle(conn, keyed)
                 if skip:
-                    records = [r for r in records if (r.request_id, r.started_at) not in skip]
+                    records = [r for r in records if (request_key(r.request_id), r.started_at) not in skip]
                 return await self._insert(conn, records)
 
     @staticmethod
@@ -315,7 +322,7 @@ class UsageStore:
         """Delete superseded attempts; return the incoming keys not to insert."""
         by_id: dict[str, list[UsageRecord]] = {}
         for r in keyed:
-            by_id.setdefault(r.request_id, []).append(r)
+            by_id.setdefault(request_key(r.request_id), []).append(r)
         ids = sorted(by_id)
         since = min(r.started_at for r in keyed) - self._attempt_window
         async with conn.cursor(row_factory=tuple_row) as cur:
@@ -353,7 +360,7 @@ class UsageStore:
             await cur.execute(
                 "SELECT started_at, request_fingerprint, resolved_model IS NOT NULL"
                 " FROM usage_records WHERE request_id = %s AND started_at >= %s",
-                [_text(request_id), since],
+                [request_key(request_id), since],
             )
             rows = await cur.fetchall()
         return [
@@ -373,7 +380,7 @@ class UsageStore:
         async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 "SELECT * FROM usage_records WHERE request_id = %s ORDER BY started_at DESC LIMIT 1",
-                [request_id],
+                [request_key(request_id)],
             )
             return await cur.fetchone()
 
