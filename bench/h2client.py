@@ -61,9 +61,11 @@ def _indexed_name(index: int, value: bytes) -> bytes:
     return bytes((index, len(value))) + value
 
 
-def request_headers(authority: str, path: str) -> bytes:
-    """The HPACK block of a gRPC request; the same for every stream of a connection."""
-    return (
+def request_headers(authority: str, path: str, token: str | None = None) -> bytes:
+    """The HPACK block of a gRPC request; the same for every stream of a connection.
+    With ``token``, every call carries ``authorization: Bearer <token>`` (a literal, not
+    indexed: the server reads and verifies it on every call, as with a real client)."""
+    block = (
         b"\x83"  # :method POST (static table entry 3)
         + b"\x86"  # :scheme http (static table entry 6)
         + _indexed_name(4, path.encode())  # :path
@@ -72,6 +74,9 @@ def request_headers(authority: str, path: str) -> bytes:
         + _literal(b"te", b"trailers")
         + _literal(b"user-agent", b"chatgate-bench")
     )
+    if token is not None:
+        block += _literal(b"authorization", f"Bearer {token}".encode())
+    return block
 
 
 class Stream:
@@ -129,8 +134,8 @@ class Stream:
 class Connection(asyncio.Protocol):
     """One HTTP/2 connection carrying any number of concurrent gRPC calls."""
 
-    def __init__(self, authority: str, path: str, *, hold: bool = False) -> None:
-        self._headers = request_headers(authority, path)
+    def __init__(self, authority: str, path: str, *, hold: bool = False, token: str | None = None) -> None:
+        self._headers = request_headers(authority, path, token)
         self._hold = hold
         self._window = SLOW_STREAM_WINDOW if hold else FAST_STREAM_WINDOW
         self._transport: asyncio.Transport | None = None

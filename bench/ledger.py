@@ -192,6 +192,8 @@ async def e2e(url: str, sim: Simulator, mode: str, requests: int, concurrency: i
             "CHATGATE_LISTEN": "127.0.0.1:0",
             "CHATGATE_SPOOL_DIR": spool_dir,
             "CHATGATE_LOG_LEVEL": "ERROR",
+            # What the ledger costs, not authentication (and postgres-away has no callers).
+            "CHATGATE_AUTH": "off",
         }
     )
     app = App(settings, telemetry=NO_TELEMETRY)

@@ -82,6 +82,8 @@ class Options:
     # A fresh caller-supplied request_id on every call (chatgate then reserves it in
     # Postgres): measures what idempotency keys cost against generated ids.
     caller_ids: bool = False
+    # The caller's bearer token, sent on every call (chatgate verifies it per call).
+    token: str | None = None
 
 
 # --- gRPC ---------------------------------------------------------------------------
@@ -117,7 +119,9 @@ async def grpc_worker(
         stats.open += 1
         stats.peak_open = max(stats.peak_open, stats.open)
         call = complete(
-            _with_caller_id(request) if opts.caller_ids else request, timeout=opts.stream_timeout_s
+            _with_caller_id(request) if opts.caller_ids else request,
+            timeout=opts.stream_timeout_s,
+            metadata=(("authorization", f"Bearer {opts.token}"),) if opts.token else None,
         )
         last = b""
         messages = 0
@@ -215,13 +219,15 @@ async def _read_slowly(stream: h2client.Stream, delay: float, stats: Stats) -> N
         await asyncio.sleep(delay)
 
 
-async def raw_connections(target: str, count: int, *, hold: bool) -> list[h2client.Connection]:
+async def raw_connections(
+    target: str, count: int, *, hold: bool, token: str | None = None
+) -> list[h2client.Connection]:
     host, _, port = target.rpartition(":")
     loop = asyncio.get_running_loop()
     conns = []
     for _ in range(count):
         _, conn = await loop.create_connection(
-            lambda: h2client.Connection(target, COMPLETE, hold=hold), host, int(port)
+            lambda: h2client.Connection(target, COMPLETE, hold=hold, token=token), host, int(port)
         )
         conns.append(conn)
     return conns
@@ -358,6 +364,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         read_delay_s=args.read_delay_ms / 1000.0,
         stream_timeout_s=args.stream_timeout,
         caller_ids=args.caller_request_ids,
+        token=args.token,
     )
     stats = Stats()
     stop = asyncio.Event()
@@ -366,7 +373,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     target = args.target
     if target.startswith("grpc://") and args.client == "raw":
         conns = await raw_connections(
-            target.removeprefix("grpc://"), min(args.channels, args.concurrency), hold=opts.read_delay_s > 0
+            target.removeprefix("grpc://"),
+            min(args.channels, args.concurrency),
+            hold=opts.read_delay_s > 0,
+            token=opts.token,
         )
         workers = [raw_worker(conns, i, opts, stats, stop) for i in range(args.concurrency)]
     elif target.startswith("grpc://"):
@@ -513,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt-4o-mini::chunks=20,delay_ms=0")
     p.add_argument("--read-delay-ms", type=float, default=0.0, help="pause after each message")
     p.add_argument("--caller-request-ids", action="store_true", help="send a fresh request_id on every call")
+    p.add_argument("--token", help="a chatgate caller's token, sent as authorization on every call")
     p.add_argument("--cancel-at-end", action="store_true", help="cancel open streams when the window ends")
     p.add_argument("--stream-timeout", type=float, default=60.0)
     p.add_argument("--ramp", type=float, default=0.0, help="seconds over which workers start")

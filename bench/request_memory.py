@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "CHATGATE_SPOOL_DIR": tempfile.mkdtemp(prefix="chatgate-mem-"),
         "OTEL_SDK_DISABLED": "true",
         "CHATGATE_MIGRATE_ON_START": "true",
+        "CHATGATE_AUTH": "off",  # memory held by request bytes, not who sends them
     }
     if args.budget_mb is not None:
         env["CHATGATE_MAX_REQUEST_MB_IN_FLIGHT"] = str(args.budget_mb)

@@ -49,6 +49,7 @@ class Suite:
         self.upstream_url = ""
         self.otlp_url = ""
         self.servers: dict[str, tuple[Proc, str]] = {}
+        self.token = ""  # the bench caller's; every call to chatgate carries it
 
     # --- processes ------------------------------------------------------------------
 
@@ -165,6 +166,24 @@ class Suite:
             check=True,
             capture_output=True,
         )
+        # Before any chatgate starts, so every one has the caller in its table.
+        self.token = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "chatgate_server",
+                "callers",
+                "create",
+                "--tenant",
+                "bench",
+                "--name",
+                "loadgen",
+            ],
+            env={**self.env, "DATABASE_URL": self.database_url},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     def pin_database_backends(self) -> int:
         """Move the Postgres backends serving the scratch database to the load core(s).
@@ -224,6 +243,8 @@ class Suite:
             cmd += ["--read-delay-ms", str(scenario.read_delay_ms), "--cancel-at-end"]
         if target in CALLER_ID_TARGETS:
             cmd.append("--caller-request-ids")
+        if target != "direct" and self.token:
+            cmd += ["--token", self.token]  # the baselines ignore it; chatgate verifies it
         self.pin_database_backends()
         timeout = scenario.warmup_s + scenario.duration_s + scenario.ramp_s + 120
         result = subprocess.run(

@@ -15,8 +15,12 @@ from dataclasses import dataclass, replace
 # chatgate-1msg relays one message per upstream chunk, as the minimal relay does: the
 # like-for-like comparison of the hot path, with delta coalescing (which the default
 # has on, and which writes fewer messages when chunks arrive together) taken out.
+# chatgate (and chatgate-1msg) authenticate every call, as deployed: the load carries a
+# caller's token on each call. chatgate-noauth (CHATGATE_AUTH=off) is the same server
+# without it: the difference is what authentication costs per call.
 VARIANTS: dict[str, dict[str, str]] = {
     "chatgate-1msg": {"CHATGATE_COALESCE_DELTAS": "false"},
+    "chatgate-noauth": {"CHATGATE_AUTH": "off"},
 }
 # Targets that are a chatgate server loaded differently: chatgate-ids sends a fresh
 # caller-supplied request_id on every call (chatgate reserves each in Postgres before
@@ -71,7 +75,7 @@ FULL: tuple[Scenario, ...] = (
         "20 chunks per stream, concurrency 8",
         8,
         20,
-        targets=("direct", "relay", "ceiling", "chatgate-1msg", "chatgate"),
+        targets=("direct", "relay", "ceiling", "chatgate-1msg", "chatgate-noauth", "chatgate"),
     ),
     Scenario(
         "long",

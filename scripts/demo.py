@@ -107,12 +107,13 @@ def main() -> int:
             print(f"==> using the upstream at {env.get('OPENAI_BASE_URL', 'https://api.openai.com/v1')}")
         print("==> applying migrations")
         subprocess.run([*chatgate, "migrate"], env=env, check=True)
+        token = create_caller(chatgate, env)
         port = free_port()
         env["CHATGATE_LISTEN"] = f"127.0.0.1:{port}"
         print(f"==> starting chatgate on 127.0.0.1:{port} (its JSON logs: .chatgate/demo-chatgate.log)")
         stack.enter_context(running([*chatgate, "serve"], env, "demo-chatgate.log"))
         wait_serving(f"127.0.0.1:{port}")
-        request_id = stream_completion(f"127.0.0.1:{port}", model)
+        request_id = stream_completion(f"127.0.0.1:{port}", model, token)
         print_usage_row(env["DATABASE_URL"], request_id)
         print("==> stopping chatgate")
     if embedded:
@@ -129,7 +130,22 @@ EMBEDDED_POSTGRES_NOTE = (
 )
 
 
-def stream_completion(target: str, model: str) -> str:
+def create_caller(chatgate: list[str], env: dict[str, str]) -> str:
+    """A caller of its own for this demo run (chatgate serves only callers with a token);
+    its token is printed once by `chatgate callers create`, and only its hash is kept."""
+    name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    print(f"==> creating the caller demo/{name}: chatgate callers create --tenant demo --name {name}")
+    created = subprocess.run(
+        [*chatgate, "callers", "create", "--tenant", "demo", "--name", name],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return created.stdout.strip()
+
+
+def stream_completion(target: str, model: str, token: str) -> str:
     print(f"==> streaming a completion from {model}: {PROMPT!r}\n")
     request = pb.CompleteRequest(
         model=model,
@@ -139,7 +155,8 @@ def stream_completion(target: str, model: str) -> str:
     )
     request_id = ""
     with grpc.insecure_channel(target) as channel:
-        for event in chat_pb2_grpc.ChatServiceStub(channel).Complete(request, timeout=60):
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        for event in stub.Complete(request, timeout=60, metadata=(("authorization", f"Bearer {token}"),)):
             kind = event.WhichOneof("event")
             if kind == "started":
                 request_id = event.started.request_id

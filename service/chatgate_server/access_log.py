@@ -36,8 +36,9 @@ class CallLine:
 _current: ContextVar[CallLine | None] = ContextVar("chatgate_access_line", default=None)
 
 
-def open_line(method: str, caller: Caller) -> tuple[CallLine, Token[CallLine | None]]:
-    """Start the line of the call running in this context."""
+def open_line(method: str, caller: Caller | None) -> tuple[CallLine, Token[CallLine | None]]:
+    """Start the line of the call running in this context (``caller`` None: not known yet;
+    the edge sets ``line.caller`` once the credential is verified)."""
     line = CallLine(method, caller)
     return line, _current.set(line)
 
@@ -80,6 +81,8 @@ def _write(
     fields["duration_ms"] = round(duration_ms, 2)
     if line is not None:
         fields["method"] = line.method
+        # The credential's public id (never the token): which key of the caller it was.
+        fields["credential_id"] = (line.caller.credential_id or None) if line.caller is not None else None
     _log.info(
         "%s %s %s", fields["request_id"] or "-", fields["outcome"] or "-", status, extra={"access": fields}
     )

@@ -12,13 +12,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from psycopg_pool import AsyncConnectionPool
 
+from chatgate_server.auth.store import CallerStore
+from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
 from chatgate_server.config import Settings
+from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.edge import Edge, EdgeLimits
 from chatgate_server.rpc.ledger_health import LedgerHealth
 from chatgate_server.rpc.server import CHAT_SERVICE, build_server
 from chatgate_server.rpc.servicer import ChatServicer
+from chatgate_server.rpc.tls import ReloadingTls, TlsFiles
 from chatgate_server.rpc.usage_servicer import UsageServicer
 from chatgate_server.telemetry import Providers, Telemetry, providers_from_env
 from chatgate_server.upstream.breaker import CircuitBreaker
@@ -37,6 +41,10 @@ from chatgate_server.usage.spool import Spool, SpoolError
 from chatgate_server.usage.store import UsageStore
 
 log = logging.getLogger(__name__)
+
+# How long start-up waits for the first load of the caller table; past it chatgate
+# serves anyway and refuses authenticated calls (CALLERS_UNAVAILABLE) until it loads.
+CALLERS_LOAD_TIMEOUT_S = 10.0
 
 
 async def _bounded(what: str, step: Coroutine[Any, Any, object], timeout_s: float) -> None:
@@ -72,6 +80,8 @@ class App:
         self._pool: AsyncConnectionPool | None = None
         self._report_pool: AsyncConnectionPool | None = None
         self._reservation_pool: AsyncConnectionPool | None = None
+        self._callers_pool: AsyncConnectionPool | None = None
+        self.callers: CallerTable | None = None
         self._guard: RequestIdGuard | None = None
         self._spool: Spool | None = None
         self.ledger_health: LedgerHealth | None = None
@@ -197,6 +207,7 @@ class App:
             prices=prices,
         )
         self._observe()
+        authenticator = await self._authenticator(postgres_ok)
         chat = ChatServicer(
             service,
             deadline_cap_s=s.deadline_cap_s,
@@ -211,6 +222,7 @@ class App:
                 max_health_watches_per_connection=s.max_health_watches_per_connection,
             ),
             self.telemetry,
+            authenticator,
         )
         self._server, self._health = build_server(
             chat,
@@ -219,6 +231,7 @@ class App:
                 UsageReports(self._report_pool), page_token_key=page_token_key(s.openai_api_key.value)
             ),
             reuse_port=self._reuse_port,
+            reflection=s.reflection,
         )
         try:
             self.port = self._listen(self._server)
@@ -231,13 +244,48 @@ class App:
         self.ledger_health = LedgerHealth(self._health, ("", CHAT_SERVICE))
         self.ledger.add_listener(self.ledger_health)
         self.ledger_health(self.ledger.state)
-        log.info("chatgate serving on %s:%d, upstream %s", s.listen.host, self.port, s.openai_base_url)
+        log.info(
+            "chatgate serving on %s:%d (%s, authentication %s), upstream %s",
+            s.listen.host,
+            self.port,
+            "mTLS" if s.tls_client_ca_file else "TLS" if s.tls else "plaintext",
+            s.auth,
+            s.openai_base_url,
+        )
         return self.port
 
+    async def _authenticator(self, postgres_ok: bool) -> Authenticator:
+        """Who may call: the caller table (its own small pool, so a burst of usage writes
+        never holds up a reload), loaded before serving, or nobody checked at all."""
+        s = self.settings
+        if s.auth == "off":
+            log.warning(OFF_WARNING)
+            return Authenticator(None, telemetry=self.telemetry)
+        self._callers_pool = AsyncConnectionPool(
+            s.database_url,
+            min_size=1,
+            max_size=2,
+            open=False,
+            timeout=5,
+            reconnect_timeout=s.ledger_retry_cap_s,
+        )
+        await self._callers_pool.open(wait=False)
+        self.callers = CallerTable(CallerStore(self._callers_pool))
+        # A Postgres already known to be away is not waited for long.
+        await self.callers.start(CALLERS_LOAD_TIMEOUT_S if postgres_ok else 1.0)
+        return Authenticator(
+            self.callers, certificates=s.tls_client_ca_file is not None, telemetry=self.telemetry
+        )
+
     def _listen(self, server: grpc.aio.Server) -> int:
-        listen = self.settings.listen
+        s = self.settings
+        listen = s.listen
         try:
-            port = server.add_insecure_port(str(listen))
+            if s.tls_cert_file is not None and s.tls_key_file is not None:
+                tls = ReloadingTls(TlsFiles(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file))
+                port = server.add_secure_port(str(listen), tls.credentials())
+            else:
+                port = server.add_insecure_port(str(listen))
         except RuntimeError:  # grpc >= 1.5x raises where older versions returned 0
             port = 0
         if port == 0:
@@ -277,6 +325,12 @@ class App:
         if self._upstream is not None:
             await _bounded("upstream client", self._upstream.aclose(), 5)
             self._upstream = None
+        if self.callers is not None:
+            await _bounded("caller table", self.callers.stop(), 5)
+            self.callers = None
+        if self._callers_pool is not None:
+            await self._callers_pool.close()
+            self._callers_pool = None
         if self._report_pool is not None:
             await self._report_pool.close()
             self._report_pool = None

@@ -130,6 +130,19 @@ class Settings:
     """CHATGATE_MAX_REQUEST_BYTES: largest CompleteRequest accepted (default 4 MiB)."""
     allowed_models: tuple[str, ...] | None
     """CHATGATE_ALLOWED_MODELS: comma-separated model names or globs (gpt-4o*); unset allows all."""
+    auth: str = "tokens"
+    """CHATGATE_AUTH: ``tokens`` (default) authenticates every ChatService and UsageService call
+    by a bearer token, or by a client certificate when CHATGATE_TLS_CLIENT_CA_FILE is set;
+    ``off`` lets anyone call as the anonymous caller (local work only: logged as a warning)."""
+    tls_cert_file: Path | None = None
+    """CHATGATE_TLS_CERT_FILE: the server's certificate chain (PEM); with the key, serve TLS."""
+    tls_key_file: Path | None = None
+    """CHATGATE_TLS_KEY_FILE: the server's private key (PEM)."""
+    tls_client_ca_file: Path | None = None
+    """CHATGATE_TLS_CLIENT_CA_FILE: CA bundle for client certificates: set, every connection
+    must present a certificate it signed (mTLS). Requires CHATGATE_TLS_CERT_FILE."""
+    reflection: bool = True
+    """CHATGATE_REFLECTION: serve gRPC reflection (default true; false: not registered)."""
     prices_file: Path | None = None
     """CHATGATE_PRICES_FILE: the operator's price table (the shipped usage/prices.csv's format);
     its rows replace the shipped rows of every model it names. Unset: the shipped table alone."""
@@ -137,6 +150,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         e = os.environ if env is None else env
+        cert, key, client_ca = _tls(e)
         return cls(
             openai_api_key=_api_key(e),
             openai_base_url=_base_url(e),
@@ -180,7 +194,16 @@ class Settings:
             max_request_bytes=_int(e, "CHATGATE_MAX_REQUEST_BYTES", 4 * 1024 * 1024, minimum=1024),
             allowed_models=_list(e, "CHATGATE_ALLOWED_MODELS"),
             prices_file=prices_file_from_env(e),
+            auth=_choice(e, "CHATGATE_AUTH", "TOKENS", ("TOKENS", "OFF")).lower(),
+            tls_cert_file=cert,
+            tls_key_file=key,
+            tls_client_ca_file=client_ca,
+            reflection=_flag(e, "CHATGATE_REFLECTION", True),
         )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 def prices_file_from_env(env: Mapping[str, str] | None = None) -> Path | None:
@@ -213,6 +236,29 @@ def request_id_window_from_env(env: Mapping[str, str] | None = None) -> float:
 def database_url_from_env(env: Mapping[str, str] | None = None) -> str:
     """DATABASE_URL alone, for commands (migrate, usage) that need nothing else."""
     return _required(os.environ if env is None else env, "DATABASE_URL")
+
+
+def _tls(env: Mapping[str, str]) -> tuple[Path | None, Path | None, Path | None]:
+    """The three TLS files: cert and key together, the client CA only with them; each
+    must be readable now (a typo should stop start-up, not every handshake)."""
+    names = ("CHATGATE_TLS_CERT_FILE", "CHATGATE_TLS_KEY_FILE", "CHATGATE_TLS_CLIENT_CA_FILE")
+    cert, key, ca = (env.get(name, "").strip() or None for name in names)
+    if (cert is None) != (key is None):
+        raise ConfigError("CHATGATE_TLS_CERT_FILE and CHATGATE_TLS_KEY_FILE must be set together")
+    if ca is not None and cert is None:
+        raise ConfigError(
+            "CHATGATE_TLS_CLIENT_CA_FILE requires CHATGATE_TLS_CERT_FILE and CHATGATE_TLS_KEY_FILE"
+        )
+    for name, value in zip(names, (cert, key, ca), strict=True):
+        if value is None:
+            continue
+        try:
+            with Path(value).open("rb") as f:
+                if not f.read(1):
+                    raise ConfigError(f"{name} names an empty file")
+        except OSError as exc:
+            raise ConfigError(f"{name} cannot be read: {exc.strerror}") from None
+    return (Path(cert) if cert else None, Path(key) if key else None, Path(ca) if ca else None)
 
 
 def _in_flight_budget(env: Mapping[str, str]) -> int:

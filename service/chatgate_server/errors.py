@@ -159,6 +159,13 @@ class ServiceUnavailable(ChatgateError):
     reason = "SERVICE_UNAVAILABLE"
 
 
+class CallersUnavailable(ServiceUnavailable):
+    """The caller table has not loaded yet (Postgres away since start-up): nobody can be
+    authenticated, so every call is refused — authentication fails closed."""
+
+    reason = "CALLERS_UNAVAILABLE"
+
+
 class ShuttingDown(ServiceUnavailable):
     """This replica is draining: new calls are refused, calls past the grace period cut."""
 

@@ -135,6 +135,14 @@ class Telemetry:
             description="Calls recorded with cost unknown because their model has no price row, by model",
         )
         self._unpriced_models: set[str] = set()
+        # A rise says someone is calling with a bad, revoked or expired credential (or a
+        # client was not given its new token): the reason is one of a handful of codes.
+        self.auth_failures = meter.create_counter(
+            "chatgate.auth.failures",
+            unit="{call}",
+            description="Calls refused because their credential is missing, invalid, revoked or expired,"
+            " by chatgate.reason",
+        )
         self._meter = meter
 
     def count_unpriced(self, model: str) -> None:

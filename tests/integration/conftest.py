@@ -51,6 +51,10 @@ def make_settings(database_url: str, base_url: str, **overrides: object) -> Sett
             "CHATGATE_SHUTDOWN_GRACE_SECONDS": "1",
             # A spool of its own per app: spool directories are owned by one process.
             "CHATGATE_SPOOL_DIR": tempfile.mkdtemp(prefix="chatgate-spool-"),
+            # Most tests are about what happens to a call, not who makes it: they call as
+            # the anonymous caller. Authentication is tested with it on, by test_auth.py
+            # (auth="tokens"), and every other test can turn it on the same way.
+            "CHATGATE_AUTH": "off",
         }
     )
     return replace(settings, **overrides)  # type: ignore[arg-type]

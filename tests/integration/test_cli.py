@@ -37,6 +37,14 @@ GOOD = {"OPENAI_API_KEY": TEST_API_KEY, "DATABASE_URL": "postgresql://127.0.0.1:
         ({**GOOD, "OPENAI_BASE_URL": "ftp://example.com"}, "OPENAI_BASE_URL"),
         ({**GOOD, "CHATGATE_MIGRATE_ON_START": "maybe"}, "CHATGATE_MIGRATE_ON_START"),
         ({**GOOD, "OPENAI_API_KEY_FILE": "/nonexistent/key", "OPENAI_API_KEY": ""}, "OPENAI_API_KEY_FILE"),
+        ({**GOOD, "CHATGATE_AUTH": "maybe"}, "CHATGATE_AUTH"),
+        ({**GOOD, "CHATGATE_TLS_CERT_FILE": "/nonexistent/cert"}, "CHATGATE_TLS_KEY_FILE"),
+        ({**GOOD, "CHATGATE_TLS_CLIENT_CA_FILE": "/nonexistent/ca"}, "CHATGATE_TLS_CLIENT_CA_FILE"),
+        (
+            {**GOOD, "CHATGATE_TLS_CERT_FILE": "/nonexistent/crt", "CHATGATE_TLS_KEY_FILE": "/nonexistent/k"},
+            "CHATGATE_TLS_CERT_FILE",
+        ),
+        ({**GOOD, "CHATGATE_REFLECTION": "perhaps"}, "CHATGATE_REFLECTION"),
     ],
 )
 def test_bad_configuration_is_one_line_naming_the_variable(env: dict[str, str], variable: str) -> None:

@@ -332,6 +332,7 @@ async def test_killed_with_records_in_the_spool_a_restart_lands_them(
         "OPENAI_API_KEY": TEST_API_KEY,
         "OPENAI_BASE_URL": simulator.base_url,
         "DATABASE_URL": proxy.url_for(migrated_database_url),
+        "CHATGATE_AUTH": "off",  # these tests are about processes, not callers
         "CHATGATE_LISTEN": f"127.0.0.1:{port}",
         "CHATGATE_SPOOL_DIR": str(spool_dir),
         "CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS": "0.5",

@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
-from chatgate_server.app import App
+from chatgate_server.auth.store import CallerStore, NewCaller
 from chatgate_server.simulator import Simulator
+from tests.certs import Authority
 from tests.conftest import REPO_ROOT
+from tests.integration.conftest import AppFactory
 
 NODE_CLIENT = REPO_ROOT / "clients" / "node"
 
@@ -64,15 +68,46 @@ async def ensure_node_dependencies() -> None:
     assert code == 0, f"npm ci failed in {NODE_CLIENT}:\n{out}"
 
 
+async def callers(database_url: str, certificate_identity: str) -> str:
+    """A token caller (its token returned) and a caller proved by ``certificate_identity``."""
+    tenant = f"node-{time.monotonic_ns()}"
+    async with AsyncConnectionPool(database_url, min_size=1, max_size=1, open=False) as pool:
+        await pool.open(wait=True, timeout=10)
+        store = CallerStore(pool)
+        token = await store.create(NewCaller(tenant, "node-token"))
+        await store.create(NewCaller(tenant, "node-cert", cert_identity=certificate_identity))
+    assert token is not None
+    return str(token)
+
+
 @pytest.mark.timeout(420)
-async def test_node_client_suite(app: App, simulator: Simulator) -> None:
+async def test_node_client_suite(
+    start_app: AppFactory, simulator: Simulator, migrated_database_url: str, tmp_path: Path
+) -> None:
     node = tool("node")
     code, version = await run(node, "--version", cwd=NODE_CLIENT, timeout=30)
     assert code == 0 and int(version.strip().lstrip("v").split(".")[0]) >= 20, f"need Node 20+, got {version}"
     await ensure_node_dependencies()
+    # As deployed: authentication on, over mTLS, with a token and a client certificate.
+    ca = Authority()
+    server_cert, server_key = ca.issue("chatgate", server=True).write(tmp_path, "server")
+    identity = "spiffe://node.example/client"
+    client_cert, client_key = ca.issue("node-client", uri=identity).write(tmp_path, "client")
+    (tmp_path / "ca.crt").write_bytes(ca.pem)
+    (tmp_path / "token").write_text(await callers(migrated_database_url, identity) + "\n")
+    app = await start_app(
+        auth="tokens",
+        tls_cert_file=server_cert,
+        tls_key_file=server_key,
+        tls_client_ca_file=tmp_path / "ca.crt",
+    )
     env = {
         **os.environ,
         "CHATGATE_ADDR": f"127.0.0.1:{app.port}",
+        "CHATGATE_TOKEN_FILE": str(tmp_path / "token"),
+        "CHATGATE_CA_FILE": str(tmp_path / "ca.crt"),
+        "CHATGATE_CLIENT_CERT_FILE": str(client_cert),
+        "CHATGATE_CLIENT_KEY_FILE": str(client_key),
         "SIMULATOR_URL": simulator.root_url,
         # A user's NODE_OPTIONS (e.g. a debugger hook) must not change the run.
         "NODE_OPTIONS": "",

@@ -16,15 +16,18 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
-from chatgate_server.app import App
+from chatgate_server.auth.store import CallerExists, CallerStore, NewCaller
 from chatgate_server.simulator import Simulator
 from chatgate_server.simulator.content import text_of
 from tests.conftest import REPO_ROOT
+from tests.integration.conftest import AppFactory
 
 SECTION = "### With grpcurl"
 DOCUMENTED_ADDRESS = "localhost:50051"
@@ -58,6 +61,12 @@ class Ran:
     out: str
     err: str
     simulator: Simulator
+
+
+def check_create_caller(ran: Ran) -> None:
+    assert ran.code == 0, ran.err
+    assert "token for acme/readme: cgt_" in ran.out
+    assert "not shown again" in ran.err
 
 
 def check_list(ran: Ran) -> None:
@@ -114,6 +123,7 @@ def check_usage(ran: Ran) -> None:
 
 # (what identifies the recipe, what it must do)
 EXPECTATIONS: dict[str, tuple[Callable[[str], bool], Callable[[Ran], None]]] = {
+    "create-caller": (lambda r: "callers create" in r, check_create_caller),
     "list": (lambda r: r.rstrip().endswith(" list"), check_list),
     "describe": (lambda r: " describe chatgate.v1.ChatService.Complete" in r, check_describe),
     "health": (lambda r: r.rstrip().endswith("grpc.health.v1.Health/Check"), check_health),
@@ -134,6 +144,21 @@ def expectation_of(recipe: str) -> str:
 
 
 RECIPES = readme_recipes()
+READER_TENANT = "readme-reader"
+
+
+async def readme_token(database_url: str) -> str:
+    """A token of the reader's caller: created by the first recipe that needs it, a new
+    one (same caller and tenant, the old one still valid) after that."""
+    async with AsyncConnectionPool(database_url, min_size=1, max_size=1, open=False) as pool:
+        await pool.open(wait=True, timeout=10)
+        store = CallerStore(pool)
+        try:
+            token = await store.create(NewCaller(READER_TENANT, "reader"))
+        except CallerExists:
+            token = await store.rotate(READER_TENANT, "reader", grace=timedelta(hours=1), expires_at=None)
+    assert token is not None
+    return str(token)
 
 
 def test_the_section_has_every_recipe_once() -> None:
@@ -142,8 +167,15 @@ def test_the_section_has_every_recipe_once() -> None:
 
 # Ids never fail collection: a recipe without an expectation fails its own test instead.
 @pytest.mark.parametrize("recipe", RECIPES, ids=["+".join(expectations_of(r)) or "unknown" for r in RECIPES])
-async def test_recipe(recipe: str, app: App, simulator: Simulator) -> None:
-    assert DOCUMENTED_ADDRESS in recipe
+async def test_recipe(
+    recipe: str, start_app: AppFactory, simulator: Simulator, migrated_database_url: str
+) -> None:
+    # As the reader runs it: authentication on, and CHATGATE_TOKEN holding a caller's
+    # token (the same tenant for every recipe, so the usage recipe sees the completion's).
+    if expectation_of(recipe) != "create-caller":
+        assert DOCUMENTED_ADDRESS in recipe
+    token = await readme_token(migrated_database_url)
+    app = await start_app(auth="tokens")
     script = recipe.replace(DOCUMENTED_ADDRESS, f"127.0.0.1:{app.port}")
     # A reader's shell: in the repository, without the venv on PATH (scripts/test puts
     # it there), so a bare `grpcurl` fails as it would for them.
@@ -151,7 +183,12 @@ async def test_recipe(recipe: str, app: App, simulator: Simulator) -> None:
     if not (REPO_ROOT / VENV_GRPCURL).exists():  # tests run from another venv
         script = script.replace(VENV_GRPCURL, str(venv_bin / "grpcurl"))
     path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != venv_bin]
-    env = {**os.environ, "PATH": os.pathsep.join(path)}
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join(path),
+        "CHATGATE_TOKEN": token,
+        "DATABASE_URL": migrated_database_url,
+    }
     proc = await asyncio.create_subprocess_exec(
         "bash",
         "-euo",

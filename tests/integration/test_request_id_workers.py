@@ -37,6 +37,7 @@ def serve(database_url: str, base_url: str, port: int, log: Path) -> subprocess.
         "OPENAI_API_KEY": TEST_API_KEY,
         "OPENAI_BASE_URL": base_url,
         "DATABASE_URL": database_url,
+        "CHATGATE_AUTH": "off",  # these tests are about processes, not callers
         "CHATGATE_LISTEN": f"127.0.0.1:{port}",
         "CHATGATE_SHUTDOWN_GRACE_SECONDS": "1",
     }

@@ -66,6 +66,7 @@ async def chatgate(
         "OPENAI_API_KEY": TEST_API_KEY,
         "OPENAI_BASE_URL": simulator.base_url,
         "DATABASE_URL": migrated_database_url,
+        "CHATGATE_AUTH": "off",  # these tests are about processes, not callers
         "CHATGATE_LISTEN": f"127.0.0.1:{port}",
         # One process: these tests are about one server's behaviour (test_workers.py
         # covers the supervisor), and one process keeps them deterministic.

@@ -1,4 +1,5 @@
 // ChatgateClient: one channel, `complete()` as an async iterator of events, `collect()`.
+import { readFileSync } from "node:fs";
 import grpc from "@grpc/grpc-js";
 import { ChatgateError, fromServiceError } from "./errors.js";
 import { Collector, toEvent } from "./events.js";
@@ -27,18 +28,33 @@ export class ChatgateClient {
 
   /**
    * @param address host:port (any gRPC target, e.g. "dns:///chatgate:50051").
-   * @param options token (bearer token sent as `authorization`), credentials
-   *   (grpc.credentials.createSsl(...); plaintext when absent), timeoutMs (each call's
-   *   deadline unless the call gives one; null for none), metadata (sent with every
-   *   call), channelOptions (over the keepalive defaults).
+   * @param options token (bearer token sent as `authorization`) or tokenFile (a file
+   *   holding it, read once), credentials (grpc.credentials.createSsl(...); plaintext
+   *   when absent) or caFile / certFile + keyFile (TLS from PEM files; the client
+   *   certificate for mTLS), timeoutMs (each call's deadline unless the call gives one;
+   *   null for none), metadata (sent with every call), channelOptions (over the
+   *   keepalive defaults).
    */
-  constructor(address, { token, credentials, timeoutMs = DEFAULT_TIMEOUT_MS, metadata = {}, channelOptions = {} } = {}) {
+  constructor(
+    address,
+    {
+      token,
+      tokenFile,
+      credentials,
+      caFile,
+      certFile,
+      keyFile,
+      timeoutMs = DEFAULT_TIMEOUT_MS,
+      metadata = {},
+      channelOptions = {},
+    } = {},
+  ) {
     const Stub = chatServiceClient();
-    this.#stub = new Stub(address, credentials ?? grpc.credentials.createInsecure(), {
+    this.#stub = new Stub(address, channelCredentials(credentials, { caFile, certFile, keyFile }), {
       ...DEFAULT_CHANNEL_OPTIONS,
       ...channelOptions,
     });
-    this.#token = token;
+    this.#token = resolveToken(token, tokenFile);
     this.#timeoutMs = checkTimeout(timeoutMs);
     this.#metadata = metadata;
   }
@@ -118,4 +134,25 @@ function checkTimeout(timeoutMs) {
     throw new RangeError(`timeoutMs must be a positive number of milliseconds or null, got ${timeoutMs}`);
   }
   return timeoutMs;
+}
+
+function resolveToken(token, tokenFile) {
+  if (token !== undefined && tokenFile !== undefined) throw new TypeError("give token or tokenFile, not both");
+  if (tokenFile === undefined) return token;
+  // A file written by `chatgate callers create > token` ends in a newline.
+  const text = readFileSync(tokenFile, "utf8").trim();
+  if (!text) throw new TypeError(`${tokenFile} is empty`);
+  return text;
+}
+
+function channelCredentials(credentials, { caFile, certFile, keyFile }) {
+  if (caFile === undefined && certFile === undefined && keyFile === undefined) {
+    return credentials ?? grpc.credentials.createInsecure();
+  }
+  if (credentials !== undefined) throw new TypeError("give credentials or caFile/certFile/keyFile, not both");
+  if ((certFile === undefined) !== (keyFile === undefined)) {
+    throw new TypeError("certFile and keyFile go together (a client certificate and its key)");
+  }
+  const read = (file) => (file === undefined ? null : readFileSync(file));
+  return grpc.credentials.createSsl(read(caFile), read(keyFile), read(certFile));
 }

@@ -166,6 +166,12 @@ export type ErrorReason =
   | "CONCURRENCY_LIMIT"
   | "REQUEST_BYTES_LIMIT"
   | "HEALTH_WATCH_LIMIT"
+  | "CREDENTIAL_MISSING"
+  | "CREDENTIAL_INVALID"
+  | "CREDENTIAL_REVOKED"
+  | "CREDENTIAL_EXPIRED"
+  | "PERMISSION_DENIED"
+  | "CALLERS_UNAVAILABLE"
   | "INTERNAL"
   | "INCOMPLETE_STREAM";
 
@@ -197,8 +203,16 @@ export class ChatgateError extends Error {
 export interface ClientOptions {
   /** The calling service's bearer token, sent as `authorization` metadata. */
   token?: string;
-  /** TLS credentials; plaintext when absent. */
+  /** Or a file holding the token (read once, whitespace trimmed). */
+  tokenFile?: string;
+  /** TLS credentials; plaintext when absent (and no TLS file is given). */
   credentials?: ChannelCredentials;
+  /** TLS from PEM files: the CA that signed chatgate's certificate (the system's roots when absent). */
+  caFile?: string;
+  /** mTLS: the client certificate (with keyFile). */
+  certFile?: string;
+  /** mTLS: the client certificate's private key (with certFile). */
+  keyFile?: string;
   /** Each call's deadline unless the call gives one; null for none. Default 60000. */
   timeoutMs?: number | null;
   /** Metadata sent with every call. */

@@ -3,9 +3,23 @@ import assert from "node:assert/strict";
 import { after, describe, it } from "node:test";
 import grpc from "@grpc/grpc-js";
 import { ChatgateClient, ChatgateError, assistant, functionTool, toolResult, user } from "@chatgate/client";
-import { ADDR, endedRecord, simulatorText } from "../testing/env.mjs";
+import {
+  ADDR,
+  CA_FILE,
+  CLIENT_CERT_FILE,
+  CLIENT_KEY_FILE,
+  TOKEN_FILE,
+  endedRecord,
+  simulatorText,
+} from "../testing/env.mjs";
 
-const client = new ChatgateClient(ADDR, { token: "svc-token", timeoutMs: 10_000 });
+const client = new ChatgateClient(ADDR, {
+  tokenFile: TOKEN_FILE,
+  caFile: CA_FILE,
+  certFile: CLIENT_CERT_FILE,
+  keyFile: CLIENT_KEY_FILE,
+  timeoutMs: 10_000,
+});
 after(() => client.close());
 
 const request = (model, extra = {}) => ({ model, userId: "node-user", messages: [user("hello")], ...extra });
@@ -165,6 +179,40 @@ describe("errors", () => {
     assert.equal(limit.retryable, true);
     const bare = new ChatgateError(grpc.status.RESOURCE_EXHAUSTED, "Received message larger than max");
     assert.equal(bare.retryable, false);
+  });
+
+  it("calls as the certificate's caller without a token (mTLS)", async () => {
+    const byCertificate = new ChatgateClient(ADDR, {
+      caFile: CA_FILE,
+      certFile: CLIENT_CERT_FILE,
+      keyFile: CLIENT_KEY_FILE,
+      timeoutMs: 10_000,
+    });
+    try {
+      const completion = await byCertificate.collect(request("gpt-4o-mini::chunks=2"));
+      assert.equal(completion.text, simulatorText(2));
+    } finally {
+      byCertificate.close();
+    }
+    assert.throws(() => new ChatgateClient(ADDR, { caFile: CA_FILE, certFile: CLIENT_CERT_FILE }), TypeError);
+  });
+
+  it("refuses an unknown token: UNAUTHENTICATED, CREDENTIAL_INVALID, not retryable", async () => {
+    const unknown = new ChatgateClient(ADDR, {
+      token: "cgt_unknown",
+      caFile: CA_FILE,
+      certFile: CLIENT_CERT_FILE,
+      keyFile: CLIENT_KEY_FILE,
+      timeoutMs: 10_000,
+    });
+    try {
+      const error = await failureOf(unknown.collect(request("gpt-4o-mini")));
+      assert.equal(error.codeName, "UNAUTHENTICATED");
+      assert.equal(error.reason, "CREDENTIAL_INVALID");
+      assert.equal(error.retryable, false);
+    } finally {
+      unknown.close();
+    }
   });
 
   it("rejects a non-positive timeout before calling", () => {

@@ -5,6 +5,12 @@ import assert from "node:assert/strict";
 
 export const ADDR = process.env.CHATGATE_ADDR;
 export const SIMULATOR_URL = process.env.SIMULATOR_URL;
+// chatgate runs with authentication and mTLS on: a caller's token, the CA to trust, and
+// a client certificate (itself mapped to another caller).
+export const TOKEN_FILE = process.env.CHATGATE_TOKEN_FILE;
+export const CA_FILE = process.env.CHATGATE_CA_FILE;
+export const CLIENT_CERT_FILE = process.env.CHATGATE_CLIENT_CERT_FILE;
+export const CLIENT_KEY_FILE = process.env.CHATGATE_CLIENT_KEY_FILE;
 assert.ok(ADDR, "CHATGATE_ADDR is not set: run through tests/integration/test_node_client.py");
 
 /** The simulator's deterministic text of n tokens (chatgate_server/simulator/content.py). */

@@ -24,13 +24,13 @@ from chatgate_server.auth import tokens
 from chatgate_server.auth.records import Credential
 from chatgate_server.auth.store import CallerStore
 from chatgate_server.domain import Caller
-from chatgate_server.errors import CredentialInvalid, ServiceUnavailable
+from chatgate_server.errors import CallersUnavailable, CredentialInvalid
 
 log = logging.getLogger(__name__)
 
 
-class CallerTableNotLoaded(ServiceUnavailable):
-    reason = "CALLERS_UNAVAILABLE"
+# The name the table's callers knew first.
+CallerTableNotLoaded = CallersUnavailable
 
 
 class CallerTable:
@@ -48,13 +48,14 @@ class CallerTable:
         self._clock = clock
         self._by_id: dict[str, Credential] | None = None
         self._by_identity: dict[str, Credential] = {}
+        self._callers: dict[str, Caller] = {}
         self._version: int | None = None
         self._task: asyncio.Task[None] | None = None
 
     def verify_token(self, text: str) -> Caller:
         """The caller a bearer token proves; raises an ``Unauthenticated`` subclass."""
         if self._by_id is None:
-            raise CallerTableNotLoaded("the caller table is not loaded yet", retry_after=1.0)
+            raise CallersUnavailable("the caller table is not loaded yet", retry_after=1.0)
         try:
             token = tokens.parse(text)
         except tokens.MalformedToken as exc:
@@ -69,19 +70,19 @@ class CallerTable:
         refusal = credential.refusal(self._clock())
         if refusal is not None:
             raise refusal
-        return credential.caller()
+        return self._callers[credential.public_id]
 
     def verify_certificate(self, identity: str) -> Caller:
         """The caller a verified client certificate's identity maps to."""
         if self._by_id is None:
-            raise CallerTableNotLoaded("the caller table is not loaded yet", retry_after=1.0)
+            raise CallersUnavailable("the caller table is not loaded yet", retry_after=1.0)
         credential = self._by_identity.get(identity)
         if credential is None:
             raise CredentialInvalid("the client certificate is not mapped to a caller")
         refusal = credential.refusal(self._clock())
         if refusal is not None:
             raise refusal
-        return credential.caller()
+        return self._callers[credential.public_id]
 
     @property
     def loaded(self) -> bool:
@@ -93,16 +94,26 @@ class CallerTable:
         if version == self._version and self._by_id is not None:
             return False
         credentials = await self._store.credentials()
+        # Callers are immutable: made once per load, not once per call.
+        self._callers = {c.public_id: c.caller() for c in credentials}
         self._by_id = {c.public_id: c for c in credentials}
         self._by_identity = {c.cert_identity: c for c in credentials if c.cert_identity is not None}
         self._version = version
         return True
 
-    async def start(self) -> None:
-        """Load once (best effort: a failure is logged and retried) and keep refreshing."""
-        with contextlib.suppress(Exception):
-            await self.refresh()
+    async def start(self, load_timeout_s: float | None = None) -> bool:
+        """Load once, waiting at most ``load_timeout_s`` (best effort: a failure is logged
+        and the poll retries), and keep refreshing. True if the table is loaded."""
+        try:
+            async with asyncio.timeout(load_timeout_s):
+                await self.refresh()
+        except Exception as exc:  # noqa: BLE001 - not loaded: calls are refused until it is
+            log.warning(
+                "cannot load the caller table (%s); calls are refused (CALLERS_UNAVAILABLE) until it loads",
+                type(exc).__name__,
+            )
         self._task = asyncio.create_task(self._poll(), name="caller-table")
+        return self.loaded
 
     async def stop(self) -> None:
         if self._task is not None:

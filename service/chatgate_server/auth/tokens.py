@@ -18,8 +18,8 @@ import secrets
 from dataclasses import dataclass
 
 PREFIX = "cgt_"
-_PUBLIC_ID = re.compile(r"^[a-z2-7]{16}$")
-_SECRET = re.compile(r"^[A-Za-z0-9_-]{43}$")
+# One match for the whole token (this runs on every call): the public id, then the secret.
+_TOKEN = re.compile(r"cgt_([a-z2-7]{16})_([A-Za-z0-9_-]{43})")
 
 
 class MalformedToken(ValueError):
@@ -49,12 +49,12 @@ def mint() -> Token:
 
 def parse(text: str) -> Token:
     """Split ``cgt_<id>_<secret>``; :class:`MalformedToken` for anything else."""
-    if not text.startswith(PREFIX):
-        raise MalformedToken("not a chatgate token (expected cgt_…)")
-    public_id, sep, secret = text[len(PREFIX) :].partition("_")
-    if not sep or not _PUBLIC_ID.match(public_id) or not _SECRET.match(secret):
+    match = _TOKEN.fullmatch(text)
+    if match is None:
+        if not text.startswith(PREFIX):
+            raise MalformedToken("not a chatgate token (expected cgt_…)")
         raise MalformedToken("malformed chatgate token")
-    return Token(public_id, secret)
+    return Token(match[1], match[2])
 
 
 def digest(secret: str) -> bytes:

@@ -38,7 +38,7 @@ from chatgate_server.domain import (
     ToolChoice,
     ToolSpec,
 )
-from chatgate_server.errors import FieldViolation, InvalidRequest
+from chatgate_server.errors import FieldViolation, InvalidRequest, PermissionDenied
 
 _ROLES: dict[int, Role] = {
     pb.ROLE_SYSTEM: "system",
@@ -106,6 +106,16 @@ class RequestLimits:
 DEFAULT_LIMITS = RequestLimits()
 
 
+def _check_caller_may_use(caller: Caller, model: str) -> None:
+    """A caller whose credential lists models may call only those: PERMISSION_DENIED (the
+    request is fine; this caller may not make it), naming the ones it may use."""
+    allowed = caller.allowed_models
+    if allowed is not None and not any(fnmatch.fnmatchcase(model, p) for p in allowed):
+        raise PermissionDenied(
+            f"caller {caller.tenant}/{caller.service} may use only these models: {', '.join(allowed)}"
+        )
+
+
 def to_domain(
     msg: pb.CompleteRequest, caller: Caller, limits: RequestLimits = DEFAULT_LIMITS
 ) -> CompletionRequest:
@@ -148,6 +158,7 @@ def to_domain(
     response_format = _response_format(msg, bad)
     if v:
         raise InvalidRequest(v)
+    _check_caller_may_use(caller, msg.model.strip())
     return CompletionRequest(
         request_id=msg.request_id or new_request_id(),
         request_id_from_caller=bool(msg.request_id),

@@ -2,8 +2,10 @@
 
 For every call it
 
-- resolves the :class:`~chatgate_server.domain.Caller` (:func:`current_caller` gives it
-  to the servicers; today always the anonymous caller);
+- resolves the :class:`~chatgate_server.domain.Caller` of ChatService and UsageService
+  calls from their credential (``rpc/authn.py``; :func:`current_caller` gives it to the
+  servicers) and refuses a call without a valid one (UNAUTHENTICATED); health and
+  reflection need no credential (probes and ``grpcurl list``);
 - refuses what must not reach a servicer: a request over CHATGATE_MAX_REQUEST_BYTES or
   one that is not valid protobuf (INVALID_ARGUMENT naming why, never gRPC's own
   RESOURCE_EXHAUSTED or UNKNOWN), a Complete beyond CHATGATE_MAX_CONCURRENT_STREAMS or
@@ -38,7 +40,7 @@ from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
-from opentelemetry.trace import INVALID_SPAN
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from chatgate.v1 import chat_pb2, usage_pb2
 from chatgate_server import access_log
@@ -51,6 +53,7 @@ from chatgate_server.errors import (
     TooManyHealthWatches,
     TooManyStreams,
 )
+from chatgate_server.rpc.authn import Authenticator
 from chatgate_server.rpc.status import to_status
 from chatgate_server.rpc.tracing import server_span, set_rpc_status
 from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
@@ -61,6 +64,7 @@ CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 USAGE_SERVICE = usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 COMPLETE = f"/{CHAT_SERVICE}/Complete"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # chatgate's own services: a server span each call, and their requests count toward
 # the bytes in flight. Health and reflection get neither (probes are not traffic).
 _OWN_SERVICES = (CHAT_SERVICE, USAGE_SERVICE)
@@ -93,11 +97,6 @@ def current_caller() -> Caller:
     return _caller.get()
 
 
-def resolve_caller(context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
-    """Who is calling. Until callers authenticate (issue 14), everyone is anonymous."""
-    return ANONYMOUS_CALLER
-
-
 @dataclass(frozen=True, slots=True)
 class _Method:
     """What the edge knows of one method, worked out once when its handler is wrapped."""
@@ -120,9 +119,16 @@ class _Method:
 class Edge(grpc.aio.ServerInterceptor):
     """Every call's way in and out; holds the per-process call limits."""
 
-    def __init__(self, limits: EdgeLimits, telemetry: Telemetry = NO_TELEMETRY) -> None:
+    def __init__(
+        self,
+        limits: EdgeLimits,
+        telemetry: Telemetry = NO_TELEMETRY,
+        authenticator: Authenticator | None = None,
+    ) -> None:
+        """``authenticator`` defaults to none at all: every call anonymous (CHATGATE_AUTH=off)."""
         self.limits = self._limits = limits
         self._telemetry = telemetry
+        self._auth = authenticator or Authenticator(None, telemetry=telemetry)
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self.streams = 0
         self.bytes_in_flight = 0
@@ -184,15 +190,22 @@ class Edge(grpc.aio.ServerInterceptor):
     async def _call(
         self, method: _Method, request: Any, context: grpc.aio.ServicerContext[Any, Any], handler: Handler
     ) -> Any:
-        caller = resolve_caller(context)
-        caller_token = _caller.set(caller)
-        line, line_token = access_log.open_line(method.name, caller)
+        # Until the credential is checked (inside the try, so that a refusal gets its
+        # status, span status and access line like any other) the line names no caller.
+        line, line_token = access_log.open_line(method.name, None if method.own else ANONYMOUS_CALLER)
+        caller_token = None
         code, reason = grpc.StatusCode.OK, None
         refusal: grpc.Status | None = None
         release: Callable[[], None] | None = None
         spanned = server_span(self._telemetry, context, method.service, method.short) if method.own else None
         with spanned or nullcontext(INVALID_SPAN) as span:
             try:
+                if method.own:
+                    line.caller = caller = self._auth.resolve(context)
+                    caller_token = _caller.set(caller)
+                    _describe(span, caller)
+                elif method.name == HEALTH_CHECK:
+                    self._auth.health_checked()
                 if method.decode is not None:
                     release = self._admit(method, len(request), context)
                     request = _decode(method, request)
@@ -220,7 +233,8 @@ class Edge(grpc.aio.ServerInterceptor):
                     release()
                 set_rpc_status(span, code, reason)
                 access_log.close_line(line, line_token, code.name, reason)
-                _caller.reset(caller_token)
+                if caller_token is not None:
+                    _caller.reset(caller_token)
         # Sent once the span has ended and the access line is written: whoever sees the
         # status can already find both. (Only a refusal gets here: the rest returned or raised.)
         assert refusal is not None
@@ -301,6 +315,15 @@ class Edge(grpc.aio.ServerInterceptor):
                 del self._watches_by_peer[peer]
 
         return release
+
+
+def _describe(span: Span, caller: Caller) -> None:
+    """Who called, on the server span: the credential's public id, never the credential."""
+    if span.is_recording():
+        span.set_attribute("chatgate.tenant", caller.tenant)
+        span.set_attribute("chatgate.caller", caller.service)
+        if caller.credential_id:
+            span.set_attribute("chatgate.credential_id", caller.credential_id)
 
 
 def _decode(method: _Method, raw: bytes) -> Any:

@@ -20,6 +20,7 @@ def build_server(
     edge: Edge,
     usage: UsageServicer | None = None,
     reuse_port: bool = False,
+    reflection: bool = True,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with every service registered behind ``edge``; the caller binds a port
     and starts it.
@@ -49,5 +50,6 @@ def build_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    enable_reflection((CHAT_SERVICE, *([USAGE_SERVICE] if usage else []), health_service), server)
+    if reflection:
+        enable_reflection((CHAT_SERVICE, *([USAGE_SERVICE] if usage else []), health_service), server)
     return server, health_servicer

@@ -1,8 +1,8 @@
 """UsageService: a report request in, the caller's tenant's usage out.
 
-Only proto ⇄ domain here; the queries are ``usage/reports.py``. The tenant always comes
-from the caller the edge resolved, never from the request, so a caller cannot read
-another tenant's usage.
+Only proto ⇄ domain here; the queries are ``usage/reports.py``. The tenant is the one of
+the caller the edge resolved, so a caller cannot read another tenant's usage; only a
+caller holding the operator role may name another tenant in the request.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from google.protobuf import timestamp_pb2
 
 from chatgate.v1 import usage_pb2 as pb
 from chatgate.v1 import usage_pb2_grpc
+from chatgate_server.auth.records import OPERATOR_ROLE
 from chatgate_server.domain import Caller
-from chatgate_server.errors import FieldViolation, InvalidRequest
+from chatgate_server.errors import FieldViolation, InvalidRequest, PermissionDenied
 from chatgate_server.rpc.convert import (
     MAX_MODEL_CHARS,
     MAX_TAG_KEY_CHARS,
@@ -98,7 +99,7 @@ def to_query(
         end=end,
         group_by=tuple(group_by),
         tag_key=msg.tag_key or None,
-        tenant=caller.tenant,
+        tenant=_tenant(msg, caller),
         user_ids=tuple(msg.user_ids),
         models=tuple(msg.models),
         tags=dict(msg.tags),
@@ -109,6 +110,18 @@ def to_query(
         query = replace(query, end=token.end)
     query.validate()
     return query, msg.page_size or DEFAULT_PAGE_SIZE, token
+
+
+def _tenant(msg: pb.GetUsageRequest, caller: Caller) -> str:
+    """The tenant reported on: the caller's own, or the one named by an operator."""
+    if not msg.tenant or msg.tenant == caller.tenant:
+        return caller.tenant
+    if OPERATOR_ROLE not in caller.roles:
+        raise PermissionDenied(
+            f"caller {caller.tenant}/{caller.service} may read only its own tenant's usage"
+            f" (another tenant needs the {OPERATOR_ROLE} role)"
+        )
+    return msg.tenant
 
 
 def _time(value: timestamp_pb2.Timestamp, field: str, v: list[FieldViolation]) -> datetime | None:

@@ -19,7 +19,7 @@ details. See docs/CALLING.md for deadlines, status codes and when to retry.
 """
 
 from chatgate.client.aio import AsyncClient, AsyncCompletionStream
-from chatgate.client.channel import DEFAULT_OPTIONS, channel_options
+from chatgate.client.channel import DEFAULT_OPTIONS, channel_options, tls_credentials
 from chatgate.client.errors import KNOWN_REASONS, ChatgateError, ErrorReason, FieldViolation, QuotaViolation
 from chatgate.client.events import (
     ContentDelta,
@@ -84,6 +84,7 @@ __all__ = [
     "json_object_format",
     "json_schema_format",
     "system",
+    "tls_credentials",
     "tool_result",
     "user",
 ]

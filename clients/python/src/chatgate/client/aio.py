@@ -7,7 +7,13 @@ from typing import Self
 
 import grpc
 
-from chatgate.client.channel import ChannelOptions, channel_options
+from chatgate.client.channel import (
+    ChannelOptions,
+    PathLike,
+    channel_options,
+    resolve_credentials,
+    resolve_token,
+)
 from chatgate.client.errors import ChatgateError, from_call
 from chatgate.client.events import Event, event_from_proto
 from chatgate.client.metadata import MetadataPairs, call_metadata
@@ -66,8 +72,12 @@ class AsyncClient:
     Args:
         target: ``host:port`` (any gRPC target string, e.g. ``dns:///chatgate:50051``).
         token: the calling service's bearer token, sent as ``authorization`` metadata.
+        token_file: or a file holding it (read once, here).
         credentials: TLS channel credentials (``grpc.ssl_channel_credentials(...)``);
             None for a plaintext channel.
+        ca_file, cert_file, key_file: or TLS from PEM files: the CA that signed
+            chatgate's certificate (None: the system's roots), and for mTLS the client's
+            certificate and key.
         timeout: the deadline of each call in seconds, unless the call gives its own;
             None for no client deadline (chatgate's cap, 60 s by default, still applies).
         metadata: pairs sent with every call.
@@ -81,12 +91,18 @@ class AsyncClient:
         target: str = "",
         *,
         token: str | None = None,
+        token_file: PathLike | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        ca_file: PathLike | None = None,
+        cert_file: PathLike | None = None,
+        key_file: PathLike | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         metadata: MetadataPairs = (),
         options: ChannelOptions = (),
         channel: grpc.aio.Channel | None = None,
     ) -> None:
+        token = resolve_token(token, token_file)
+        credentials = resolve_credentials(credentials, ca_file, cert_file, key_file)
         self._owns_channel = channel is None
         if channel is None:
             opts = channel_options(options)

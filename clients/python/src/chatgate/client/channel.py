@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+import grpc
 
 ChannelOptions = Sequence[tuple[str, Any]]
 """grpc channel arguments, e.g. ``[("grpc.max_receive_message_length", 8 << 20)]``."""
@@ -40,3 +44,47 @@ def channel_options(extra: ChannelOptions) -> list[tuple[str, Any]]:
     merged = dict(DEFAULT_OPTIONS)
     merged.update(extra)
     return list(merged.items())
+
+
+PathLike = str | os.PathLike[str]
+
+
+def tls_credentials(
+    *, ca_file: PathLike | None = None, cert_file: PathLike | None = None, key_file: PathLike | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: ``ca_file`` to trust (default: the system's
+    roots), and a client certificate and key for mTLS (both or neither)."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("cert_file and key_file go together (a client certificate and its key)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes() if ca_file is not None else None,
+        private_key=Path(key_file).read_bytes() if key_file is not None else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file is not None else None,
+    )
+
+
+def resolve_token(token: str | None, token_file: PathLike | None) -> str | None:
+    """The bearer token given, or the one in ``token_file`` (read once, whitespace
+    stripped: a file written by ``chatgate callers create > token`` ends in a newline)."""
+    if token is not None and token_file is not None:
+        raise ValueError("give token or token_file, not both")
+    if token_file is None:
+        return token
+    text = Path(token_file).read_text(encoding="utf-8").strip()
+    if not text:
+        raise ValueError(f"{token_file} is empty")
+    return text
+
+
+def resolve_credentials(
+    credentials: grpc.ChannelCredentials | None,
+    ca_file: PathLike | None,
+    cert_file: PathLike | None,
+    key_file: PathLike | None,
+) -> grpc.ChannelCredentials | None:
+    """``credentials`` as given, or made from the TLS files when any is named."""
+    if ca_file is None and cert_file is None and key_file is None:
+        return credentials
+    if credentials is not None:
+        raise ValueError("give credentials or the TLS files (ca_file, cert_file, key_file), not both")
+    return tls_credentials(ca_file=ca_file, cert_file=cert_file, key_file=key_file)

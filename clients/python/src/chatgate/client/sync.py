@@ -8,7 +8,13 @@ from typing import Self
 
 import grpc
 
-from chatgate.client.channel import ChannelOptions, channel_options
+from chatgate.client.channel import (
+    ChannelOptions,
+    PathLike,
+    channel_options,
+    resolve_credentials,
+    resolve_token,
+)
 from chatgate.client.errors import ChatgateError, from_call
 from chatgate.client.events import Event, event_from_proto
 from chatgate.client.metadata import MetadataPairs, call_metadata
@@ -67,12 +73,18 @@ class Client:
         target: str = "",
         *,
         token: str | None = None,
+        token_file: PathLike | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        ca_file: PathLike | None = None,
+        cert_file: PathLike | None = None,
+        key_file: PathLike | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         metadata: MetadataPairs = (),
         options: ChannelOptions = (),
         channel: grpc.Channel | None = None,
     ) -> None:
+        token = resolve_token(token, token_file)
+        credentials = resolve_credentials(credentials, ca_file, cert_file, key_file)
         self._owns_channel = channel is None
         if channel is None:
             opts = channel_options(options)

@@ -6,7 +6,8 @@ chatgate.v1 — reading the usage ledger.
 Every Complete call leaves one usage row (who, which model, how many tokens,
 what it cost). UsageService reads them back as totals and breakdowns over a
 time window. A caller sees only its own tenant: the tenant comes from the
-caller's identity, never from the request.
+caller's credential. Only a caller with the operator role may name another
+tenant (`GetUsageRequest.tenant`).
 """
 
 from collections import abc as _abc
@@ -97,6 +98,7 @@ class GetUsageRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     tag_key: _builtins.str
     """The tag key to group by; required with USAGE_DIMENSION_TAG."""
     page_size: _builtins.int
@@ -104,6 +106,10 @@ class GetUsageRequest(_message.Message):
     page_token: _builtins.str
     """`next_page_token` of the previous response, with the same request fields.
     Tokens are signed: a changed or made-up token is INVALID_ARGUMENT.
+    """
+    tenant: _builtins.str
+    """The tenant to report on. Empty: the caller's own (the usual case). Any
+    other tenant requires the operator role (else PERMISSION_DENIED).
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
@@ -143,10 +149,11 @@ class GetUsageRequest(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "group_by", b"group_by", "models", b"models", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "tag_key", b"tag_key", "tags", b"tags", "user_ids", b"user_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "group_by", b"group_by", "models", b"models", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "tag_key", b"tag_key", "tags", b"tags", "tenant", b"tenant", "user_ids", b"user_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,7 +6,8 @@ chatgate.v1 — reading the usage ledger.
 Every Complete call leaves one usage row (who, which model, how many tokens,
 what it cost). UsageService reads them back as totals and breakdowns over a
 time window. A caller sees only its own tenant: the tenant comes from the
-caller's identity, never from the request.
+caller's credential. Only a caller with the operator role may name another
+tenant (`GetUsageRequest.tenant`).
 """
 
 from chatgate.v1 import usage_pb2 as _usage_pb2
