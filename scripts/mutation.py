@@ -97,7 +97,7 @@ def run_one(name: str, scratch: Path, timeout: float, show: bool) -> Outcome:
     survived = [line.split(":")[0].strip() for line in results.splitlines() if line.endswith(": survived")]
     if show:
         for mutant in survived:
-            print(mutmut(work, "show", mutant, timeout=60).stdout)
+            print(mutmut(work, "show", mutant, timeout=60).stdout, flush=True)
     tested = int(stats["total"]) - int(stats["skipped"])
     return Outcome(name, tested, int(stats["killed"]) + int(stats["timeout"]), survived)
 
