@@ -220,9 +220,10 @@ async def test_a_failure_that_is_not_retried_logs_nothing(caplog: pytest.LogCapt
 async def test_a_status_outside_the_standard_list_is_logged_by_its_number(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    _, attempt = _failing(UpstreamError("odd", http_status=599, retry_after=0.01))
+    _, attempt = _failing(UpstreamError("odd", http_status=599, retry_after=0.0123456))
     caplog.set_level(logging.INFO, logger="chatgate_server.upstream.retry")
     await with_retries(attempt, POLICY, Deadline.start(None, 60))
     assert [r.getMessage() for r in caplog.records] == [
-        "upstream attempt 1 failed: HTTP 599 (UPSTREAM_UNAVAILABLE); retrying in 0.010s (retry_after)"
+        "upstream attempt 1 failed: HTTP 599 (UPSTREAM_UNAVAILABLE); retrying in 0.012s (retry_after)"
     ]
+    assert caplog.records[0].fields["retry_wait_s"] == 0.012  # type: ignore[attr-defined]
