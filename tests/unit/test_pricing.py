@@ -427,12 +427,13 @@ def test_a_version_applies_by_utc_day_whatever_the_servers_timezone(monkeypatch:
 
 
 def test_a_bill_is_priced_on_the_day_the_call_started() -> None:
-    # A call that started before a price change and is billed after it pays the old price.
+    # A call that started before a price change and is billed after it pays the old price
+    # (the change is long past, so billing "now" would give the new one).
     table = PriceTable(
-        [row("m", "2020-01-01", "$1.00", "$1.00", "$1.00"), row("m", "2026-12-05", "$2.00", "$2.00", "$2.00")]
+        [row("m", "2020-01-01", "$1.00", "$1.00", "$1.00"), row("m", "2021-01-01", "$2.00", "$2.00", "$2.00")]
     )
     usage = TokenUsage(input_tokens=1_000_000)
-    started = datetime(2026, 12, 4, 23, 59, tzinfo=UTC)
+    started = datetime(2020, 12, 31, 23, 59, tzinfo=UTC)
     cost = table.bill("m", usage, outcome=Outcome.COMPLETED, responded=True, at=started)
     assert cost == Cost(1_000_000, "2020-01-01", CostBasis.PRICED)
 
@@ -486,10 +487,10 @@ def test_without_an_operators_file_the_shipped_prices_apply() -> None:
 
 def test_cost_of_prices_on_the_given_day(monkeypatch: pytest.MonkeyPatch) -> None:
     table = PriceTable(
-        [row("m", "2020-01-01", "$1.00", "$1.00", "$1.00"), row("m", "2026-12-05", "$2.00", "$2.00", "$2.00")]
+        [row("m", "2020-01-01", "$1.00", "$1.00", "$1.00"), row("m", "2021-01-01", "$2.00", "$2.00", "$2.00")]
     )
     monkeypatch.setattr(pricing, "default_table", lambda: table)
     usage = TokenUsage(input_tokens=1_000_000)
-    assert cost_of("m", usage, datetime(2026, 1, 1, tzinfo=UTC)) == Cost(
+    assert cost_of("m", usage, datetime(2020, 6, 1, tzinfo=UTC)) == Cost(
         1_000_000, "2020-01-01", CostBasis.PRICED
     )
