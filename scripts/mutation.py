@@ -9,8 +9,9 @@ copied to ``src/``, ``tests/`` alongside, and a ``pyproject.toml`` whose
 (``--max-children 1``): the machine is shared, and the table must not depend on load.
 
 Prints one row per module: mutants, killed (a test failed or timed out), survived
-(every test passed), and the share killed. ``--show`` also prints each survivor's diff.
-A module that decides admission, limits or routing belongs in ``MODULES``.
+(every test passed, or no test of the file ran the code), and the share killed.
+``--show`` also prints each survivor's diff. A module that decides admission, limits
+or routing belongs in ``MODULES``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -75,14 +77,22 @@ def prepare(name: str, scratch: Path) -> Path:
 
 
 def mutmut(work: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    """Run mutmut in ``work``; past ``timeout``, stop it and the test processes it forked."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "mutmut", *args],
         cwd=work,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
+        start_new_session=True,  # its own process group: the forked workers go with it
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        sys.exit(f"mutmut {args[0]} in {work} took longer than {timeout:.0f} s: stopped")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def run_one(name: str, scratch: Path, timeout: float, show: bool) -> Outcome:
@@ -94,7 +104,13 @@ def run_one(name: str, scratch: Path, timeout: float, show: bool) -> Outcome:
         sys.exit(f"mutmut produced no results for {name}:\n{ran.stdout[-2000:]}\n{ran.stderr[-2000:]}")
     stats = json.loads(stats_file.read_text())
     results = mutmut(work, "results", timeout=60).stdout
-    survived = [line.split(":")[0].strip() for line in results.splitlines() if line.endswith(": survived")]
+    # Everything not killed counts against the module: "no tests" (no test of the file
+    # even runs that code) and "suspicious" included, not only "survived".
+    survived = [
+        mutant.strip()
+        for mutant, _, status in (line.rpartition(": ") for line in results.splitlines())
+        if mutant and status not in ("killed", "timeout")
+    ]
     if show:
         for mutant in survived:
             print(mutmut(work, "show", mutant, timeout=60).stdout, flush=True)
