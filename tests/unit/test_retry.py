@@ -144,7 +144,7 @@ async def test_each_attempt_gets_its_own_decision_and_the_wait_is_slept() -> Non
     )
     assert result == "ok" and len(calls) == 3
     assert seen == [(1, first, 0.05), (2, second, 0.1)]
-    assert time.monotonic() - started >= 0.15  # both waits were slept
+    assert time.monotonic() - started >= 0.14  # both waits (0.15 s) were slept; asyncio may wake a hair early
 
 
 async def test_attempts_run_out_after_max_attempts_and_only_retries_are_reported() -> None:
