@@ -16,7 +16,12 @@ from chatgate_server.errors import (
     UpstreamRateLimited,
     UpstreamRejected,
 )
-from chatgate_server.upstream.classify import REJECTION_CAUSES, classify_http_error, retry_after_seconds
+from chatgate_server.upstream.classify import (
+    REJECTION_CAUSES,
+    classify_http_error,
+    quotable,
+    retry_after_seconds,
+)
 
 
 def body(etype: str = "", code: str = "", message: str = "") -> dict[str, object]:
@@ -164,3 +169,117 @@ def test_billing_log_never_quotes_an_unknown_code(caplog: pytest.LogCaptureFixtu
     classify_http_error(401, body("sk_live_secret", "sk_live_secret"), {})
     assert "sk_live" not in caplog.text
     assert "type=other, code=other" in caplog.text
+
+
+# What the caller reads and the operator's span records, per kind of upstream answer:
+# (status, body, headers) -> (error class, message, retryable, retry_after).
+_ANSWERS = [
+    (
+        401,
+        None,
+        {},
+        UpstreamCredentialsError,
+        "upstream credentials were rejected or the upstream billing limit is reached",
+        False,
+        None,
+    ),
+    (
+        429,
+        None,
+        {"retry-after": "2"},
+        UpstreamRateLimited,
+        "the upstream is rate limiting requests",
+        True,
+        2.0,
+    ),
+    (503, None, {"retry-after": "7"}, UpstreamError, "the upstream failed (HTTP 503)", True, 7.0),
+    (408, None, {"retry-after-ms": "1500"}, UpstreamError, "the upstream failed (HTTP 408)", True, 1.5),
+    (409, None, {"retry-after": "3"}, UpstreamError, "the upstream failed (HTTP 409)", True, 3.0),
+    (418, None, {"retry-after": "3"}, UpstreamError, "the upstream answered HTTP 418", False, None),
+    (302, None, {}, UpstreamError, "the upstream answered HTTP 302", False, None),
+    (
+        400,
+        body("invalid_request_error", "context_length_exceeded"),
+        {},
+        UpstreamRejected,
+        "the upstream rejected the request: the messages exceed the model's context window",
+        False,
+        None,
+    ),
+    (
+        404,
+        body("invalid_request_error", "never_heard_of_it"),
+        {},
+        UpstreamRejected,
+        "the upstream rejected the request as invalid",
+        False,
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(("status", "body_", "headers", "kind", "message", "retryable", "wait"), _ANSWERS)
+def test_each_answer_gets_its_message_status_retry_decision_and_wait(
+    status: int,
+    body_: dict[str, object] | None,
+    headers: dict[str, str],
+    kind: type[UpstreamError],
+    message: str,
+    retryable: bool,
+    wait: float | None,
+) -> None:
+    err = classify_http_error(status, body_, headers)
+    assert type(err) is kind
+    assert err.message == message
+    assert err.http_status == status  # the span's error.type and the retry log name it
+    assert err.retryable is retryable
+    assert err.retry_after == wait
+
+
+def test_a_request_too_large_says_why() -> None:
+    err = classify_http_error(429, body("tokens", "", "Request too large for gpt-4o"), {})
+    assert isinstance(err, RequestTooLarge)
+    assert err.message == "the request is too large for the model's token-per-minute limit"
+
+
+@pytest.mark.parametrize(
+    "body_",
+    [body("insufficient_quota", "something_new"), body("something_new", "billing_hard_limit_reached")],
+    ids=["type-alone", "code-alone"],
+)
+def test_billing_is_recognised_by_type_or_code_alone(body_: dict[str, object]) -> None:
+    err = classify_http_error(429, body_, {"retry-after": "1"})
+    assert isinstance(err, UpstreamCredentialsError)
+    assert err.retryable is False and err.http_status == 429
+
+
+def test_an_upstream_that_says_do_not_retry_is_not_retried() -> None:
+    err = classify_http_error(503, None, {"x-should-retry": "false"})
+    assert err.retryable is False  # type: ignore[attr-defined]
+
+
+def test_the_billing_log_says_none_when_type_and_code_are_absent(caplog: pytest.LogCaptureFixture) -> None:
+    classify_http_error(403, {"error": {"message": "Forbidden"}}, {})
+    assert "(HTTP 403, type=none, code=none)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("value", "quoted"),
+    [
+        (None, "none"),
+        ("", "none"),
+        (429, "429"),
+        (-999, "-999"),
+        (999, "999"),
+        (1000, "other"),
+        (-1000, "other"),
+        (True, "other"),
+        (1.5, "other"),
+        ("rate_limit_exceeded", "rate_limit_exceeded"),
+        ("insufficient_quota", "insufficient_quota"),
+        ("sk_live_abc", "other"),
+    ],
+)
+def test_only_known_codes_and_small_numbers_are_quoted(value: object, quoted: str) -> None:
+    # What reaches a mid-stream error's details and the logs: never free text.
+    assert quotable(value) == quoted

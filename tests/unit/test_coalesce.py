@@ -113,3 +113,9 @@ def _assembled(events: list[UpstreamEvent]) -> tuple[str, str, dict[int, str], l
         e for e in events if not isinstance(e, ContentDelta | RefusalDelta | ToolCallDelta)
     ]
     return content, refusal, calls, others
+
+
+def test_exactly_two_deltas_become_one() -> None:
+    # The smallest batch that can merge: a caller gets one message, not two.
+    events: list[UpstreamEvent] = [ContentDelta("Hel"), ContentDelta("lo")]
+    assert coalesce(events) == [ContentDelta("Hello")]

@@ -4,6 +4,7 @@ file, what refused calls cost, and the arithmetic (cached and reasoning tokens, 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -16,6 +17,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from chatgate_server.config import ConfigError, Settings, prices_file_from_env
 from chatgate_server.domain import Cost, CostBasis, Outcome, TokenUsage
 from chatgate_server.telemetry import Telemetry
+from chatgate_server.usage import pricing
 from chatgate_server.usage.pricing import (
     NO_PRICE_VERSION,
     PRICE_VERSION,
@@ -28,6 +30,7 @@ from chatgate_server.usage.pricing import (
     is_charged,
     load_prices,
     parse_price_file,
+    read_operator_file,
     shipped_rows,
 )
 
@@ -402,3 +405,92 @@ def test_inconsistent_counts_are_clamped_not_trusted() -> None:
         == cost_of("gpt-4o", TokenUsage(input_tokens=100, cached_input_tokens=100)).usd_micros
     )
     assert cost_of("gpt-4o", usage).usd_micros == 125  # 100 × $1.25 per 1M
+
+
+# --- what the mutation run found unpinned (docs/TESTING.md) ------------------------------
+
+
+def test_a_version_applies_by_utc_day_whatever_the_servers_timezone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server run with TZ set: a call at 23:30 on Dec 4 in New York is Dec 5 in UTC.
+    table = PriceTable(
+        [row("m", "2026-01-01", "$1.00", "$1.00", "$1.00"), row("m", "2026-12-05", "$2.00", "$2.00", "$2.00")]
+    )
+    at = datetime(2026, 12, 5, 4, 30, tzinfo=UTC)
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        version = table.cost("m", TokenUsage(input_tokens=1_000_000), at).price_version
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert version == "2026-12-05"
+
+
+def test_a_bill_is_priced_on_the_day_the_call_started() -> None:
+    # A call that started before a price change and is billed after it pays the old price
+    # (the change is long past, so billing "now" would give the new one).
+    table = PriceTable(
+        [row("m", "2020-01-01", "$1.00", "$1.00", "$1.00"), row("m", "2021-01-01", "$2.00", "$2.00", "$2.00")]
+    )
+    usage = TokenUsage(input_tokens=1_000_000)
+    started = datetime(2020, 12, 31, 23, 59, tzinfo=UTC)
+    cost = table.bill("m", usage, outcome=Outcome.COMPLETED, responded=True, at=started)
+    assert cost == Cost(1_000_000, "2020-01-01", CostBasis.PRICED)
+
+
+def test_the_unknown_model_warning_tells_the_operator_what_to_do(caplog: pytest.LogCaptureFixture) -> None:
+    table = PriceTable(shipped_rows())
+    with caplog.at_level(logging.WARNING, logger="chatgate_server.usage.pricing"):
+        table.cost("gpt-4o-minii", TokenUsage())
+    assert [r.getMessage() for r in caplog.records] == [
+        "no price for model 'gpt-4o-minii': its cost is recorded as unknown (add it to CHATGATE_PRICES_FILE)"
+    ]
+
+
+def test_at_most_a_thousand_unknown_models_are_remembered_and_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    table = PriceTable(shipped_rows())
+    with caplog.at_level(logging.WARNING, logger="chatgate_server.usage.pricing"):
+        for i in range(1001):
+            table.cost(f"made-up-{i}", TokenUsage())
+    assert len(caplog.records) == 1000
+    assert "made-up-1000" not in caplog.text
+
+
+def test_a_shipped_price_records_its_plain_date_as_version() -> None:
+    (parsed,) = parse_price_file(HEADER + "m,1,1,1,2026-01-01\n", "prices.csv")
+    assert parsed.version == "2026-01-01"
+    assert cost_of("gpt-4o", TokenUsage(input_tokens=1), NOW).price_version == "2026-11-01"
+
+
+def test_an_indented_comment_line_is_a_comment(tmp_path: Path) -> None:
+    path = tmp_path / "prices.csv"
+    path.write_text(HEADER + "  # negotiated in November\nm,1.00,,1.00,2026-01-01\n")
+    assert [r.model for r in read_operator_file(path)] == ["m"]
+
+
+def test_the_price_file_errors_say_what_is_wrong_in_full(tmp_path: Path) -> None:
+    with pytest.raises(PriceFileError) as empty:
+        parse_price_file("", "ops.csv")
+    assert str(empty.value) == "ops.csv: the header must be model,input,cached_input,output,valid_from"
+    missing = tmp_path / "missing.csv"
+    with pytest.raises(PriceFileError) as unreadable:
+        load_prices(missing)
+    assert str(unreadable.value) == f"{missing}: cannot be read (FileNotFoundError)"
+
+
+def test_without_an_operators_file_the_shipped_prices_apply() -> None:
+    usage = TokenUsage(input_tokens=1000, output_tokens=500)
+    assert load_prices().cost("gpt-4o", usage, NOW) == Cost(7500, PRICE_VERSION, CostBasis.PRICED)
+
+
+def test_cost_of_prices_on_the_given_day(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = PriceTable(
+        [row("m", "2020-01-01", "$1.00", "$1.00", "$1.00"), row("m", "2021-01-01", "$2.00", "$2.00", "$2.00")]
+    )
+    monkeypatch.setattr(pricing, "default_table", lambda: table)
+    usage = TokenUsage(input_tokens=1_000_000)
+    assert cost_of("m", usage, datetime(2020, 6, 1, tzinfo=UTC)) == Cost(
+        1_000_000, "2020-01-01", CostBasis.PRICED
+    )

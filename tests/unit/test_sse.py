@@ -168,6 +168,8 @@ def test_comment_lines_are_ignored() -> None:
 def test_multi_line_data_joins_with_lf() -> None:
     assert decode([b"data: a\ndata: b\ndata: c\n\n"]) == ["a\nb\nc"]
     assert decode([b"data: a\ndata:\ndata: b\n\n"]) == ["a\n\nb"]
+    # An empty first line ("data: " then LF right after the space) is still a line.
+    assert decode([b"data: \ndata: x\n\n"]) == ["\nx"]
 
 
 def test_one_optional_space_after_the_colon_is_stripped() -> None:
@@ -242,6 +244,9 @@ def test_multibyte_characters_split_across_feeds() -> None:
 
 def test_invalid_utf8_becomes_replacement_character() -> None:
     assert decode([b"data: a\xffb\n\n"]) == ["a\ufffdb"]
+    # One read that completes several events, one of them invalid: the others survive.
+    assert decode([b"data: a\xffb\n\ndata: c\n\n"]) == ["a\ufffdb", "c"]
+    assert decode([b"data: a\n\ndata: \xe4\xb8\n\ndata: c\n\n"]) == ["a", "\ufffd", "c"]
     # A truncated sequence at the end of the stream.
     assert decode([b"data: a\xe4\xb8"]) == ["a\ufffd"]
 
