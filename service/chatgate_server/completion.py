@@ -500,6 +500,7 @@ class CompletionService:
             request_id=request.request_id,
             tenant=request.caller.tenant,
             caller_service=request.caller.service,
+            credential_id=request.caller.credential_id or None,
             user_id=request.user_id,
             requested_model=request.model,
             resolved_model=started.model if started else None,

@@ -278,3 +278,6 @@ class UsageRecord:
     # Hash of the request's content when the caller supplied the request id (see
     # usage/admission.py): tells a retry of the same request from a reuse of its id.
     request_fingerprint: str | None = None
+    # The public id of the credential that proved the caller (auth/): which token or
+    # certificate mapping spent this, never the secret. None with CHATGATE_AUTH=off.
+    credential_id: str | None = None

@@ -139,12 +139,13 @@ async def test_a_valid_token_calls_as_its_tenant_and_caller(
 
     assert authed.ledger is not None
     await authed.ledger.flush()
-    [row] = db.execute(
-        "SELECT tenant, caller_service FROM usage_records WHERE request_id = %s", (request_id,)
-    ).fetchall()
-    assert row == (tenant, "billing-api")
-    [span] = [s for s in captured.finished() if s.name.endswith("/Complete")]
     public_id = tokens.parse(token).public_id
+    [row] = db.execute(
+        "SELECT tenant, caller_service, credential_id FROM usage_records WHERE request_id = %s",
+        (request_id,),
+    ).fetchall()
+    assert row == (tenant, "billing-api", public_id)
+    [span] = [s for s in captured.finished() if s.name.endswith("/Complete")]
     assert span.attributes is not None
     assert span.attributes["chatgate.tenant"] == tenant
     assert span.attributes["chatgate.caller"] == "billing-api"
@@ -426,10 +427,11 @@ async def test_a_valid_client_certificate_calls_as_the_caller_it_maps_to(
     assert mtls.ledger is not None
     await mtls.ledger.flush()
     [row] = db.execute(
-        "SELECT tenant, caller_service FROM usage_records WHERE request_id = %s",
+        "SELECT tenant, caller_service, credential_id FROM usage_records WHERE request_id = %s",
         (events[0].started.request_id,),
     ).fetchall()
-    assert row == (tenant, "reports")
+    [mapping] = [c.public_id for c in await store.credentials(tenant)]
+    assert row == (tenant, "reports", mapping)
     # Signed by the right CA but mapped to no caller: in over TLS, refused at the edge.
     async with pki.channel(mtls.port or 0, pki.ca.issue("stranger", uri="spiffe://x/y")) as ch:
         got = await refused(ch)

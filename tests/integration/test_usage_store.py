@@ -80,6 +80,7 @@ def make_record(tenant: str, **overrides: Any) -> UsageRecord:
         started_at=NOW,
         trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
         tags={"team": "search", "feature": "summaries"},
+        credential_id="abcdefghijklmnop",
     )
     return replace(record, **overrides)
 
@@ -90,6 +91,7 @@ def expected_row(r: UsageRecord) -> dict[str, Any]:
         "request_id": r.request_id,
         "tenant": r.tenant,
         "caller_service": r.caller_service,
+        "credential_id": r.credential_id,
         "user_id": r.user_id,
         "requested_model": r.requested_model,
         "resolved_model": r.resolved_model,

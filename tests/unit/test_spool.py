@@ -43,6 +43,7 @@ def record(n: int = 0, **overrides: object) -> UsageRecord:
         span_id="00f067aa0ba902b7",
         tags={"feature": "x", "quote": '"'},
         request_fingerprint="00" * 16,
+        credential_id="abcdefghijklmnop",
     )
     return replace(r, **overrides)  # type: ignore[arg-type]
 
@@ -62,6 +63,7 @@ def test_every_field_round_trips_through_a_line() -> None:
             trace_id=None,
             tags={},
             request_fingerprint=None,
+            credential_id=None,
             started_at=datetime(2026, 11, 3, 7, 0, tzinfo=timezone(timedelta(hours=-5))),
         ),
     ]
