@@ -335,3 +335,25 @@ async def test_partitions_are_created_ahead_while_running(fresh_db: str, tmp_pat
             "SELECT tableoid::regclass::text FROM usage_records WHERE request_id = %s", [record.request_id]
         ).fetchone()
     assert row == (name,)
+
+
+async def test_rows_spooled_while_postgres_was_away_are_stored_at_exit_if_it_answers(
+    migrated_database_url: str, proxy: PgProxy, tmp_path: Path, tenant: str
+) -> None:
+    """A replica that is stopped (scaled down, rolled) may never start on its volume
+    again: what it spooled must reach Postgres at exit when Postgres answers by then."""
+    records = [make_record(tenant, n) for n in range(50)]
+    # A slow replayer (its first retry 30 s away), so only the exit can store the spool.
+    async with running_ledger(
+        proxy.url_for(migrated_database_url), tmp_path, retry_base_s=30.0, retry_cap_s=30.0
+    ) as ledger:
+        proxy.cut()
+        for r in records:
+            ledger.submit(r)
+        await ledger.flush()
+        assert ledger.stats().spooled_records == len(records)
+        proxy.restore()
+    rows, rollup = rows_and_rollup(migrated_database_url, tenant)
+    assert rows == {r.request_id: 1 for r in records}
+    assert rollup == expected_rollup(records)
+    assert not files(tmp_path, "slot-*/segment-*")

@@ -339,9 +339,12 @@ async def test_killed_with_records_in_the_spool_a_restart_lands_them(
         "CHATGATE_LEDGER_RETRY_CAP_SECONDS": "0.5",
     }
     proxy.cut()
+    # One process (--workers 1 serves in-process): with a supervisor, SIGKILL would reach
+    # only the supervisor, and its workers would shut down gracefully instead of dying.
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatgate_server", "serve", env=env, stderr=asyncio.subprocess.DEVNULL
-    )
+        sys.executable, "-m", "chatgate_server", "serve", "--workers", "1",
+        env=env, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
     user = f"restart-{uuid.uuid4().hex[:8]}"
     try:
         deadline = time.monotonic() + 30

@@ -262,7 +262,8 @@ class UsageLedger:
 
     async def close(self) -> None:
         """Write or spool what is queued (past the spool's limit if need be: at shutdown,
-        disk beats losing rows), then stop. A spool left behind is replayed at next start."""
+        disk beats losing rows), store the spool if Postgres answers (bounded), then stop.
+        A spool left behind is replayed at next start."""
         self._closing = True
         self._room.set()
         with contextlib.suppress(Exception):
@@ -279,11 +280,24 @@ class UsageLedger:
         if self._late_writes:
             await asyncio.wait(self._late_writes, timeout=1.0)
         if self._spool.records:
+            await self._drain_before_exit()
+        if self._spool.records:
             log.warning(
                 "usage ledger stopped with %d record(s) in the spool %s; they are replayed at next start",
                 self._spool.records,
                 self._spool.directory,
             )
+
+    async def _drain_before_exit(self) -> None:
+        """Rows spooled while Postgres was slow or away: if it answers now, store them
+        before the process exits instead of leaving them for the next start, which may
+        be far off (a replica scaled down never starts again on that volume). Bounded by
+        the write timeout: with Postgres still away it costs one probe."""
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                await self._replay_once()
+        except Exception as exc:  # noqa: BLE001 - the spool stays on disk either way
+            log.info("usage ledger: spool not drained at exit (%s)", type(exc).__name__)
 
     # --- state -------------------------------------------------------------------------------
 
