@@ -2,7 +2,7 @@
 
 A user's clone has nothing beside it, so a test, script or doc that reaches for
 ``../something`` above the repository root (as the recorded OpenAI streams once did,
-from ``../shared/``) fails there while passing on a developer's machine. This guard
+from a folder beside the repository) fails there while passing on a developer's machine. This guard
 reads every tracked text file and resolves each relative path it spells out — ``../``
 chains, ``Path(__file__).parents[N]``, ``.parent.parent…`` and ``ROOT.parent`` — from the file's own
 folder; any that lands outside the repository fails the test with file and line.
@@ -76,10 +76,10 @@ def test_no_tracked_file_refers_to_a_path_outside_the_repository() -> None:
 def test_the_guard_sees_each_way_of_leaving_the_root() -> None:
     here = REPO_ROOT / "tests" / "unit" / "example.py"
     leaving = [
-        'FIXTURES = Path(__file__).resolve().parents[3] / "shared"',
+        'FIXTURES = Path(__file__).resolve().parents[3] / "elsewhere"',
         "ROOT = Path(__file__).resolve().parent.parent.parent.parent",
-        'open("../../../shared/fixtures/x.txt")',
-        "cat /work/shared/DESIGN.md",
+        'open("../../../elsewhere/x.txt")',
+        "cat /work/elsewhere/DESIGN.md",
     ]
     staying = [
         'FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"',
