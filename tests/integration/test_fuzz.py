@@ -470,6 +470,16 @@ async def test_any_usage_query_gets_a_page_or_invalid_argument(
 
 
 async def test_a_real_page_token_changed_anywhere_is_refused(env: Env) -> None:
+    # Two models used in the window, so a page of one group has a next page and a token.
+    chat = chat_pb2_grpc.ChatServiceStub(env.channel)
+    for model in ("gpt-4o-mini", "gpt-4o"):
+        hello = pb.CompleteRequest(
+            model=model, user_id="page-token", messages=[pb.Message(role=pb.ROLE_USER, text="hi")]
+        )
+        async for _ in chat.Complete(hello, timeout=CALL_TIMEOUT_S):
+            pass
+    assert env.app.ledger is not None
+    await env.app.ledger.wait_stored()
     stub = usage_pb2_grpc.UsageServiceStub(env.channel)
     start = timestamp_pb2.Timestamp()
     start.FromDatetime(datetime.now(UTC) - timedelta(days=2))
@@ -477,8 +487,7 @@ async def test_a_real_page_token_changed_anywhere_is_refused(env: Env) -> None:
         start_time=start, group_by=[usage_pb2.USAGE_DIMENSION_MODEL], page_size=1
     )
     token = (await stub.GetUsage(request, timeout=CALL_TIMEOUT_S)).next_page_token
-    if not token:
-        pytest.skip("fewer than two models used in the window")
+    assert token
     alphabet = string.ascii_letters + string.digits + "-_"
     for i in range(0, len(token), max(1, len(token) // 40)):
         if token[i] == ".":
@@ -489,9 +498,9 @@ async def test_a_real_page_token_changed_anywhere_is_refused(env: Env) -> None:
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-# Bytes that are not a CompleteRequest (or GetUsageRequest) at all. The server's
-# deserializer wrapper turns them into INVALID_ARGUMENT (branch `edge`); before that
-# fix grpc answered UNKNOWN or INTERNAL, so these fail until it is merged.
+# Bytes that are not a CompleteRequest (or GetUsageRequest) at all. The edge decodes
+# requests itself and turns these into INVALID_ARGUMENT; gRPC's own deserializer
+# answered UNKNOWN or INTERNAL.
 def _deep_struct_bytes(depth: int) -> bytes:
     """A CompleteRequest whose tool parameters nest ``depth`` Structs: {"a": {"a": …}}."""
     struct = b""
