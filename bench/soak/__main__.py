@@ -32,10 +32,10 @@ from bench.soak.world import (
     HealthProbe,
     MemoryWatch,
     Simulator,
-    fresh_database,
     migrate,
     upstream_connections,
 )
+from tests.databases import throwaway_database
 from tests.integration.pgproxy import PgProxy
 
 BURST_EVERY_S = 12.0
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="chatgate-soak-") as tmp,
-        fresh_database(args.database_url) as url,
+        throwaway_database(args.database_url, "chatgate_soak") as url,
     ):
         report = asyncio.run(soak(args, Path(tmp), url))
         if report.failures:

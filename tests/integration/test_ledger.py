@@ -20,16 +20,15 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from chatgate_server.domain import ChatMessage, CompletionRequest, Outcome, TokenUsage, UsageRecord
 from chatgate_server.errors import LedgerFull
 from chatgate_server.usage.ledger import LedgerState, UsageLedger
-from chatgate_server.usage.migrate import apply_migrations
 from chatgate_server.usage.pricing import cost_of
 from chatgate_server.usage.spool import DEAD_LETTER_FILE, Spool, decode_lines
 from chatgate_server.usage.store import UsageStore
+from tests.databases import throwaway_database
 from tests.integration.pgproxy import PgProxy, running_proxy
 
 
@@ -290,19 +289,8 @@ async def test_a_spool_left_by_an_earlier_process_is_replayed_at_start_torn_line
 
 @pytest.fixture
 def fresh_db() -> Iterator[str]:
-    admin = os.environ["DATABASE_URL"]
-    name = f"chatgate_part_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin)
-    params["dbname"] = name
-    url = make_conninfo(**params)  # type: ignore[arg-type]
-    try:
-        apply_migrations(url)
+    with throwaway_database(os.environ["DATABASE_URL"], "chatgate_part", migrate=True) as url:
         yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def test_partitions_are_created_ahead_while_running(fresh_db: str, tmp_path: Path) -> None:

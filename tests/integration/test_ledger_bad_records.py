@@ -23,14 +23,13 @@ from pathlib import Path
 import psycopg
 import pytest
 from grpc_health.v1 import health, health_pb2
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from chatgate_server.domain import UsageRecord
 from chatgate_server.rpc.ledger_health import LEDGER_HEALTH_SERVICE, LedgerHealth
 from chatgate_server.usage import fields
 from chatgate_server.usage.ledger import LedgerState
-from chatgate_server.usage.migrate import apply_migrations
 from chatgate_server.usage.spool import DEAD_LETTER_FILE, Spool, decode_lines
+from tests.databases import throwaway_database
 from tests.integration.test_ledger import files, make_record, rows_and_rollup, running_ledger, stored
 
 POISON = "poison-"
@@ -52,21 +51,10 @@ CREATE TRIGGER test_refuse_poison BEFORE INSERT ON usage_records
 @pytest.fixture
 def refusing_db() -> Iterator[str]:
     """A migrated database of its own whose usage_records refuses models named poison-*."""
-    admin = os.environ["DATABASE_URL"]
-    name = f"chatgate_poison_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin)
-    params["dbname"] = name
-    url = make_conninfo(**params)  # type: ignore[arg-type]
-    try:
-        apply_migrations(url)
+    with throwaway_database(os.environ["DATABASE_URL"], "chatgate_poison", migrate=True) as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(_REFUSE_POISON.encode())
         yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def dead_letters(spool_dir: Path) -> list[UsageRecord]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from chatgate_server.usage import migrate
 from chatgate_server.usage.migrate import (
@@ -23,6 +21,7 @@ from chatgate_server.usage.migrate import (
     load_migrations,
     pending_migrations,
 )
+from tests.databases import throwaway_database
 
 ALL = [m.name for m in load_migrations()]
 
@@ -33,16 +32,8 @@ def fresh_db() -> Iterator[str]:
     admin = os.environ.get("DATABASE_URL")
     if not admin:
         pytest.fail("DATABASE_URL is not set")
-    name = f"chatgate_migr_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin)
-    params["dbname"] = name
-    try:
-        yield make_conninfo(**params)  # type: ignore[arg-type]
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_database(admin, "chatgate_migr") as url:
+        yield url
 
 
 def _month_names(months_behind: int, months_ahead: int) -> list[str]:

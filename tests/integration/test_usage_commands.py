@@ -17,15 +17,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from chatgate_server.domain import Cost, Outcome, TokenUsage, UsageRecord
 from chatgate_server.usage.commands import parse_when, usd
 from chatgate_server.usage.maintenance import month_start
-from chatgate_server.usage.migrate import apply_migrations
 from chatgate_server.usage.pricing import PRICE_VERSION, cost_of
 from chatgate_server.usage.store import UsageStore
+from tests.databases import throwaway_database
 
 
 def chatgate(*args: str, url: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
@@ -299,19 +298,8 @@ def test_reprice_works_from_the_operators_price_file_and_zeroes_refused_calls(
 
 @pytest.fixture
 def fresh_db() -> Iterator[str]:
-    admin = os.environ["DATABASE_URL"]
-    name = f"chatgate_ret_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin)
-    params["dbname"] = name
-    url = make_conninfo(**params)  # type: ignore[arg-type]
-    try:
-        apply_migrations(url)
+    with throwaway_database(os.environ["DATABASE_URL"], "chatgate_ret", migrate=True) as url:
         yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def partitions(url: str) -> set[str]:
