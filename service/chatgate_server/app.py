@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from psycopg_pool import AsyncConnectionPool
 
+from chatgate_server.admission import AdmissionChain
 from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
@@ -168,7 +169,6 @@ class App:
             write_timeout_s=s.ledger_write_timeout_s,
             spool_after_s=s.ledger_spool_after_s,
             retry_cap_s=s.ledger_retry_cap_s,
-            guard=self._guard,
             postgres_ok=postgres_ok,
             tracer=self.telemetry.tracer,
         )
@@ -203,7 +203,8 @@ class App:
             ),
             first_byte_timeout_s=s.upstream_first_byte_timeout_s,
             telemetry=self.telemetry,
-            admission=self.ledger,
+            # Preconditions only so far: their refusals leave no usage row (admission.py).
+            admission=AdmissionChain(preconditions=(self.ledger, self._guard)),
             prices=prices,
         )
         self._observe()

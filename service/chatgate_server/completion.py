@@ -20,6 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from chatgate_server.access_log import access_log
+from chatgate_server.admission import NO_ADMISSION, AdmissionChain
 from chatgate_server.deadline import Deadline
 from chatgate_server.domain import (
     CompletionRequest,
@@ -51,7 +52,7 @@ from chatgate_server.upstream.base import Upstream, UpstreamStream
 from chatgate_server.upstream.breaker import BreakerState, CircuitBreaker, Permit
 from chatgate_server.upstream.request_body import build_body
 from chatgate_server.upstream.retry import RetryDecision, RetryPolicy, with_retries
-from chatgate_server.usage.ledger import Admission, UsageSink
+from chatgate_server.usage.ledger import UsageSink
 from chatgate_server.usage.pricing import PriceTable, default_table
 from chatgate_server.usage.tokens import TokenEstimator
 
@@ -171,7 +172,7 @@ class CompletionService:
         retry_policy: RetryPolicy | None = None,
         first_byte_timeout_s: float = 30.0,
         telemetry: Telemetry = NO_TELEMETRY,
-        admission: Admission | None = None,
+        admission: AdmissionChain = NO_ADMISSION,
         prices: PriceTable | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
@@ -208,10 +209,6 @@ class CompletionService:
         after the upstream is closed and usage recorded.
         """
         bind_request_id(request.request_id)  # every log line of this call carries it
-        if self._admission is not None:
-            # Before anything is recorded: a call refused here (its request id is taken,
-            # the ledger is full) leaves no usage row; the id's row belongs to another call.
-            await self._admission.admit(request)
         progress = _Progress(
             started_at=datetime.now(UTC),
             t0=self._clock(),
@@ -220,8 +217,11 @@ class CompletionService:
         outcome = Outcome.INTERNAL_ERROR
         status = "INTERNAL"
         permit: Permit | None = None
+        admission = self._admission.start(request)
         self._calls.add(progress)
         try:
+            # Every ticket taken here is settled (or released) in the finally below.
+            request = await self._admission.admit(admission)
             if self._draining:
                 raise ShuttingDown("chatgate is shutting down; retry on another replica")
             trace.get_current_span().set_attribute("chatgate.breaker.state", self._breaker.state.name.lower())
@@ -248,7 +248,11 @@ class CompletionService:
             if permit is not None:
                 permit.release()  # a no-op when reported above; else a bug ended the call
             record = self._record(request, progress, outcome, status, trace_id, span_id)
-            self._ledger.submit(record)
+            if admission.recorded:
+                record = admission.settle(record)
+                self._ledger.submit(record)
+            else:
+                admission.release()  # refused by a precondition: the row is not ours to write
             access_log(record)
             self._calls.discard(progress)
             if not self._calls:

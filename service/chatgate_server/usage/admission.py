@@ -69,6 +69,7 @@ from typing import Protocol
 
 import orjson
 
+from chatgate_server.admission import NO_TICKET, Ticket
 from chatgate_server.domain import CompletionRequest, UsageRecord
 from chatgate_server.errors import DuplicateRequest
 from chatgate_server.usage.reservations import Claim
@@ -120,8 +121,26 @@ class _Finished:
     at: float
 
 
+class _HeldId(Ticket):
+    """A caller-supplied request id this call holds until it ends."""
+
+    __slots__ = ("_guard", "_request_id")
+
+    def __init__(self, guard: RequestIdGuard, request_id: str) -> None:
+        self._guard = guard
+        self._request_id = request_id
+
+    def settle(self, record: UsageRecord) -> UsageRecord:
+        return self._guard.finished(record)
+
+    def release(self) -> None:
+        self._guard.abandon(self._request_id)
+
+
 class RequestIdGuard:
-    """Admission check and bookkeeping for caller-supplied request ids."""
+    """Admission check and bookkeeping for caller-supplied request ids: a precondition
+    of the admission chain (a call it refuses leaves no row: the id's row is another
+    call's)."""
 
     def __init__(
         self,
@@ -156,10 +175,11 @@ class RequestIdGuard:
         self._backoff_s = backoff_s
         self._skip_until = float("-inf")
 
-    async def admit(self, request: CompletionRequest) -> None:
-        """Raise DuplicateRequest if ``request`` may not run under its id; else mark it in flight."""
+    async def admit(self, request: CompletionRequest) -> Ticket:
+        """Raise DuplicateRequest if ``request`` may not run under its id; else mark it in
+        flight and return the ticket that settles it when the call ends."""
         if not request.request_id_from_caller:
-            return
+            return NO_TICKET
         request_id = request.request_id
         fp = fingerprint(request)
         if request_id in self._in_flight:
@@ -174,6 +194,7 @@ class RequestIdGuard:
         except BaseException:
             del self._in_flight[request_id]
             raise
+        return _HeldId(self, request_id)
 
     def finished(self, record: UsageRecord) -> UsageRecord:
         """The call with ``record.request_id`` ended: remember how, release its reservation
@@ -193,6 +214,14 @@ class RequestIdGuard:
             if not served:
                 self._start_release(request_id, fp)
         return dataclasses.replace(record, request_fingerprint=fp)
+
+    def abandon(self, request_id: str) -> None:
+        """The call with ``request_id`` ended without a record: it sent nothing, so its
+        reservation is released and nothing is remembered of it."""
+        fp = self._in_flight.pop(request_id, None)
+        if fp is not None and request_id in self._held:
+            self._held.discard(request_id)
+            self._start_release(request_id, fp)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Let releases under way finish (bounded), then cancel what is left."""

@@ -33,12 +33,12 @@ dead-letter file (counted, with an error log) and the rest are written — live 
 when a spool is replayed alike. Dead letters are never replayed on their own:
 ``chatgate usage-dead-letters replay`` retries them after the cause is fixed.
 
-Admission (:meth:`admit`, called before a request starts) refuses new calls with
-UNAVAILABLE when the queue is at ``queue_size`` *and* the spool is full (or unusable):
-a call that cannot be billed is not served. Records of calls already admitted are never
-refused: the queue can exceed ``queue_size`` by the calls in flight (at most
-``CHATGATE_MAX_CONCURRENT_STREAMS``), which bounds memory. Admission also applies the
-request-id rules of :mod:`~chatgate_server.usage.admission`.
+The ledger is the first precondition of the admission chain
+(:mod:`chatgate_server.admission`): :meth:`admit` refuses new calls with UNAVAILABLE when
+the queue is at ``queue_size`` *and* the spool is full (or unusable): a call that cannot
+be billed is not served (and leaves no row: there is no room for one). Records of calls
+already admitted are never refused: the queue can exceed ``queue_size`` by the calls in
+flight (at most ``CHATGATE_MAX_CONCURRENT_STREAMS``), which bounds memory.
 
 The :class:`LedgerState` (``OK``, ``SPOOLING``, ``FULL``) goes to listeners on every
 change; the composition root turns it into health statuses, and :meth:`stats` feeds the
@@ -61,9 +61,9 @@ from typing import Protocol
 import psycopg
 from opentelemetry import trace
 
+from chatgate_server.admission import NO_TICKET, Ticket
 from chatgate_server.domain import CompletionRequest, UsageRecord
 from chatgate_server.errors import LedgerFull
-from chatgate_server.usage.admission import RequestIdGuard
 from chatgate_server.usage.dberrors import describe, is_bad_record
 from chatgate_server.usage.spool import Segment, Spool, SpoolFull
 from chatgate_server.usage.store import UsageStore
@@ -74,12 +74,6 @@ log = logging.getLogger(__name__)
 class UsageSink(Protocol):
     def submit(self, record: UsageRecord) -> None:
         """Accept a record for writing; never blocks and never raises."""
-        ...
-
-
-class Admission(Protocol):
-    async def admit(self, request: CompletionRequest) -> None:
-        """Raise a ChatgateError if ``request`` may not start; called before anything else."""
         ...
 
 
@@ -161,7 +155,6 @@ class UsageLedger:
         write_timeout_s: float = 5.0,
         retry_base_s: float = 0.25,
         retry_cap_s: float = 30.0,
-        guard: RequestIdGuard | None = None,
         postgres_ok: bool = True,
         partition_interval_s: float = 3600.0,
         linger_s: float = 0.05,
@@ -181,7 +174,6 @@ class UsageLedger:
         self._write_timeout_s = write_timeout_s
         self._retry_base_s = retry_base_s
         self._retry_cap_s = retry_cap_s
-        self._guard = guard
         self._postgres_ok = postgres_ok
         self._partition_interval_s = partition_interval_s
         self._linger_s = linger_s
@@ -208,21 +200,18 @@ class UsageLedger:
 
     # --- the request path ------------------------------------------------------------
 
-    async def admit(self, request: CompletionRequest) -> None:
-        """Refuse a call the ledger could not bill, or whose request id is taken."""
+    async def admit(self, request: CompletionRequest) -> Ticket:
+        """Refuse a call the ledger could not bill."""
         if self._state is LedgerState.FULL:
             raise LedgerFull(
                 "usage ledger full: Postgres is unreachable and the spool is at its limit; "
                 "this replica cannot bill new calls",
                 retry_after=self._retry_cap_s,
             )
-        if self._guard is not None:
-            await self._guard.admit(request)
+        return NO_TICKET
 
     def submit(self, record: UsageRecord) -> None:
         """Queue ``record`` for writing. Never blocks, never raises, never drops."""
-        if self._guard is not None:
-            record = self._guard.finished(record)
         self._queue.append(record)
         self._submitted += 1
         self._work.set()
