@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from chatgate_server.domain import CompletionRequest, UsageRecord
+from chatgate_server.domain import Allowance, CompletionRequest, UsageRecord
 
 
 class Ticket:
@@ -47,6 +47,11 @@ class Ticket:
         """The request the call goes on with (e.g. a completion-token cap added).
         Later policies and the upstream see the amended request."""
         return request
+
+    @property
+    def allowances(self) -> tuple[Allowance, ...]:
+        """What the limits behind this ticket still allow, for the call's first event."""
+        return ()
 
     def settle(self, record: UsageRecord) -> UsageRecord:
         """The call ended with ``record``; return the record to write (a policy may add
@@ -79,6 +84,10 @@ class Admission:
     recorded: bool = False
     """True once the preconditions passed: from then on, however the call ends, it
     leaves a usage row."""
+
+    def allowances(self) -> tuple[Allowance, ...]:
+        """Every ticket's allowances, in the order the tickets were taken."""
+        return tuple(a for ticket in self.tickets for a in ticket.allowances)
 
     def settle(self, record: UsageRecord) -> UsageRecord:
         """Settle every ticket with the call's final record, in the order taken."""

@@ -23,6 +23,7 @@ from chatgate_server.access_log import access_log
 from chatgate_server.admission import NO_ADMISSION, AdmissionChain
 from chatgate_server.deadline import Deadline
 from chatgate_server.domain import (
+    Allowance,
     CompletionRequest,
     ContentDelta,
     Cost,
@@ -69,6 +70,7 @@ class StreamStarted:
     request_id: str
     model: str
     upstream_response_id: str
+    allowances: tuple[Allowance, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,7 @@ class _Progress:
     scope: asyncio.Timeout | None = None
     shutdown_cut: bool = False
     estimate: TokenUsage | None = None
+    allowances: tuple[Allowance, ...] = ()
 
     def cut_for_shutdown(self) -> None:
         self.shutdown_cut = True
@@ -222,6 +225,7 @@ class CompletionService:
         try:
             # Every ticket taken here is settled (or released) in the finally below.
             request = await self._admission.admit(admission)
+            progress.allowances = admission.allowances()
             if self._draining:
                 raise ShuttingDown("chatgate is shutting down; retry on another replica")
             trace.get_current_span().set_attribute("chatgate.breaker.state", self._breaker.state.name.lower())
@@ -448,7 +452,9 @@ class CompletionService:
                 progress.relayed.append(event.name)
             await send(event)
         elif isinstance(event, ResponseStarted):
-            progress.started = StreamStarted(request.request_id, event.model, event.response_id)
+            progress.started = StreamStarted(
+                request.request_id, event.model, event.response_id, progress.allowances
+            )
             await send(progress.started)
         elif isinstance(event, Finish):
             progress.finish_reason = event.reason

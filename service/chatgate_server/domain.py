@@ -98,6 +98,29 @@ class JsonSchemaFormat:
 ResponseFormat = Literal["text", "json_object"] | JsonSchemaFormat
 
 
+class LimitKind(enum.StrEnum):
+    """What a limit counts (limits/); the values are the names operators type."""
+
+    REQUESTS_PER_MINUTE = "requests_per_minute"
+    TOKENS_PER_MINUTE = "tokens_per_minute"
+    TOKENS_PER_DAY = "tokens_per_day"
+    SPEND_PER_DAY = "spend_per_day"  # integer micro-dollars
+    SPEND_PER_MONTH = "spend_per_month"  # integer micro-dollars, calendar month (UTC)
+    CONCURRENT_STREAMS = "concurrent_streams"
+
+
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """What one limit still allows after a call was admitted (its reservation taken);
+    sent to the caller in the first event."""
+
+    subject: str  # "tenant:acme", "caller:billing", "user:acme/u-42" (+ "/model:…")
+    kind: LimitKind
+    limit: int
+    remaining: int
+    resets_at: datetime | None  # None for concurrent streams
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingOptions:
     """Sampling knobs; None means "the upstream's default"."""

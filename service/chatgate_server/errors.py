@@ -13,7 +13,9 @@
     │   ├── CredentialInvalid           (malformed, or names no known credential)
     │   ├── CredentialRevoked
     │   └── CredentialExpired           (expired, or rotated out after its grace)
+    ├── QuotaExceeded                   RESOURCE_EXHAUSTED, with QuotaFailure (+ RetryInfo when waiting helps)
     ├── PermissionDenied                PERMISSION_DENIED
+    │   └── Blocked                     (a tenant, caller or user blocked by an operator or the detector)
     ├── DeadlineExceeded                DEADLINE_EXCEEDED
     ├── ServiceUnavailable              UNAVAILABLE (ledger full)
     │   ├── ShuttingDown                UNAVAILABLE (draining; retry on another replica)
@@ -118,12 +120,50 @@ class CredentialExpired(Unauthenticated):
     reason = "CREDENTIAL_EXPIRED"
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaViolation:
+    """One limit a call would exceed: whose (``tenant:acme``, ``caller:billing``,
+    ``user:acme/u-42``, optionally ``…/model:gpt-4o``) and which, in words."""
+
+    subject: str
+    description: str
+
+
+class QuotaExceeded(ChatgateError):
+    """A limit refused the call (limits/). ``reason`` names the limit kind
+    (``REQUESTS_PER_MINUTE_EXCEEDED``…); ``violations`` become a QuotaFailure;
+    ``retry_after`` is when the call would fit — None when waiting does not help
+    within the hour (a monthly budget spent)."""
+
+    status_name = "RESOURCE_EXHAUSTED"
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        violations: tuple[QuotaViolation, ...],
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.reason = reason
+        self.violations = violations
+
+
 class PermissionDenied(ChatgateError):
     """The caller is known but may not do this (a model outside its allow-list, a role it
     lacks)."""
 
     status_name = "PERMISSION_DENIED"
     reason = "PERMISSION_DENIED"
+
+
+class Blocked(PermissionDenied):
+    """The tenant, caller or user is blocked (``chatgate block``, or the abuse
+    detector's escalation); the message gives the recorded reason."""
+
+    reason = "BLOCKED"
 
 
 class Overloaded(ChatgateError):

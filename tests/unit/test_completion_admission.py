@@ -15,14 +15,16 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from chatgate_server.admission import AdmissionChain, Ticket
-from chatgate_server.completion import CompletionService, OutboundEvent, StreamFinished
+from chatgate_server.completion import CompletionService, OutboundEvent, StreamFinished, StreamStarted
 from chatgate_server.deadline import Deadline
 from chatgate_server.domain import (
+    Allowance,
     ChatMessage,
     CompletionRequest,
     ContentDelta,
     CostBasis,
     Finish,
+    LimitKind,
     Outcome,
     ResponseStarted,
     SamplingOptions,
@@ -100,6 +102,10 @@ class Recording(Ticket):
     """A ticket that writes down what happened to it."""
 
     __slots__ = ("cap", "log", "name")
+
+    @property
+    def allowances(self) -> tuple[Allowance, ...]:
+        return (Allowance(f"tenant:{self.name}", LimitKind.CONCURRENT_STREAMS, 4, 3, None),)
 
     def __init__(self, name: str, log: list[tuple[str, str, object]], cap: int | None) -> None:
         self.name, self.log, self.cap = name, log, cap
@@ -272,3 +278,12 @@ async def test_the_upstream_gets_the_request_as_amended_by_the_policies() -> Non
     assert limits.seen[0].sampling.max_completion_tokens is None
     assert after.seen[0].sampling.max_completion_tokens == 256  # later policies see it too
     assert upstream.opened[0].sampling.max_completion_tokens == 256
+
+
+async def test_the_first_event_tells_the_caller_every_allowance_in_policy_order() -> None:
+    log: list[tuple[str, str, object]] = []
+    chain = AdmissionChain([Policy("ids", log)], [Policy("limits", log)])
+    sent = await run(service(FakeUpstream(), Sink(), chain))
+    first = sent[0]
+    assert isinstance(first, StreamStarted)
+    assert [a.subject for a in first.allowances] == ["tenant:ids", "tenant:limits"]

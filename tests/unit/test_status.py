@@ -16,6 +16,8 @@ from chatgate_server.errors import (
     DeadlineExceeded,
     FieldViolation,
     InvalidRequest,
+    QuotaExceeded,
+    QuotaViolation,
     UpstreamCredentialsError,
     UpstreamRateLimited,
     UpstreamRejected,
@@ -29,7 +31,12 @@ def details(status: grpc.Status) -> tuple[status_pb2.Status, list[object]]:
     rich = status_pb2.Status.FromString(raw)
     unpacked: list[object] = []
     for any_detail in rich.details:
-        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo, error_details_pb2.BadRequest):
+        for cls in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.QuotaFailure,
+        ):
             msg = cls()
             if any_detail.Unpack(msg):
                 unpacked.append(msg)
@@ -126,3 +133,32 @@ def test_a_rejection_names_our_cause_in_error_info() -> None:
     info = next(d for d in unpacked if isinstance(d, error_details_pb2.ErrorInfo))
     assert info.reason == "UPSTREAM_REJECTED_REQUEST"
     assert dict(info.metadata) == {"cause": "MODEL_NOT_FOUND"}
+
+
+def test_a_limit_refusal_names_the_limit_the_subject_and_when_it_frees() -> None:
+    error = QuotaExceeded(
+        "user acme/u-1 is over its tokens per minute",
+        reason="TOKENS_PER_MINUTE_EXCEEDED",
+        violations=(QuotaViolation("user:acme/u-1", "tokens_per_minute 10000 reached"),),
+        retry_after=12.5,
+    )
+    status = to_status(error)
+    assert status.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    _, unpacked = details(status)
+    info, retry, quota = unpacked
+    assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "TOKENS_PER_MINUTE_EXCEEDED"
+    assert isinstance(retry, error_details_pb2.RetryInfo) and retry.retry_delay.ToMilliseconds() == 12500
+    assert isinstance(quota, error_details_pb2.QuotaFailure)
+    assert [(v.subject, v.description) for v in quota.violations] == [
+        ("user:acme/u-1", "tokens_per_minute 10000 reached")
+    ]
+
+
+def test_a_spent_monthly_budget_says_no_retry_time() -> None:
+    error = QuotaExceeded(
+        "tenant acme spent its monthly budget",
+        reason="SPEND_PER_MONTH_EXCEEDED",
+        violations=(QuotaViolation("tenant:acme", "spend_per_month 5000000 reached"),),
+    )
+    _, unpacked = details(to_status(error))
+    assert [type(d).__name__ for d in unpacked] == ["ErrorInfo", "QuotaFailure"]

@@ -19,6 +19,7 @@ from google.protobuf import struct_pb2
 from chatgate.v1 import chat_pb2 as pb
 from chatgate_server.completion import OutboundEvent, StreamFinished, StreamStarted
 from chatgate_server.domain import (
+    Allowance,
     Caller,
     ChatMessage,
     CompletionRequest,
@@ -27,6 +28,7 @@ from chatgate_server.domain import (
     ImageDetail,
     ImagePart,
     JsonSchemaFormat,
+    LimitKind,
     NamedToolChoice,
     RefusalDelta,
     ResponseFormat,
@@ -389,11 +391,34 @@ def to_proto(event: OutboundEvent) -> pb.CompleteResponse:
                 request_id=event.request_id,
                 model=event.model,
                 upstream_response_id=event.upstream_response_id,
+                allowances=[_allowance(a) for a in event.allowances],
             )
         )
     if type(event) is StreamFinished:
         return _Response(finished=_finished(event))
     raise TypeError(f"not an outbound event: {type(event).__name__}")
+
+
+_LIMIT_KINDS = {
+    LimitKind.REQUESTS_PER_MINUTE: pb.LIMIT_KIND_REQUESTS_PER_MINUTE,
+    LimitKind.TOKENS_PER_MINUTE: pb.LIMIT_KIND_TOKENS_PER_MINUTE,
+    LimitKind.TOKENS_PER_DAY: pb.LIMIT_KIND_TOKENS_PER_DAY,
+    LimitKind.SPEND_PER_DAY: pb.LIMIT_KIND_SPEND_PER_DAY,
+    LimitKind.SPEND_PER_MONTH: pb.LIMIT_KIND_SPEND_PER_MONTH,
+    LimitKind.CONCURRENT_STREAMS: pb.LIMIT_KIND_CONCURRENT_STREAMS,
+}
+
+
+def _allowance(allowance: Allowance) -> pb.Allowance:
+    out = pb.Allowance(
+        subject=allowance.subject,
+        kind=_LIMIT_KINDS[allowance.kind],
+        limit=allowance.limit,
+        remaining=allowance.remaining,
+    )
+    if allowance.resets_at is not None:
+        out.resets_at.FromDatetime(allowance.resets_at)
+    return out
 
 
 def _finished(event: StreamFinished) -> pb.Finished:

@@ -16,7 +16,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from chatgate_server.errors import ChatgateError, InvalidRequest, sane_retry_delay
+from chatgate_server.errors import ChatgateError, InvalidRequest, QuotaExceeded, sane_retry_delay
 
 ERROR_DOMAIN = "chatgate"
 # The status travels in trailers, which gRPC caps (8 KiB by default; beyond that the
@@ -46,6 +46,8 @@ def to_status(error: BaseException) -> grpc.Status:
         details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     if isinstance(error, InvalidRequest):
         details.append(_packed(error_details_pb2.BadRequest(field_violations=_violations(error))))
+    if isinstance(error, QuotaExceeded):
+        details.append(_packed(_quota_failure(error)))
     message = _bounded(error.message, MAX_MESSAGE_BYTES)
     status = rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
     return status  # type: ignore[no-any-return]
@@ -61,6 +63,18 @@ def _violations(error: InvalidRequest) -> list[error_details_pb2.BadRequest.Fiel
             break
         out.append(error_details_pb2.BadRequest.FieldViolation(field=field, description=description))
     return out
+
+
+def _quota_failure(error: QuotaExceeded) -> error_details_pb2.QuotaFailure:
+    out, used = [], 0
+    for v in error.violations:
+        subject = _bounded(v.subject, _MAX_FIELD_BYTES)
+        description = _bounded(v.description, _MAX_DESCRIPTION_BYTES)
+        used += len(subject.encode()) + len(description.encode()) + 8
+        if used > VIOLATIONS_BUDGET_BYTES:
+            break
+        out.append(error_details_pb2.QuotaFailure.Violation(subject=subject, description=description))
+    return error_details_pb2.QuotaFailure(violations=out)
 
 
 def _bounded(text: str, limit: int) -> str:

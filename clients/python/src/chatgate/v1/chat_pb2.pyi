@@ -12,6 +12,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -116,6 +117,46 @@ TOOL_CHOICE_MODE_NONE: ToolChoiceMode.ValueType  # 2
 TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.ValueType  # 3
 """The model must call at least one tool."""
 Global___ToolChoiceMode: _TypeAlias = ToolChoiceMode  # noqa: Y015
+
+class _LimitKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LimitKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LimitKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LIMIT_KIND_UNSPECIFIED: _LimitKind.ValueType  # 0
+    """Not set."""
+    LIMIT_KIND_REQUESTS_PER_MINUTE: _LimitKind.ValueType  # 1
+    """Calls started per minute."""
+    LIMIT_KIND_TOKENS_PER_MINUTE: _LimitKind.ValueType  # 2
+    """Tokens (input + output) per minute."""
+    LIMIT_KIND_TOKENS_PER_DAY: _LimitKind.ValueType  # 3
+    """Tokens (input + output) per UTC day."""
+    LIMIT_KIND_SPEND_PER_DAY: _LimitKind.ValueType  # 4
+    """Spend per UTC day, in micro-dollars."""
+    LIMIT_KIND_SPEND_PER_MONTH: _LimitKind.ValueType  # 5
+    """Spend per calendar month (UTC), in micro-dollars."""
+    LIMIT_KIND_CONCURRENT_STREAMS: _LimitKind.ValueType  # 6
+    """Streams running at once."""
+
+class LimitKind(_LimitKind, metaclass=_LimitKindEnumTypeWrapper):
+    """LimitKind is what a limit counts."""
+
+LIMIT_KIND_UNSPECIFIED: LimitKind.ValueType  # 0
+"""Not set."""
+LIMIT_KIND_REQUESTS_PER_MINUTE: LimitKind.ValueType  # 1
+"""Calls started per minute."""
+LIMIT_KIND_TOKENS_PER_MINUTE: LimitKind.ValueType  # 2
+"""Tokens (input + output) per minute."""
+LIMIT_KIND_TOKENS_PER_DAY: LimitKind.ValueType  # 3
+"""Tokens (input + output) per UTC day."""
+LIMIT_KIND_SPEND_PER_DAY: LimitKind.ValueType  # 4
+"""Spend per UTC day, in micro-dollars."""
+LIMIT_KIND_SPEND_PER_MONTH: LimitKind.ValueType  # 5
+"""Spend per calendar month (UTC), in micro-dollars."""
+LIMIT_KIND_CONCURRENT_STREAMS: LimitKind.ValueType  # 6
+"""Streams running at once."""
+Global___LimitKind: _TypeAlias = LimitKind  # noqa: Y015
 
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -764,6 +805,7 @@ class Started(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     UPSTREAM_RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    ALLOWANCES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id: the caller's, or the one chatgate generated."""
     model: _builtins.str
@@ -772,20 +814,70 @@ class Started(_message.Message):
     """
     upstream_response_id: _builtins.str
     """The upstream's id for this completion (e.g. "chatcmpl-…")."""
+    @_builtins.property
+    def allowances(self) -> _containers.RepeatedCompositeFieldContainer[Global___Allowance]:
+        """What each limit that applies to this call still allows, this call's
+        reservation already taken: the gRPC form of OpenAI's `x-ratelimit-*`
+        headers. Empty when no limit applies.
+        """
+
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         model: _builtins.str = ...,
         upstream_response_id: _builtins.str = ...,
+        allowances: _abc.Iterable[Global___Allowance] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id", "upstream_response_id", b"upstream_response_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowances", b"allowances", "model", b"model", "request_id", b"request_id", "upstream_response_id", b"upstream_response_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Started: _TypeAlias = Started  # noqa: Y015
+
+@_typing.final
+class Allowance(_message.Message):
+    """Allowance is the headroom one limit leaves."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    RESETS_AT_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    """Whose limit: "tenant:acme", "caller:billing", "user:acme/u-42", with
+    "/model:gpt-4o" appended for a per-model limit.
+    """
+    kind: Global___LimitKind.ValueType
+    """What it counts."""
+    limit: _builtins.int
+    """The limit itself (requests, tokens, micro-dollars or streams)."""
+    remaining: _builtins.int
+    """What is left of it now."""
+    @_builtins.property
+    def resets_at(self) -> _timestamp_pb2.Timestamp:
+        """When it is whole again; unset for concurrent streams."""
+
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+        kind: Global___LimitKind.ValueType = ...,
+        limit: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        resets_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resets_at", b"resets_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "limit", b"limit", "remaining", b"remaining", "resets_at", b"resets_at", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Allowance: _TypeAlias = Allowance  # noqa: Y015
 
 @_typing.final
 class ContentDelta(_message.Message):
