@@ -362,3 +362,35 @@ def test_a_call_from_before_it_opened_does_not_free_the_probe_slot() -> None:
     earlier.release()  # the earlier call ends (its caller left)
     with pytest.raises(BreakerOpen):
         breaker.acquire()  # still only one probe
+
+
+def test_a_long_stream_from_before_it_opened_ending_well_does_not_close_it() -> None:
+    clock = Clock()
+    breaker = make(clock)
+    long_stream = breaker.acquire()  # a stream that started while the upstream was fine
+    fail(breaker, 5)
+    assert state(breaker) is BreakerState.OPEN
+    clock.now += 5
+    long_stream.success()  # it finishes mid-outage
+    assert state(breaker) is BreakerState.OPEN  # calls stay paused for the cool-down
+    with pytest.raises(BreakerOpen) as refused:
+        breaker.acquire()
+    assert refused.value.retry_after == pytest.approx(25.0)
+
+
+def test_an_old_call_failing_while_the_probe_is_out_does_not_reopen_it() -> None:
+    clock = Clock()
+    transitions: list[tuple[BreakerState, BreakerState]] = []
+    breaker = make(clock, transitions)
+    old_call = breaker.acquire()
+    fail(breaker, 5)
+    clock.now += 30
+    probe = breaker.acquire()
+    old_call.failure()
+    assert state(breaker) is BreakerState.HALF_OPEN
+    probe.success()
+    assert state(breaker) is BreakerState.CLOSED
+    assert transitions[-2:] == [
+        (BreakerState.OPEN, BreakerState.HALF_OPEN),
+        (BreakerState.HALF_OPEN, BreakerState.CLOSED),
+    ]
