@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from psycopg_pool import AsyncConnectionPool
 
-from chatgate_server.admission import AdmissionChain
+from chatgate_server.admission import AdmissionChain, Policy
 from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
@@ -66,12 +66,20 @@ class App:
     """chatgate, assembled. ``await start()``, then ``await stop()``."""
 
     def __init__(
-        self, settings: Settings, telemetry: Telemetry | None = None, *, reuse_port: bool = False
+        self,
+        settings: Settings,
+        telemetry: Telemetry | None = None,
+        *,
+        reuse_port: bool = False,
+        extra_policies: Sequence[Policy] = (),
     ) -> None:
         """``telemetry`` defaults to OTLP export configured by the OTEL_* variables;
-        ``reuse_port`` shares the port with the other workers of one supervisor."""
+        ``reuse_port`` shares the port with the other workers of one supervisor;
+        ``extra_policies`` run after the built-in admission policies (tests use it to
+        script admissions and refusals end to end; nothing in production sets it)."""
         self.settings = settings
         self._reuse_port = reuse_port
+        self._extra_policies = tuple(extra_policies)
         self._providers: Providers | None = None
         if telemetry is None:
             self._providers = providers_from_env()
@@ -203,8 +211,9 @@ class App:
             ),
             first_byte_timeout_s=s.upstream_first_byte_timeout_s,
             telemetry=self.telemetry,
-            # Preconditions only so far: their refusals leave no usage row (admission.py).
-            admission=AdmissionChain(preconditions=(self.ledger, self._guard)),
+            # Preconditions first: their refusals leave no usage row; the policies' do
+            # (admission.py).
+            admission=AdmissionChain(preconditions=(self.ledger, self._guard), policies=self._extra_policies),
             prices=prices,
         )
         self._observe()
