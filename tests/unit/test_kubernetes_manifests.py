@@ -233,6 +233,9 @@ def test_scaling_and_disruption_budget_agree(objects: Rendered) -> None:
     template, _, _ = server(objects)
     hpa = objects.one("HorizontalPodAutoscaler", "chatgate")["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chatgate"}
+    # The autoscaler alone sets the count: a count in the Deployment would undo its work
+    # at every apply.
+    assert "replicas" not in objects.one("Deployment", "chatgate")["spec"]
     pdb = objects.one("PodDisruptionBudget", "chatgate")["spec"]
     assert pdb["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     # A drain always leaves replicas serving.
