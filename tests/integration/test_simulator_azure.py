@@ -26,7 +26,7 @@ from chatgate_server.domain import (
 from chatgate_server.simulator import Simulator
 from chatgate_server.simulator.content import text_of
 from chatgate_server.simulator.keys import fingerprint
-from chatgate_server.simulator.testing import DONE, content_of, sse_chunks, sse_data
+from chatgate_server.simulator.testing import DONE, content_of, keys_seen, sse_chunks, sse_data
 from chatgate_server.upstream.chunks import ChunkDecoder
 from chatgate_server.upstream.sse import SSEDecoder
 
@@ -265,6 +265,7 @@ async def test_named_keys_are_recorded_by_name_and_others_refused() -> None:
         ("east", fingerprint(KEY)),
         (None, fingerprint(OTHER_KEY)),
     ]
+    assert keys_seen(sim.requests) == {"east", fingerprint(OTHER_KEY)}
     assert KEY not in stats and OTHER_KEY not in stats
     assert fingerprint(KEY) in stats and '"key_name":"east"' in stats
 

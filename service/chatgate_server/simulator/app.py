@@ -1,9 +1,7 @@
 """Routing and the chat-completions handler: request → record → plan → bytes on the wire.
 
-A response is first turned into a ``Plan`` (head, body events, how it ends, delays).
-Plans without delays or stalls are written in one go from ``data_received`` (the
-benchmark path: no task, one ``write``); the others run in a task that the connection
-cancels as soon as the client goes away.
+A response is first turned into a ``Plan`` (``plan``), which the ``Sender``
+(``sending``) writes at once or over time.
 
 A chat request passes its checks in the order the real service makes them (for
 Azure: api-version, key, body, deployment), then pays the rate-limit budget, then
@@ -12,11 +10,10 @@ meets its scenario. What differs between OpenAI and Azure is the ``Flavor``'s.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from random import getrandbits
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
@@ -25,8 +22,6 @@ from .azure import AzureRoute
 from .connection import Connection
 from .content import Reply, cut_by_filter, estimate_prompt_tokens, plan_reply, resolve_model
 from .errors import (
-    ERROR_EVENT,
-    MALFORMED_EVENT,
     ErrorResponse,
     bad_request,
     context_length_exceeded,
@@ -35,9 +30,11 @@ from .errors import (
 from .flavor import AzureFlavor, Flavor, OpenAIFlavor
 from .keys import KeyRing, KeySeen
 from .models import context_window
+from .plan import Plan, apply_stream_faults
 from .ratelimit import RateBudget
 from .records import Recorder, RequestRecord, public_headers
 from .scenario import EMPTY, Scenario, ScenarioError, parse_scenario, split_model
+from .sending import Sender
 from .stream import (
     DONE_EVENT,
     PROMPT_FILTER_EVENT,
@@ -47,7 +44,7 @@ from .stream import (
     stream_events,
     usage_event,
 )
-from .wire import LAST_CHUNK, Request, frame_chunk, full_response
+from .wire import Request, full_response
 
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 SCENARIO_HEADER = "x-simulator-scenario"
@@ -61,27 +58,6 @@ _STREAM_HEAD = (
 )
 _KEEP_ALIVE_END = b"connection: keep-alive\r\n\r\n"
 _CLOSE_END = b"connection: close\r\n\r\n"
-
-End = Literal["finish", "stall", "disconnect", "hang"]
-
-
-@dataclass(slots=True)
-class Plan:
-    """How one response goes out.
-
-    ``head`` is sent first (for a non-chunked response it already holds the body);
-    then each of ``events`` as its own HTTP chunk, ``delay`` seconds apart; then by
-    ``end``: finish (chunk terminator if ``chunked``), stall (send nothing more),
-    disconnect (close without the terminator) or hang (not even the head).
-    """
-
-    status: int | None
-    head: bytes
-    events: list[Event] = field(default_factory=list)
-    chunked: bool = False
-    end: End = "finish"
-    headers_delay: float = 0.0
-    delay: float = 0.0
 
 
 @dataclass(slots=True)
@@ -97,11 +73,6 @@ class Chat:
     key: KeySeen
     auth_error: ErrorResponse | None
     request_id: str
-
-
-async def _forever() -> None:
-    # Parked until the connection reports the client gone and cancels the task.
-    await asyncio.get_running_loop().create_future()
 
 
 class SimulatorApp:
@@ -127,9 +98,7 @@ class SimulatorApp:
         self.budget = budget or RateBudget()
         # The instance-wide scenario (Simulator.set_scenario), joined before each request's.
         self.scenario_text = ""
-        self.tasks: set[asyncio.Task[None]] = set()
-        # While stopping, connections cut by the server are not the client closing early.
-        self.stopping = False
+        self.sender = Sender(recorder)
 
     def dispatch(self, request: Request, conn: Connection) -> None:
         """Route one request (the ``Connection``'s callback)."""
@@ -232,7 +201,7 @@ class SimulatorApp:
                 plan = self._answer_plan(chat, faulty, headers, conn.keep_alive)
         if chat.scenario.headers_delay_ms and faulty:
             plan.headers_delay += chat.scenario.headers_delay_ms / 1000
-        self._execute(conn, record, plan)
+        self.sender.execute(conn, record, plan)
 
     def _api_versions(self) -> frozenset[str]:
         return self.flavor.api_versions if isinstance(self.flavor, AzureFlavor) else azure.API_VERSIONS
@@ -349,7 +318,7 @@ class SimulatorApp:
         head = _STREAM_HEAD + lines + (_KEEP_ALIVE_END if keep_alive else _CLOSE_END)
         plan = Plan(status=200, head=head, events=events, chunked=True, delay=delay_ms / 1000)
         if faulty:
-            _apply_stream_faults(plan, scenario)
+            apply_stream_faults(plan, scenario)
         return plan
 
     def _completion_plan(
@@ -381,125 +350,6 @@ class SimulatorApp:
             elif scenario.disconnect_after is not None:
                 plan.end, plan.status, plan.head = "disconnect", None, b""
         return plan
-
-    # sending
-
-    def _execute(self, conn: Connection, record: RequestRecord, plan: Plan) -> None:
-        instant = not plan.headers_delay and not (plan.delay and plan.events)
-        if instant and plan.end in ("finish", "disconnect"):
-            self._send_now(conn, record, plan)
-            return
-        task = asyncio.get_running_loop().create_task(self._send_over_time(conn, record, plan))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        conn.watch(lambda: self._client_gone(record, task))
-
-    def _send_now(self, conn: Connection, record: RequestRecord, plan: Plan) -> None:
-        data = plan.head
-        if plan.events:
-            data += frame_chunk(b"".join([event for event, _ in plan.events]))
-            record.content_chunks_sent = sum(1 for _, is_content in plan.events if is_content)
-        if plan.status is not None:
-            self.recorder.sent_status(record, plan.status)
-        if plan.end == "disconnect":
-            conn.write(data)
-            self.recorder.end(record, aborted=True)
-            conn.disconnect()
-            return
-        if plan.chunked:
-            data += LAST_CHUNK
-        conn.write(data)
-        self.recorder.end(record, completed=True)
-        conn.end_response()
-
-    async def _send_over_time(self, conn: Connection, record: RequestRecord, plan: Plan) -> None:
-        # Cancelled by _client_gone (or stop) at whichever await it is parked on.
-        if plan.headers_delay:
-            await asyncio.sleep(plan.headers_delay)
-        if plan.end == "hang":
-            await _forever()
-        conn.write(plan.head)
-        if plan.status is not None:
-            self.recorder.sent_status(record, plan.status)
-        if plan.delay:
-            await self._send_paced(conn, record, plan.events, plan.delay)
-        else:
-            for event, is_content in plan.events:
-                conn.write(frame_chunk(event))
-                if is_content:
-                    record.content_chunks_sent += 1
-                if conn.paused:
-                    await conn.drain()
-        if plan.end == "stall":
-            await _forever()
-        if plan.end == "disconnect":
-            self.recorder.end(record, aborted=True)
-            conn.disconnect()
-            return
-        if plan.chunked:
-            conn.write(LAST_CHUNK)
-        self.recorder.end(record, completed=True)
-        conn.end_response()
-
-    @staticmethod
-    async def _send_paced(conn: Connection, record: RequestRecord, events: list[Event], delay: float) -> None:
-        """Event i goes out ``(i + 1) * delay`` after the head, on a schedule, not after
-        a sleep per event: when this process is busy (thousands of paced streams), the
-        events that fell due meanwhile leave together in one write, as a real upstream
-        that keeps its own pace would have sent them. Sleeping ``delay`` after each write
-        would instead slow every stream down with the simulator's own load."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        sent = 0
-        while sent < len(events):
-            due_at = start + (sent + 1) * delay
-            now = loop.time()
-            if due_at > now:
-                await asyncio.sleep(due_at - now)
-                now = loop.time()
-            due = min(len(events), sent + 1 + int((now - due_at) / delay))
-            conn.write(b"".join(frame_chunk(event) for event, _ in events[sent:due]))
-            record.content_chunks_sent += sum(1 for _, is_content in events[sent:due] if is_content)
-            sent = due
-            if conn.paused:
-                await conn.drain()
-
-    def _client_gone(self, record: RequestRecord, task: asyncio.Task[None]) -> None:
-        if self.stopping:
-            self.recorder.end(record, aborted=True)
-        else:
-            self.recorder.end(record, closed_early=True)
-        task.cancel()
-
-
-def _apply_stream_faults(plan: Plan, scenario: Scenario) -> None:
-    events = plan.events
-    if scenario.malformed_after is not None:
-        events.insert(_cut(events, scenario.malformed_after), (MALFORMED_EVENT, False))
-    if scenario.hang:
-        plan.end, plan.status = "hang", None
-    elif scenario.stall_after is not None:
-        del events[_cut(events, scenario.stall_after) :]
-        plan.end = "stall"
-    elif scenario.disconnect_after is not None:
-        del events[_cut(events, scenario.disconnect_after) :]
-        plan.end = "disconnect"
-    elif scenario.error_event_after is not None:
-        del events[_cut(events, scenario.error_event_after) :]
-        events.append((ERROR_EVENT, False))
-
-
-def _cut(events: list[Event], n: int) -> int:
-    """The index just past the n-th content event (before the finish chunk if fewer)."""
-    seen = 0
-    last_content = 0
-    for i, (_, is_content) in enumerate(events):
-        if is_content:
-            if seen == n:
-                return i
-            seen += 1
-            last_content = i
-    return last_content + 1
 
 
 def _context_error(body: dict[str, Any], window: int) -> ErrorResponse | None:

@@ -79,7 +79,7 @@ class Simulator:
         if self._server is not None:
             raise RuntimeError("simulator already started")
         loop = asyncio.get_running_loop()
-        self._app.stopping = False
+        self._app.sender.stopping = False
         self._server = await loop.create_server(
             lambda: Connection(self._app.dispatch, self._connections),
             host,
@@ -95,11 +95,11 @@ class Simulator:
         server, self._server = self._server, None
         if server is None:
             return
-        self._app.stopping = True
+        self._app.sender.stopping = True
         server.close()
         for conn in list(self._connections):
             conn.abort()
-        tasks = list(self._app.tasks)
+        tasks = list(self._app.sender.tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
