@@ -73,6 +73,7 @@ class Chat:
     key: KeySeen
     auth_error: ErrorResponse | None
     request_id: str
+    prompt_tokens: int  # the estimate, once: the window check, the budget and usage use it
 
 
 class SimulatorApp:
@@ -235,7 +236,8 @@ class SimulatorApp:
             model = name if name and context_window(name, any_model=self.any_model) is not None else ""
         key, auth_error = self.flavor.authenticate(request.headers, self.keys)
         request_id = f"req_{getrandbits(128):032x}"
-        return Chat(body, body_error, name, model, scenario, spec_error, key, auth_error, request_id)
+        tokens = estimate_prompt_tokens(body)
+        return Chat(body, body_error, name, model, scenario, spec_error, key, auth_error, request_id, tokens)
 
     def _check(self, chat: Chat, faulty: bool, api_version: str) -> ErrorResponse | None:
         """The first error the request meets after authentication; None to answer it."""
@@ -250,7 +252,7 @@ class SimulatorApp:
             return self.flavor.unknown_model(chat.name)
         window = context_window(chat.model, any_model=True)
         assert window is not None
-        if (too_long := _context_error(chat.body, window)) is not None:
+        if (too_long := _context_error(chat.body, chat.prompt_tokens, window)) is not None:
             return too_long
         refusal = self.budget.spend(self._token_cost(chat))
         if refusal is not None:
@@ -267,7 +269,7 @@ class SimulatorApp:
         limit = chat.body.get("max_completion_tokens", chat.body.get("max_tokens"))
         if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
             limit = self.chunks if chat.scenario.chunks is None else chat.scenario.chunks
-        return estimate_prompt_tokens(chat.body) + limit
+        return chat.prompt_tokens + limit
 
     def _error_plan(self, error: ErrorResponse, headers: list[tuple[str, str]], keep_alive: bool) -> Plan:
         if any(name == "x-ratelimit-remaining-requests" for name, _ in error.headers):
@@ -310,7 +312,7 @@ class SimulatorApp:
         events += stream_events(reply, prefix, style)
         options = chat.body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is True and not scenario.no_usage:
-            usage = usage_event(prefix, estimate_prompt_tokens(chat.body), reply.completion_tokens)
+            usage = usage_event(prefix, chat.prompt_tokens, reply.completion_tokens)
             events.append((usage, False))
         if not scenario.no_done:
             events.append((DONE_EVENT, False))
@@ -336,7 +338,7 @@ class SimulatorApp:
             completion_id=f"chatcmpl-sim-{getrandbits(96):024x}",
             created=int(time.time()),
             model=resolve_model(chat.model),
-            prompt_tokens=estimate_prompt_tokens(chat.body),
+            prompt_tokens=chat.prompt_tokens,
             style=self.flavor.style,
         )
         head = full_response(200, "application/json", data, headers, keep_alive=keep_alive)
@@ -352,9 +354,8 @@ class SimulatorApp:
         return plan
 
 
-def _context_error(body: dict[str, Any], window: int) -> ErrorResponse | None:
+def _context_error(body: dict[str, Any], prompt: int, window: int) -> ErrorResponse | None:
     """The 400 for a prompt that, with the completion room it asks for, exceeds ``window``."""
-    prompt = estimate_prompt_tokens(body)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     completion = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
     if prompt + (completion or 0) > window:

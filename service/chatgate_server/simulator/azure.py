@@ -20,9 +20,9 @@ token. Chatgate's classifier has to cope with all three, so the simulator sends 
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from random import getrandbits
 from urllib.parse import parse_qs, unquote
 
 import orjson
@@ -65,8 +65,7 @@ class AzureRoute:
 
 def parse_route(path: str, query: str) -> AzureRoute | None:
     """The Azure chat route ``path`` names, or None for any other path."""
-    values = parse_qs(query).get("api-version")
-    version = values[0] if values and values[0] else None
+    version = _api_version(query)
     if path == V1_CHAT_PATH:
         return AzureRoute(None, version, v1=True)
     if path.startswith(DEPLOYMENT_PREFIX) and path.endswith(CHAT_SUFFIX):
@@ -74,6 +73,14 @@ def parse_route(path: str, query: str) -> AzureRoute | None:
         if name and "/" not in name:
             return AzureRoute(name, version, v1=False)
     return None
+
+
+def _api_version(query: str) -> str | None:
+    # The usual query is exactly "api-version=V": skip the general parser for it.
+    if query.startswith("api-version=") and "&" not in query and "%" not in query and "+" not in query:
+        return query[len("api-version=") :] or None
+    values = parse_qs(query).get("api-version")
+    return values[0] if values and values[0] else None
 
 
 def version_error(route: AzureRoute, supported: frozenset[str]) -> ErrorResponse | None:
@@ -224,4 +231,10 @@ def budget_refusal(refusal: Refusal, api_version: str, window_s: float) -> Error
 
 def response_headers(headroom: Headroom) -> list[tuple[str, str]]:
     """Headers on every Azure chat response: its request id, region, and remaining headroom."""
-    return [("apim-request-id", str(uuid.uuid4())), ("x-ms-region", REGION), *azure_headers(headroom)]
+    return [("apim-request-id", _uuid()), ("x-ms-region", REGION), *azure_headers(headroom)]
+
+
+def _uuid() -> str:
+    """A random id in UUID form, as Azure's ids look (cheaper than ``uuid.uuid4()``)."""
+    hex_ = f"{getrandbits(128):032x}"
+    return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"

@@ -38,6 +38,7 @@ class KeySeen:
 
 
 NO_KEY = KeySeen()
+_CACHED_KEYS = 64
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
@@ -61,6 +62,8 @@ class KeyRing:
             if not name or not secret:
                 raise ValueError("simulator keys need a non-empty name and secret")
         self._keys = dict(keys or {})
+        # The few keys a test uses, described once: hashing on every request costs.
+        self._seen: dict[tuple[AuthScheme, str], KeySeen] = {}
 
     @property
     def restricted(self) -> bool:
@@ -69,11 +72,17 @@ class KeyRing:
 
     def seen(self, scheme: AuthScheme, secret: str) -> KeySeen:
         """Describe ``secret``; ``name`` is None when it is not on the list."""
+        cached = self._seen.get((scheme, secret))
+        if cached is not None:
+            return cached
         name = next(
             (n for n, s in self._keys.items() if hmac.compare_digest(s.encode(), secret.encode())),
             None,
         )
-        return KeySeen(scheme, fingerprint(secret), name)
+        key = KeySeen(scheme, fingerprint(secret), name)
+        if len(self._seen) < _CACHED_KEYS:
+            self._seen[(scheme, secret)] = key
+        return key
 
     def accepts(self, key: KeySeen) -> bool:
         """Whether ``key`` may be served (any key when no list was given)."""
