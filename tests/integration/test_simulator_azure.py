@@ -23,11 +23,18 @@ from chatgate_server.domain import (
     UpstreamEvent,
     UsageReported,
 )
+from chatgate_server.errors import (
+    UpstreamCredentialsError,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+)
 from chatgate_server.simulator import Simulator
 from chatgate_server.simulator.content import text_of
 from chatgate_server.simulator.keys import fingerprint
 from chatgate_server.simulator.testing import DONE, content_of, keys_seen, sse_chunks, sse_data
 from chatgate_server.upstream.chunks import ChunkDecoder
+from chatgate_server.upstream.classify import classify_http_error
 from chatgate_server.upstream.sse import SSEDecoder
 
 KEY = "azure-key-0123456789abcdef"
@@ -397,3 +404,29 @@ async def test_the_cli_refuses_a_key_variable_that_is_not_set() -> None:
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
     assert b"SIM_UNSET_KEY is not set" in err
+
+
+async def test_chatgates_classifier_reads_azures_error_bodies(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    async def classify(spec: str = "", **headers: str) -> Exception:
+        extra = {"x-simulator-scenario": spec} if spec else {}
+        response = await client.post(url(), json=chat(), headers={**extra, **headers})
+        assert response.status_code >= 400
+        return classify_http_error(response.status_code, response.json(), response.headers)
+
+    limited = await classify("rate_limit,retry_after_ms=1500")
+    assert isinstance(limited, UpstreamRateLimited) and limited.retry_after == 1.5
+
+    failed = await classify("status=500")
+    assert type(failed) is UpstreamError and failed.retryable
+
+    filtered = await classify("content_filter")
+    assert isinstance(filtered, UpstreamRejected) and filtered.cause == "CONTENT_POLICY"
+
+    # Both 401 shapes (Azure's error object, and the bare statusCode body) are our key's problem.
+    assert isinstance(await classify("status=401"), UpstreamCredentialsError)
+    async with httpx.AsyncClient(base_url=sim.azure_endpoint, timeout=5) as http:
+        response = await http.post(url(), json=chat(), headers={"authorization": f"Bearer {KEY}"})
+    refused = classify_http_error(response.status_code, response.json(), response.headers)
+    assert isinstance(refused, UpstreamCredentialsError)
