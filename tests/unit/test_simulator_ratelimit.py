@@ -1,11 +1,14 @@
 """The simulator's rate-limit budget with an injected clock, OpenAI's duration format,
-Azure's route parsing and key fingerprints: pure logic, no sockets."""
+Azure's route parsing, key fingerprints, and that every option is documented."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from chatgate_server.simulator.azure import AzureRoute, parse_route, version_error
+from chatgate_server.simulator.cli import build_parser
 from chatgate_server.simulator.keys import KeyRing, fingerprint
 from chatgate_server.simulator.ratelimit import RateBudget, go_duration, openai_headers
 
@@ -138,3 +141,24 @@ def test_keys_are_fingerprinted_and_named() -> None:
     assert not ring.accepts(ring.seen("api-key", "sk-b"))
     with pytest.raises(ValueError, match="non-empty"):
         KeyRing({"east": ""})
+
+
+def test_every_option_is_in_help_and_in_the_docs() -> None:
+    parser = build_parser()
+    text = parser.format_help()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "SIMULATOR.md").read_text()
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    assert {
+        "--flavor",
+        "--deployment",
+        "--api-version",
+        "--key-env",
+        "--scenario",
+        "--limit-requests",
+    } <= set(options)
+    for option in options:
+        assert option in text, option
+        if option != "--help":
+            assert f"`{option}" in docs, option
+    for endpoint in ("/_simulator/ratelimit", "/_simulator/scenario", "/openai/deployments/"):
+        assert endpoint in text and endpoint in docs
