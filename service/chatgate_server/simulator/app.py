@@ -231,7 +231,7 @@ class SimulatorApp:
         except ScenarioError as exc:
             spec_error = str(exc)
         if isinstance(self.flavor, AzureFlavor):
-            model = self.flavor.model_for(name) or "" if name else ""
+            model = (self.flavor.model_for(name) or "") if name else ""
         else:
             model = name if name and context_window(name, any_model=self.any_model) is not None else ""
         key, auth_error = self.flavor.authenticate(request.headers, self.keys)
