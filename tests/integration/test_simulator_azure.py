@@ -260,6 +260,21 @@ async def test_the_api_key_header_and_a_refused_bearer_token(sim: Simulator) -> 
     assert (both.auth_scheme, both.key_fingerprint) == ("api-key", fingerprint(KEY))
 
 
+async def test_the_v1_route_takes_the_key_as_a_bearer_token_too() -> None:
+    # The plain OpenAI client sends the Azure key as "Authorization: Bearer" on /openai/v1.
+    sim = Simulator(flavor="azure", keys={"east": KEY})
+    async with sim, httpx.AsyncClient(base_url=sim.azure_v1_base_url, timeout=5) as http:
+        ok = await http.post(
+            "/chat/completions", json=chat(model="gpt-4o"), headers={"authorization": f"Bearer {KEY}"}
+        )
+        wrong = await http.post(
+            "/chat/completions", json=chat(model="gpt-4o"), headers={"authorization": f"Bearer {OTHER_KEY}"}
+        )
+    assert ok.status_code == 200
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "401"
+    assert [(r.auth_scheme, r.key_name) for r in sim.requests] == [("bearer", "east"), ("bearer", None)]
+
+
 async def test_named_keys_are_recorded_by_name_and_others_refused() -> None:
     sim = Simulator(flavor="azure", keys={"east": KEY})
     async with sim, httpx.AsyncClient(base_url=sim.azure_endpoint, timeout=5) as http:

@@ -234,7 +234,9 @@ class SimulatorApp:
             model = (self.flavor.model_for(name) or "") if name else ""
         else:
             model = name if name and context_window(name, any_model=self.any_model) is not None else ""
-        key, auth_error = self.flavor.authenticate(request.headers, self.keys)
+        key, auth_error = self.flavor.authenticate(
+            request.headers, self.keys, v1=route is not None and route.v1
+        )
         request_id = f"req_{getrandbits(128):032x}"
         tokens = estimate_prompt_tokens(body)
         return Chat(body, body_error, name, model, scenario, spec_error, key, auth_error, request_id, tokens)

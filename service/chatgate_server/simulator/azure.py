@@ -9,7 +9,8 @@ Two URL forms reach a chat completion:
   Without ``api-version`` Azure answers 404 "Resource not found"; with one it does not
   serve, 400 "API version not supported".
 - v1: ``POST /openai/v1/chat/completions``, the plain OpenAI body, whose ``model`` is
-  the deployment name; no dated ``api-version`` (``v1``/``preview``/``latest`` or none).
+  the deployment name; no dated ``api-version`` (``v1``/``preview``/``latest`` or none);
+  the key may come as ``Authorization: Bearer`` too, as the plain OpenAI client sends it.
 
 Azure's error bodies come in three shapes: its own ``{"error": {"code", "message"}}``
 (401, 404, 429, api-version), the model service's OpenAI-shaped body passed through
@@ -179,11 +180,18 @@ def content_filter_refusal() -> ErrorResponse:
     return ErrorResponse(400, orjson.dumps(body))
 
 
-def authenticate(headers: Mapping[str, str], ring: KeyRing) -> tuple[KeySeen, ErrorResponse | None]:
-    """Read ``api-key``; a bearer token alone is refused, as a token Azure cannot verify."""
+def authenticate(
+    headers: Mapping[str, str], ring: KeyRing, *, v1: bool
+) -> tuple[KeySeen, ErrorResponse | None]:
+    """Read ``api-key``. On the v1 route a bearer token is the key too (the plain OpenAI
+    client sends the key that way); on the classic route it is an Entra token, which
+    the simulator cannot verify, so it is refused."""
     secret = api_key(headers)
     if secret is None:
         token = bearer_token(headers)
+        if token is not None and v1:
+            key = ring.seen("bearer", token)
+            return key, None if ring.accepts(key) else invalid_key()
         if token is not None:
             return ring.seen("bearer", token), token_refused()
         return KeySeen(), invalid_key()

@@ -38,8 +38,10 @@ class Flavor(Protocol):
         """How its stream chunks look."""
         ...
 
-    def authenticate(self, headers: Mapping[str, str], ring: KeyRing) -> tuple[KeySeen, ErrorResponse | None]:
-        """The credential seen, and the 401 when it is missing or refused."""
+    def authenticate(
+        self, headers: Mapping[str, str], ring: KeyRing, *, v1: bool = False
+    ) -> tuple[KeySeen, ErrorResponse | None]:
+        """The credential seen, and the 401 when it is missing or refused (``v1``: Azure's v1 route)."""
         ...
 
     def unknown_model(self, name: str) -> ErrorResponse:
@@ -69,7 +71,9 @@ class OpenAIFlavor:
     name: FlavorName = "openai"
     style = OPENAI_STYLE
 
-    def authenticate(self, headers: Mapping[str, str], ring: KeyRing) -> tuple[KeySeen, ErrorResponse | None]:
+    def authenticate(
+        self, headers: Mapping[str, str], ring: KeyRing, *, v1: bool = False
+    ) -> tuple[KeySeen, ErrorResponse | None]:
         token = bearer_token(headers)
         if token is None:
             return KeySeen(), missing_key()
@@ -122,8 +126,10 @@ class AzureFlavor:
             return self.deployments.get(deployment)
         return deployment if context_window(deployment, any_model=self.any_model) is not None else None
 
-    def authenticate(self, headers: Mapping[str, str], ring: KeyRing) -> tuple[KeySeen, ErrorResponse | None]:
-        return azure.authenticate(headers, ring)
+    def authenticate(
+        self, headers: Mapping[str, str], ring: KeyRing, *, v1: bool = False
+    ) -> tuple[KeySeen, ErrorResponse | None]:
+        return azure.authenticate(headers, ring, v1=v1)
 
     def unknown_model(self, name: str) -> ErrorResponse:
         return azure.deployment_not_found()
