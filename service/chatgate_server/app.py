@@ -16,6 +16,7 @@ from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
 from chatgate_server.config import Settings
+from chatgate_server.deployments import DeploymentsConfig, from_settings
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.edge import Edge, EdgeLimits
@@ -25,9 +26,10 @@ from chatgate_server.rpc.servicer import ChatServicer
 from chatgate_server.rpc.tls import ReloadingTls, TlsFiles
 from chatgate_server.rpc.usage_servicer import UsageServicer
 from chatgate_server.telemetry import Providers, Telemetry, providers_from_env
+from chatgate_server.upstream.assemble import build_router, close_router
 from chatgate_server.upstream.breaker import CircuitBreaker
-from chatgate_server.upstream.openai import OpenAIUpstream
 from chatgate_server.upstream.retry import RetryPolicy
+from chatgate_server.upstream.router import Router
 from chatgate_server.usage import tokens
 from chatgate_server.usage.admission import RequestIdGuard
 from chatgate_server.usage.connect import with_connect_timeout
@@ -85,7 +87,7 @@ class App:
         self._guard: RequestIdGuard | None = None
         self._spool: Spool | None = None
         self.ledger_health: LedgerHealth | None = None
-        self._upstream: OpenAIUpstream | None = None
+        self.router: Router | None = None
         self.ledger: UsageLedger | None = None
         self._server: grpc.aio.Server | None = None
         self.edge: Edge | None = None
@@ -173,31 +175,19 @@ class App:
             tracer=self.telemetry.tracer,
         )
         self.ledger.start()
-        self._upstream = OpenAIUpstream(
-            s.openai_base_url,
-            s.openai_api_key,
-            connect_timeout=s.upstream_connect_timeout_s,
-            max_connections=s.upstream_max_connections,
-            coalesce_deltas=s.coalesce_deltas,
-        )
-        self.breaker = CircuitBreaker(
-            self._upstream.name,
-            failure_threshold=s.breaker_failure_threshold,
-            window_s=s.breaker_window_s,
-            failure_rate=s.breaker_failure_rate,
-            cooldown_s=s.breaker_cooldown_s,
-            max_cooldown_s=s.breaker_max_cooldown_s,
-        )
+        config = self._deployments()
+        self.router = build_router(config, s)
+        # With one deployment (the zero-config default), its breaker is "the" breaker.
+        self.breaker = self.router.deployments[0].breaker
         try:
             prices = load_prices(s.prices_file)
         except PriceFileError as exc:  # checked with the settings; changed since?
             await self.stop(0)
             raise StartupError(f"CHATGATE_PRICES_FILE: {exc}") from None
         self.service = service = CompletionService(
-            self._upstream,
+            self.router,
             self.ledger,
             tokens.TiktokenEstimator(),
-            breaker=self.breaker,
             retry_policy=RetryPolicy(
                 max_attempts=s.retry_max_attempts, base_s=s.retry_base_s, cap_s=s.retry_cap_s
             ),
@@ -228,7 +218,7 @@ class App:
             chat,
             edge=self.edge,
             usage=UsageServicer(
-                UsageReports(self._report_pool), page_token_key=page_token_key(s.openai_api_key.value)
+                UsageReports(self._report_pool), page_token_key=page_token_key(config.secret_material)
             ),
             reuse_port=self._reuse_port,
             reflection=s.reflection,
@@ -322,9 +312,9 @@ class App:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
-        if self._upstream is not None:
-            await _bounded("upstream client", self._upstream.aclose(), 5)
-            self._upstream = None
+        if self.router is not None:
+            await _bounded("upstream clients", close_router(self.router), 5)
+            self.router = None
         if self.callers is not None:
             await _bounded("caller table", self.callers.stop(), 5)
             self.callers = None
@@ -345,27 +335,34 @@ class App:
             await asyncio.to_thread(self._providers.shutdown)
             self._providers = None
 
+    def _deployments(self) -> DeploymentsConfig:
+        return from_settings(self.settings)
+
     @property
     def upstream_connections(self) -> int:
-        """Upstream connections open now, idle ones included."""
-        return self._upstream.open_connections if self._upstream is not None else 0
+        """Upstream connections open now, idle ones included, over every deployment."""
+        if self.router is None:
+            return 0
+        return sum(getattr(d.upstream, "open_connections", 0) for d in self.router.deployments)
 
     def _observe(self) -> None:
         """Gauges read at each metrics export."""
-        breaker, ledger, upstream = self.breaker, self.ledger, self._upstream
-        if upstream is not None:
+        ledger, router = self.ledger, self.router
+        if router is not None:
+            deployments = router.deployments
             self.telemetry.observe(
                 "chatgate.upstream.connections",
                 "{connection}",
                 "Upstream connections open, idle ones included (idle ones the server closed are reaped)",
-                lambda: [(float(upstream.open_connections), {"chatgate.upstream": upstream.name})],
+                lambda: [
+                    (float(getattr(d.upstream, "open_connections", 0)), _labels(d.name)) for d in deployments
+                ],
             )
-        if breaker is not None:
             self.telemetry.observe(
                 "chatgate.breaker.state",
                 "1",
-                "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
-                lambda: [(float(breaker.state), {"chatgate.upstream": breaker.name})],
+                "Upstream circuit breaker per deployment: 0 closed, 1 half-open, 2 open",
+                lambda: [(float(d.breaker.state), _labels(d.name)) for d in deployments],
             )
         if ledger is not None:
             self.telemetry.observe(
@@ -399,3 +396,8 @@ class App:
                 "Usage ledger: 0 writing to Postgres, 1 spooling, 2 full (calls refused)",
                 lambda: [(float(ledger.state), {})],
             )
+
+
+def _labels(deployment: str) -> dict[str, str]:
+    # chatgate.upstream kept: dashboards made for one upstream group by it.
+    return {"chatgate.deployment": deployment, "chatgate.upstream": deployment}

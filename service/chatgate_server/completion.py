@@ -47,10 +47,10 @@ from chatgate_server.errors import (
 from chatgate_server.genai_spans import AttemptTelemetry, error_type
 from chatgate_server.logs import bind_request_id
 from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
-from chatgate_server.upstream.base import Upstream, UpstreamStream
-from chatgate_server.upstream.breaker import BreakerState, CircuitBreaker, Permit
-from chatgate_server.upstream.request_body import build_body
+from chatgate_server.upstream.base import UpstreamStream
+from chatgate_server.upstream.breaker import BreakerState
 from chatgate_server.upstream.retry import RetryDecision, RetryPolicy, with_retries
+from chatgate_server.upstream.router import RoutePlan, Router, breaker_failure
 from chatgate_server.usage.ledger import Admission, UsageSink
 from chatgate_server.usage.pricing import PriceTable, default_table
 from chatgate_server.usage.tokens import TokenEstimator
@@ -92,6 +92,7 @@ class _Progress:
     t0: float
     spans: AttemptTelemetry
     attempts: int = 0
+    deployment: str | None = None  # where the latest attempt went
     started: StreamStarted | None = None
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
@@ -159,15 +160,14 @@ def _outcome_of(exc: ChatgateError, progress: _Progress) -> Outcome:
 
 
 class CompletionService:
-    """Streams completions from one upstream and bills each request exactly once."""
+    """Streams completions from the router's deployments and bills each request exactly once."""
 
     def __init__(
         self,
-        upstream: Upstream,
+        router: Router,
         ledger: UsageSink,
         estimator: TokenEstimator,
         *,
-        breaker: CircuitBreaker | None = None,
         retry_policy: RetryPolicy | None = None,
         first_byte_timeout_s: float = 30.0,
         telemetry: Telemetry = NO_TELEMETRY,
@@ -176,14 +176,14 @@ class CompletionService:
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        self._upstream = upstream
+        self._router = router
         self._admission = admission
         self._telemetry = telemetry
         self._ledger = ledger
         self._estimator = estimator
         self._prices = prices or default_table()
-        self._breaker = breaker or CircuitBreaker(upstream.name)
-        self._breaker.add_listener(_breaker_event)
+        for deployment in router.deployments:
+            deployment.breaker.add_listener(_breaker_event)
         self._retry_policy = retry_policy or RetryPolicy()
         self._first_byte_timeout_s = first_byte_timeout_s
         self._clock = clock
@@ -215,38 +215,28 @@ class CompletionService:
         progress = _Progress(
             started_at=datetime.now(UTC),
             t0=self._clock(),
-            spans=AttemptTelemetry(self._telemetry, request, self._upstream),
+            spans=AttemptTelemetry(self._telemetry, request),
         )
         outcome = Outcome.INTERNAL_ERROR
         status = "INTERNAL"
-        permit: Permit | None = None
         self._calls.add(progress)
         try:
             if self._draining:
                 raise ShuttingDown("chatgate is shutting down; retry on another replica")
-            trace.get_current_span().set_attribute("chatgate.breaker.state", self._breaker.state.name.lower())
-            permit = self._breaker.acquire()
             outcome = await self._relay(request, deadline, send, progress)
             status = "OK"
-            permit.success()
         except asyncio.CancelledError:
             # The caller left — or its own deadline ran out and gRPC cancelled us.
             outcome = Outcome.DEADLINE_EXCEEDED if deadline.expired else Outcome.CANCELLED
             status = "DEADLINE_EXCEEDED" if deadline.expired else "CANCELLED"
-            if permit is not None:
-                permit.release()  # says nothing about the upstream's health
             raise
         except ChatgateError as exc:
             outcome = _outcome_of(exc, progress)
             status = exc.status_name
-            if permit is not None:
-                self._judge(permit, exc, progress)
             if progress.started is not None:
                 await self._send_final(send, self._finished(request, progress, outcome))
             raise
         finally:
-            if permit is not None:
-                permit.release()  # a no-op when reported above; else a bug ended the call
             record = self._record(request, progress, outcome, status, trace_id, span_id)
             self._ledger.submit(record)
             access_log(record)
@@ -310,21 +300,32 @@ class CompletionService:
             await self._idle.wait()
         return None
 
-    @staticmethod
-    def _judge(permit: Permit, exc: ChatgateError, progress: _Progress) -> None:
-        """Tell the breaker what a failed call says about the upstream (upstream/breaker.py
-        says why a stream that failed after delivering content does not count)."""
-        if isinstance(exc, UpstreamError) and exc.breaker_failure and progress.first_token_at is None:
-            permit.failure()
-        elif isinstance(exc, DeadlineExceeded) and progress.started is None:
-            permit.failure()  # the upstream never answered in time
-        else:
-            permit.release()  # caller mistakes, our key, a slow but flowing stream
-
     async def _relay(
         self, request: CompletionRequest, deadline: Deadline, send: Send, progress: _Progress
     ) -> Outcome:
-        body = build_body(request)
+        """Route the call and stream it; then tell the breaker of the deployment that
+        served it what the call said about its health."""
+        plan = self._router.plan(request.model)
+        trace.get_current_span().set_attribute("chatgate.breaker.state", plan.breaker_state.name.lower())
+        try:
+            outcome = await self._stream(request, plan, deadline, send, progress)
+        except ChatgateError as exc:
+            # Caller mistakes, our key, a slow but flowing stream: not the upstream's health.
+            plan.judged(
+                breaker_failure(
+                    exc, started=progress.started is not None, first_token=progress.first_token_at is not None
+                )
+            )
+            raise
+        except BaseException:
+            plan.release()  # cancelled (or a bug): says nothing about the upstream's health
+            raise
+        plan.succeeded()
+        return outcome
+
+    async def _stream(
+        self, request: CompletionRequest, plan: RoutePlan, deadline: Deadline, send: Send, progress: _Progress
+    ) -> Outcome:
         opened: _Opened | None = None
         error: BaseException | None = None
         try:
@@ -334,11 +335,12 @@ class CompletionService:
                     scope.reschedule(asyncio.get_running_loop().time())
                 # Retried only up to the first event: nothing has reached the caller yet.
                 opened = await with_retries(
-                    lambda: self._attempt(request, body, deadline, progress),
+                    lambda: self._attempt(request, plan, deadline, progress),
                     self._retry_policy,
                     deadline,
                     rng=self._rng,
                     on_retry=self._on_retry,
+                    failover=plan.would_move,
                 )
                 await self._handle(opened.first, request, send, progress)
                 relayed = progress.relayed
@@ -368,18 +370,24 @@ class CompletionService:
         return Outcome.COMPLETED
 
     async def _attempt(
-        self, request: CompletionRequest, body: bytes, deadline: Deadline, progress: _Progress
+        self, request: CompletionRequest, plan: RoutePlan, deadline: Deadline, progress: _Progress
     ) -> _Opened:
-        """One upstream attempt: open the stream and read its first event."""
+        """One upstream attempt on the deployment the plan picks: open the stream and read
+        its first event."""
+        leg = plan.next()  # BreakerOpen when every deployment's breaker refuses
+        deployment = leg.deployment
         progress.attempts += 1
+        progress.deployment = deployment.name
+        trace.get_current_span().set_attribute("chatgate.deployment", deployment.name)
+        asked = leg.request(request)
         stream: UpstreamStream | None = None
         events: AsyncIterator[UpstreamEvent] | None = None
-        span, span_started = progress.spans.start(request.model)
+        span, span_started = progress.spans.start(asked.model, deployment)
         try:
             # Response headers and the first event must come within the first-byte
             # timeout; a hung attempt then becomes a retry instead of eating the deadline.
             async with asyncio.timeout(min(self._first_byte_timeout_s, deadline.remaining())):
-                stream = await self._upstream.open(request, body, deadline)
+                stream = await deployment.upstream.open(asked, deadline)
                 events = stream.events()
                 first = await anext(events)
             first_at = time.monotonic()
@@ -390,6 +398,7 @@ class CompletionService:
                 error = UpstreamProtocolError("the upstream stream ended before its first chunk")
             elif isinstance(exc, TimeoutError) and not deadline.expired:
                 error = UpstreamError("the upstream did not start answering in time")
+            plan.failed(error)  # judged against this deployment if the call moves on
             if isinstance(error, asyncio.CancelledError):
                 span.set_attribute("chatgate.cancelled", True)
                 span.end()
