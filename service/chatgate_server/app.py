@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
-from chatgate_server.config import Settings
+from chatgate_server.config import ConfigError, Settings
 from chatgate_server.deployments import DeploymentsConfig, from_settings
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
@@ -175,7 +175,11 @@ class App:
             tracer=self.telemetry.tracer,
         )
         self.ledger.start()
-        config = self._deployments()
+        try:
+            config = from_settings(s)  # checked with the settings; changed since?
+        except ConfigError as exc:
+            await self.stop(0)
+            raise StartupError(str(exc)) from None
         self.router = build_router(config, s)
         # With one deployment (the zero-config default), its breaker is "the" breaker.
         self.breaker = self.router.deployments[0].breaker
@@ -240,7 +244,7 @@ class App:
             self.port,
             "mTLS" if s.tls_client_ca_file else "TLS" if s.tls else "plaintext",
             s.auth,
-            s.openai_base_url,
+            _describe(config),
         )
         return self.port
 
@@ -335,9 +339,6 @@ class App:
             await asyncio.to_thread(self._providers.shutdown)
             self._providers = None
 
-    def _deployments(self) -> DeploymentsConfig:
-        return from_settings(self.settings)
-
     @property
     def upstream_connections(self) -> int:
         """Upstream connections open now, idle ones included, over every deployment."""
@@ -401,3 +402,11 @@ class App:
 def _labels(deployment: str) -> dict[str, str]:
     # chatgate.upstream kept: dashboards made for one upstream group by it.
     return {"chatgate.deployment": deployment, "chatgate.upstream": deployment}
+
+
+def _describe(config: DeploymentsConfig) -> str:
+    """The deployments for the start-up line: names and URLs, never keys."""
+    if config.source == "environment":
+        return config.deployments[0].base_url
+    listed = ", ".join(f"{d.name} ({d.kind} {d.base_url})" for d in config.deployments)
+    return f"deployments from {config.source}: {listed}"

@@ -12,7 +12,7 @@ from chatgate_server.domain import ChatMessage, CompletionRequest
 from chatgate_server.errors import (
     BreakerOpen,
     InvalidRequest,
-    Overloaded,
+    TooManyStreams,
     UpstreamCredentialsError,
     UpstreamError,
     UpstreamRejected,
@@ -125,7 +125,7 @@ def test_a_deployment_at_its_stream_limit_is_passed_over() -> None:
     held = router.plan("m")
     assert held.next().deployment is a
     assert router.plan("m").next().deployment is b
-    with pytest.raises(Overloaded):
+    with pytest.raises(TooManyStreams):
         router.plan("m").next()
     held.succeeded()
     assert a.in_flight == 0 and router.plan("m").next().deployment is a

@@ -33,7 +33,7 @@ from chatgate_server.errors import (
     DeadlineExceeded,
     FieldViolation,
     InvalidRequest,
-    Overloaded,
+    TooManyStreams,
     UpstreamError,
 )
 from chatgate_server.upstream.breaker import BreakerState, Permit
@@ -157,7 +157,7 @@ class RoutePlan:
     def next(self) -> Leg:
         """The leg for the next attempt, holding a permit of its deployment.
 
-        BreakerOpen when every candidate's breaker refuses; Overloaded when the rest
+        BreakerOpen when every candidate's breaker refuses; TooManyStreams when the rest
         are at their stream limit."""
         current = self._current
         refused: list[BreakerOpen] = []
@@ -181,7 +181,7 @@ class RoutePlan:
             deployment.in_flight += 1
             return self._again(leg, index)
         if full:
-            raise Overloaded("every deployment serving this model is at its stream limit")
+            raise TooManyStreams("every deployment serving this model is at its stream limit")
         soonest = min((e.retry_after for e in refused if e.retry_after is not None), default=None)
         raise BreakerOpen(
             "every deployment serving this model is failing; calls are paused", retry_after=soonest

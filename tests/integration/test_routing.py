@@ -1,0 +1,274 @@
+"""Several deployments behind one chatgate: failover, breakers, weights, keys, the deadline.
+
+Each deployment is its own simulator (or a recording server where the test must see
+the key or the URL). A deployment's model map carries the simulator scenario, so one
+caller-facing model can fail on one deployment and succeed on another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from chatgate.v1 import chat_pb2_grpc
+from chatgate_server.app import App, StartupError
+from chatgate_server.simulator import Simulator
+from chatgate_server.telemetry import NO_TELEMETRY
+from tests.integration.conftest import TEST_API_KEY, make_settings
+from tests.integration.recording_upstream import RecordingUpstream
+from tests.integration.test_faults import FAST_RETRIES, call
+
+Sims = Callable[[int], Awaitable[list[Simulator]]]
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[Sims]:
+    started: list[Simulator] = []
+
+    async def start(n: int) -> list[Simulator]:
+        for _ in range(n):
+            sim = Simulator()
+            await sim.start(host="127.0.0.1", port=0)
+            started.append(sim)
+        return started[-n:]
+
+    try:
+        yield start
+    finally:
+        for sim in started:
+            await sim.stop()
+
+
+def key_file(value: str) -> str:
+    path = Path(tempfile.mkdtemp(prefix="chatgate-key-")) / "key"
+    path.write_text(value + "\n")
+    return str(path)
+
+
+def deployment(name: str, base_url: str, models: dict[str, str], **extra: Any) -> str:
+    lines = [
+        "[[deployments]]",
+        f'name = "{name}"',
+        f'kind = "{extra.pop("kind", "openai")}"',
+        f'{"resource" if "api_version" in extra else "base_url"} = "{base_url}"',
+        f'key_file = "{extra.pop("key_file", key_file(TEST_API_KEY))}"',
+        "models = { " + ", ".join(f'"{m}" = "{u}"' for m, u in models.items()) + " }",
+    ]
+    lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def route(name: str, *deployments: str, strategy: str = "ordered") -> str:
+    listed = ", ".join(f'"{d}"' for d in deployments)
+    return (
+        f'[[routes]]\nname = "{name}"\nmodel = "{name}"\ndeployments = [{listed}]\nstrategy = "{strategy}"\n'
+    )
+
+
+StartRouted = Callable[..., Awaitable[tuple[App, Any]]]
+
+
+@pytest.fixture
+async def start_routed(migrated_database_url: str) -> AsyncIterator[StartRouted]:
+    """chatgate with a chatgate.toml made of ``parts``; returns the app and a stub."""
+    running: list[tuple[App, grpc.aio.Channel]] = []
+
+    async def start(*parts: str, **overrides: Any) -> tuple[App, Any]:
+        path = Path(tempfile.mkdtemp(prefix="chatgate-config-")) / "chatgate.toml"
+        path.write_text("\n".join(parts))
+        settings = make_settings(
+            migrated_database_url, "http://127.0.0.1:9/v1", config_file=path, **{**FAST_RETRIES, **overrides}
+        )
+        app = App(settings, telemetry=NO_TELEMETRY)
+        await app.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        running.append((app, channel))
+        return app, chat_pb2_grpc.ChatServiceStub(channel)
+
+    try:
+        yield start
+    finally:
+        for app, channel in running:
+            await channel.close()
+            await app.stop(0)
+
+
+M = "gpt-4o-mini"
+
+
+async def test_a_5xx_moves_the_call_to_the_next_deployment(sims: Sims, start_routed: StartRouted) -> None:
+    a, b = await sims(2)
+    _, stub = await start_routed(
+        deployment("a", a.base_url, {"m": f"{M}::status=503"}),
+        deployment("b", b.base_url, {"m": M}),
+        route("m", "a", "b"),
+    )
+    result = await call(stub, "m")
+    assert result.code == grpc.StatusCode.OK and result.text
+    assert (len(a.requests), len(b.requests)) == (1, 1)
+    sent = [s.requests[0].headers["x-client-request-id"] for s in (a, b)]
+    assert sent[0] == sent[1]  # the same call, moved on
+
+
+async def test_a_429_moves_on_at_once_without_waiting_its_retry_after(
+    sims: Sims, start_routed: StartRouted
+) -> None:
+    a, b = await sims(2)
+    _, stub = await start_routed(
+        deployment("a", a.base_url, {"m": f"{M}::rate_limit,retry_after_ms=5000"}),
+        deployment("b", b.base_url, {"m": M}),
+        route("m", "a", "b"),
+    )
+    result = await call(stub, "m")
+    assert result.code == grpc.StatusCode.OK
+    assert result.elapsed < 3.0  # not the 5 s the first deployment asked for
+    assert (len(a.requests), len(b.requests)) == (1, 1)
+
+
+async def test_an_open_breaker_sends_calls_straight_to_the_next_deployment(
+    sims: Sims, start_routed: StartRouted
+) -> None:
+    a, b = await sims(2)
+    _, stub = await start_routed(
+        deployment("a", a.base_url, {"m": f"{M}::status=500"}),
+        deployment("b", b.base_url, {"m": M}),
+        route("m", "a", "b"),
+        breaker_failure_threshold=1,
+        breaker_cooldown_s=30,
+    )
+    assert (await call(stub, "m")).code == grpc.StatusCode.OK  # a fails (its breaker opens), b serves
+    for _ in range(3):
+        assert (await call(stub, "m")).code == grpc.StatusCode.OK
+    assert (len(a.requests), len(b.requests)) == (1, 4)
+
+
+async def test_every_breaker_open_is_unavailable_with_the_earliest_reopen(
+    sims: Sims, start_routed: StartRouted
+) -> None:
+    a, b = await sims(2)
+    _, stub = await start_routed(
+        deployment("a", a.base_url, {"m": f"{M}::status=500"}),
+        deployment("b", b.base_url, {"m": f"{M}::status=500"}),
+        route("m", "a", "b"),
+        breaker_failure_threshold=1,
+        breaker_cooldown_s=20,
+        retry_max_attempts=2,
+    )
+    assert (await call(stub, "m")).reason == "UPSTREAM_UNAVAILABLE"
+    refused = await call(stub, "m")
+    assert refused.code == grpc.StatusCode.UNAVAILABLE and refused.reason == "UPSTREAM_CIRCUIT_OPEN"
+    assert refused.retry_after is not None and 15 < refused.retry_after <= 20
+    assert (len(a.requests), len(b.requests)) == (1, 1)
+
+
+async def test_no_failover_after_the_first_event(sims: Sims, start_routed: StartRouted) -> None:
+    a, b = await sims(2)
+    _, stub = await start_routed(
+        deployment("a", a.base_url, {"m": f"{M}::chunks=6,disconnect_after=2"}),
+        deployment("b", b.base_url, {"m": M}),
+        route("m", "a", "b"),
+    )
+    result = await call(stub, "m")
+    assert result.code == grpc.StatusCode.UNAVAILABLE
+    assert result.text  # the caller got content from a: never replayed elsewhere
+    assert len(b.requests) == 0
+
+
+async def test_one_budget_bounds_retries_and_failovers_over_three_deployments(
+    sims: Sims, start_routed: StartRouted
+) -> None:
+    a, b, c = await sims(3)
+    parts = (
+        deployment("a", a.base_url, {"m": f"{M}::status=500"}),
+        deployment("b", b.base_url, {"m": f"{M}::status=502"}),
+        deployment("c", c.base_url, {"m": M}),
+        route("m", "a", "b", "c"),
+    )
+    _, stub = await start_routed(*parts, retry_max_attempts=3)
+    assert (await call(stub, "m")).code == grpc.StatusCode.OK
+    assert [len(s.requests) for s in (a, b, c)] == [1, 1, 1]
+
+    _, stub = await start_routed(*parts, retry_max_attempts=2)
+    assert (await call(stub, "m")).code == grpc.StatusCode.UNAVAILABLE  # c is never reached
+    assert [len(s.requests) for s in (a, b, c)] == [2, 2, 1]
+
+
+async def test_the_deadline_bounds_the_whole_chain(sims: Sims, start_routed: StartRouted) -> None:
+    a, b = await sims(2)
+    _, stub = await start_routed(
+        deployment("a", a.base_url, {"m": f"{M}::hang"}),
+        deployment("b", b.base_url, {"m": f"{M}::hang"}),
+        route("m", "a", "b"),
+        retry_max_attempts=20,
+        upstream_first_byte_timeout_s=0.3,
+        deadline_cap_s=1.0,
+    )
+    result = await call(stub, "m")
+    assert result.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert result.elapsed < 2.0
+    assert len(a.requests) >= 1 and len(b.requests) >= 1
+
+
+async def test_weights_share_the_calls(sims: Sims, start_routed: StartRouted) -> None:
+    a, b = await sims(2)
+    _, stub = await start_routed(
+        deployment("a", a.base_url, {"m": f"{M}::chunks=1"}, weight=3),
+        deployment("b", b.base_url, {"m": f"{M}::chunks=1"}, weight=1),
+        route("m", "a", "b", strategy="weighted"),
+    )
+    results = await asyncio.gather(*(call(stub, "m") for _ in range(200)))
+    assert all(r.code == grpc.StatusCode.OK for r in results)
+    share = len(a.requests) / 200
+    assert 0.62 <= share <= 0.88, share  # 0.75 expected; 200 draws stay within ±0.13 but 1 in 10^4
+
+
+async def test_each_deployment_gets_its_own_key_and_azure_its_url_and_header(
+    start_routed: StartRouted,
+) -> None:
+    servers = [RecordingUpstream() for _ in range(2)]
+    for server in servers:
+        await server.start()
+    openai, azure = servers
+    try:
+        _, stub = await start_routed(
+            deployment("openai", f"{openai.root_url}/v1", {"m": M}, key_file=key_file("sk-openai-ONE")),
+            deployment(
+                "azure",
+                azure.root_url,
+                {"m": "my-mini"},
+                kind="azure",
+                api_version="2024-10-21",
+                key_file=key_file("azure-key-TWO"),
+            ),
+            route("m", "openai", "azure"),
+            '[[routes]]\nname = "az"\nmodel = "m"\ndeployments = ["azure"]\n',
+        )
+        assert (await call(stub, "m")).code == grpc.StatusCode.OK
+        assert (await call(stub, "az")).code == grpc.StatusCode.OK
+    finally:
+        for server in servers:
+            await server.stop()
+    [to_openai] = openai.seen
+    assert to_openai.target == "/v1/chat/completions"
+    assert to_openai.headers["authorization"] == "Bearer sk-openai-ONE" and "api-key" not in to_openai.headers
+    [to_azure] = azure.seen
+    assert to_azure.target == "/openai/deployments/my-mini/chat/completions?api-version=2024-10-21"
+    assert to_azure.headers["api-key"] == "azure-key-TWO" and "authorization" not in to_azure.headers
+
+
+async def test_a_bad_config_file_stops_start_up_with_one_line(migrated_database_url: str) -> None:
+    path = Path(tempfile.mkdtemp(prefix="chatgate-config-")) / "chatgate.toml"
+    path.write_text('[[deployments]]\nname = "a"\nkind = "openai"\nkey_file = "/nonexistent/key"\n')
+    settings = make_settings(migrated_database_url, "http://127.0.0.1:9/v1", config_file=path)
+    app = App(settings, telemetry=NO_TELEMETRY)
+    with pytest.raises(StartupError) as refused:
+        await app.start()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert str(path) in message and "deployments[0] (a).key_file" in message
