@@ -78,6 +78,8 @@ class StreamFinished:
     finish_reason: FinishReason | None
     usage: TokenUsage
     cost: Cost
+    deployment: str | None = None
+    """The deployment (chatgate.toml) that served the stream."""
 
 
 OutboundEvent = StreamStarted | ContentDelta | RefusalDelta | ToolCallDelta | StreamFinished
@@ -476,7 +478,8 @@ class CompletionService:
 
     def _finished(self, request: CompletionRequest, progress: _Progress, outcome: Outcome) -> StreamFinished:
         usage = self._usage(request, progress)
-        return StreamFinished(outcome, progress.finish_reason, usage, self._cost(request, progress, outcome))
+        cost = self._cost(request, progress, outcome)
+        return StreamFinished(outcome, progress.finish_reason, usage, cost, progress.deployment)
 
     def _cost(self, request: CompletionRequest, progress: _Progress, outcome: Outcome) -> Cost:
         """Priced from the resolved model; nothing for a call the upstream refused or
@@ -510,6 +513,7 @@ class CompletionService:
             tenant=request.caller.tenant,
             caller_service=request.caller.service,
             credential_id=request.caller.credential_id or None,
+            deployment=progress.deployment,
             user_id=request.user_id,
             requested_model=request.model,
             resolved_model=started.model if started else None,

@@ -8,21 +8,30 @@ caller-facing model can fail on one deployment and succeed on another.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import os
+import subprocess
+import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 
+from chatgate.v1 import chat_pb2 as pb
 from chatgate.v1 import chat_pb2_grpc
 from chatgate_server.app import App, StartupError
 from chatgate_server.simulator import Simulator
-from chatgate_server.telemetry import NO_TELEMETRY
+from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
 from tests.integration.conftest import TEST_API_KEY, make_settings
 from tests.integration.recording_upstream import RecordingUpstream
 from tests.integration.test_faults import FAST_RETRIES, call
+from tests.integration.test_tracing import Captured
 
 Sims = Callable[[int], Awaitable[list[Simulator]]]
 
@@ -79,13 +88,13 @@ async def start_routed(migrated_database_url: str) -> AsyncIterator[StartRouted]
     """chatgate with a chatgate.toml made of ``parts``; returns the app and a stub."""
     running: list[tuple[App, grpc.aio.Channel]] = []
 
-    async def start(*parts: str, **overrides: Any) -> tuple[App, Any]:
+    async def start(*parts: str, telemetry: Telemetry = NO_TELEMETRY, **overrides: Any) -> tuple[App, Any]:
         path = Path(tempfile.mkdtemp(prefix="chatgate-config-")) / "chatgate.toml"
         path.write_text("\n".join(parts))
         settings = make_settings(
             migrated_database_url, "http://127.0.0.1:9/v1", config_file=path, **{**FAST_RETRIES, **overrides}
         )
-        app = App(settings, telemetry=NO_TELEMETRY)
+        app = App(settings, telemetry=telemetry)
         await app.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
         running.append((app, channel))
@@ -272,3 +281,73 @@ async def test_a_bad_config_file_stops_start_up_with_one_line(migrated_database_
     message = str(refused.value)
     assert "\n" not in message
     assert str(path) in message and "deployments[0] (a).key_file" in message
+
+
+async def test_the_final_event_the_row_and_the_report_name_the_deployment(
+    sims: Sims,
+    start_routed: StartRouted,
+    db: psycopg.Connection[tuple[object, ...]],
+    migrated_database_url: str,
+) -> None:
+    a, b = await sims(2)
+    _, stub = await start_routed(
+        deployment("east", a.base_url, {"m": f"{M}::status=500", "solo": M}),
+        deployment("west", b.base_url, {"m": M}),
+        route("m", "east", "west"),
+    )
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    finals = []
+    for model in ("m", "m", "solo"):
+        request = pb.CompleteRequest(
+            model=model, user_id=user, messages=[pb.Message(role=pb.ROLE_USER, text="hi")]
+        )
+        events = [e async for e in stub.Complete(request, timeout=10)]
+        finals.append(events[-1].finished.deployment)
+    assert finals == ["west", "west", "east"]
+
+    def rows() -> list[tuple[object, ...]]:
+        return db.execute(
+            "SELECT requested_model, deployment, attempts FROM usage_records"
+            " WHERE user_id = %s ORDER BY started_at",
+            [user],
+        ).fetchall()
+
+    for _ in range(100):
+        if len(rows()) == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert rows() == [("m", "west", 2), ("m", "west", 2), ("solo", "east", 1)]
+
+    command = ["usage", "--since", "1h", "--user", user, "--by", "deployment", "--format", "csv"]
+    report = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "chatgate_server", *command],
+        env={**os.environ, "DATABASE_URL": migrated_database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert report.returncode == 0, report.stderr
+    got = {row["deployment"]: int(row["requests"]) for row in csv.DictReader(io.StringIO(report.stdout))}
+    assert got == {"west": 2, "east": 1}
+
+
+async def test_spans_and_metrics_name_each_attempts_deployment(sims: Sims, start_routed: StartRouted) -> None:
+    a, b = await sims(2)
+    captured = Captured()
+    _, stub = await start_routed(
+        deployment("east", a.base_url, {"m": f"{M}::status=500"}),
+        deployment("west", b.base_url, {"m": M}),
+        route("m", "east", "west"),
+        telemetry=captured.telemetry,
+    )
+    assert (await call(stub, "m")).code == grpc.StatusCode.OK
+    first, second = captured.attempt_spans()
+    assert [(s.attributes or {}).get("chatgate.deployment") for s in (first, second)] == ["east", "west"]
+    assert (second.attributes or {})["server.address"] == "127.0.0.1"
+    assert (second.attributes or {})["server.port"] == b.port
+    assert (captured.server_span().attributes or {})["chatgate.deployment"] == "west"
+    durations = captured.metric_points("gen_ai.client.operation.duration")
+    assert {p.attributes.get("chatgate.deployment") for p in durations} == {"east", "west"}
+    states = captured.metric_points("chatgate.breaker.state")
+    assert {p.attributes["chatgate.deployment"] for p in states} == {"east", "west"}

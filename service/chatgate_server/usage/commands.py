@@ -61,7 +61,8 @@ def add_usage_commands(sub: Any) -> None:
     report.add_argument(
         "--by",
         default="",
-        help="comma-separated groupings: tenant, user, model, day, tag:<key> (e.g. --by user,model)",
+        help="comma-separated groupings: tenant, user, model, day, deployment, tag:<key> "
+        "(e.g. --by user,model)",
     )
     report.add_argument("--tenant", help="only this tenant")
     report.add_argument("--user", action="append", default=[], help="only this user (repeatable)")
@@ -175,7 +176,9 @@ def parse_by(text: str) -> tuple[tuple[Dimension, ...], str | None]:
         try:
             dim = Dimension(name)
         except ValueError:
-            raise ValueError(f"--by {part!r}: use tenant, user, model, day or tag:<key>") from None
+            raise ValueError(
+                f"--by {part!r}: use tenant, user, model, day, deployment or tag:<key>"
+            ) from None
         if dim is Dimension.TAG:
             if not key:
                 raise ValueError("--by tag needs a key: tag:<key>")
