@@ -140,3 +140,17 @@ def test_config_check_prints_the_routes_and_never_a_key(
     monkeypatch.delenv("AZURE_KEY")
     assert main(["config", "check", str(path)]) == 2
     assert "AZURE_KEY is not set" in capsys.readouterr().err
+
+
+def test_the_readmes_worked_example_loads(tmp_path: Path) -> None:
+    from tests.conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    start = readme.index("```toml\n# chatgate.toml") + len("```toml\n")
+    example = readme[start : readme.index("```", start)]
+    config = load_config(write(tmp_path, example), {"OPENAI_API_KEY": "sk-x", "AZURE_EAST_KEY": "az-y"})
+    assert [d.name for d in config.deployments] == ["openai-main", "azure-east", "local-vllm"]
+    assert [(r.name, r.model, r.weighted) for r in config.routes] == [
+        ("fast", "gpt-4o-mini", False),
+        ("gpt-4o", "gpt-4o", True),
+    ]
