@@ -66,9 +66,14 @@ def deployment(name: str, base_url: str, models: dict[str, str], **extra: Any) -
         f'name = "{name}"',
         f'kind = "{extra.pop("kind", "openai")}"',
         f'{"resource" if "api_version" in extra else "base_url"} = "{base_url}"',
-        f'key_file = "{extra.pop("key_file", key_file(TEST_API_KEY))}"',
+        *(
+            []
+            if extra.get("key_file", "") is None
+            else [f'key_file = "{extra.get("key_file") or key_file(TEST_API_KEY)}"']
+        ),
         "models = { " + ", ".join(f'"{m}" = "{u}"' for m, u in models.items()) + " }",
     ]
+    extra.pop("key_file", None)
     lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in extra.items()]
     return "\n".join(lines) + "\n"
 
@@ -351,3 +356,26 @@ async def test_spans_and_metrics_name_each_attempts_deployment(sims: Sims, start
     assert {p.attributes.get("chatgate.deployment") for p in durations} == {"east", "west"}
     states = captured.metric_points("chatgate.breaker.state")
     assert {p.attributes["chatgate.deployment"] for p in states} == {"east", "west"}
+
+
+async def test_azure_v1_form_and_a_compatible_server_without_a_key(start_routed: StartRouted) -> None:
+    servers = [RecordingUpstream() for _ in range(2)]
+    for server in servers:
+        await server.start()
+    azure, local = servers
+    try:
+        _, stub = await start_routed(
+            deployment("azure", azure.root_url, {"m": "gpt-4o-mini"}, kind="azure", api_version="v1"),
+            deployment("local", f"{local.root_url}/v1", {"l": "llama"}, kind="compatible", key_file=None),
+        )
+        assert (await call(stub, "m")).code == grpc.StatusCode.OK
+        assert (await call(stub, "l")).code == grpc.StatusCode.OK
+    finally:
+        for server in servers:
+            await server.stop()
+    [to_azure] = azure.seen
+    assert to_azure.target == "/openai/v1/chat/completions" and to_azure.body["model"] == "gpt-4o-mini"
+    assert to_azure.headers["api-key"] == TEST_API_KEY
+    [to_local] = local.seen
+    assert to_local.target == "/v1/chat/completions" and to_local.body["model"] == "llama"
+    assert "authorization" not in to_local.headers and "api-key" not in to_local.headers
