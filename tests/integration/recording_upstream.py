@@ -37,6 +37,8 @@ def _stream(model: str) -> bytes:
 class RecordingUpstream:
     def __init__(self) -> None:
         self.seen: list[Seen] = []
+        # Extra response headers, e.g. x-ratelimit-remaining-requests (tests change them).
+        self.headers: dict[str, str] = {}
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -67,8 +69,10 @@ class RecordingUpstream:
                 body = orjson.loads(await reader.readexactly(int(headers.get("content-length", "0"))))
                 self.seen.append(Seen(method, target, headers, body))
                 payload = _stream(str(body.get("model") or "azure-model"))
+                extra = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items()).encode()
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    + extra
                     + f"content-length: {len(payload)}\r\n\r\n".encode()
                     + payload
                 )

@@ -379,3 +379,40 @@ async def test_azure_v1_form_and_a_compatible_server_without_a_key(start_routed:
     [to_local] = local.seen
     assert to_local.target == "/v1/chat/completions" and to_local.body["model"] == "llama"
     assert "authorization" not in to_local.headers and "api-key" not in to_local.headers
+
+
+async def test_calls_steer_away_from_a_deployment_as_its_headroom_falls(start_routed: StartRouted) -> None:
+    servers = [RecordingUpstream() for _ in range(2)]
+    for server in servers:
+        await server.start()
+    a, b = servers
+    try:
+        _, stub = await start_routed(
+            deployment("a", f"{a.root_url}/v1", {"m": M}),
+            deployment("b", f"{b.root_url}/v1", {"m": M}),
+            route("m", "a", "b"),
+        )
+        a.headers = {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "50"}
+        for _ in range(3):
+            assert (await call(stub, "m")).code == grpc.StatusCode.OK
+        assert (len(a.seen), len(b.seen)) == (3, 0)  # half left: a stays first
+        a.headers = {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "2"}
+        assert (await call(stub, "m")).code == grpc.StatusCode.OK  # a answers, and says it is nearly out
+        for _ in range(3):
+            assert (await call(stub, "m")).code == grpc.StatusCode.OK
+        assert (len(a.seen), len(b.seen)) == (4, 3)  # steered to b before a ever said 429
+    finally:
+        for server in servers:
+            await server.stop()
+
+
+async def test_a_429_cools_its_deployment_down(sims: Sims, start_routed: StartRouted) -> None:
+    a, b = await sims(2)
+    _, stub = await start_routed(
+        deployment("a", a.base_url, {"m": f"{M}::rate_limit,retry_after_ms=3000"}),
+        deployment("b", b.base_url, {"m": M}),
+        route("m", "a", "b"),
+    )
+    for _ in range(4):
+        assert (await call(stub, "m")).code == grpc.StatusCode.OK
+    assert (len(a.requests), len(b.requests)) == (1, 4)  # a is left alone while it cools down

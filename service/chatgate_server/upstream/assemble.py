@@ -9,7 +9,6 @@ from __future__ import annotations
 from chatgate_server.config import Settings
 from chatgate_server.deployments import DeploymentsConfig, DeploymentSpec
 from chatgate_server.upstream.azure import AzureOpenAIUpstream
-from chatgate_server.upstream.base import Upstream
 from chatgate_server.upstream.breaker import CircuitBreaker
 from chatgate_server.upstream.deployment import Deployment
 from chatgate_server.upstream.openai import OpenAIUpstream
@@ -38,9 +37,11 @@ async def close_router(router: Router) -> None:
 
 
 def _deployment(spec: DeploymentSpec, s: Settings) -> Deployment:
+    upstream = _adapter(spec, s)
     return Deployment(
         name=spec.name,
-        upstream=_adapter(spec, s),
+        upstream=upstream,
+        headroom=upstream.headroom,
         breaker=CircuitBreaker(
             spec.name,
             failure_threshold=s.breaker_failure_threshold,
@@ -55,7 +56,7 @@ def _deployment(spec: DeploymentSpec, s: Settings) -> Deployment:
     )
 
 
-def _adapter(spec: DeploymentSpec, s: Settings) -> Upstream:
+def _adapter(spec: DeploymentSpec, s: Settings) -> OpenAIUpstream:
     max_connections = spec.max_connections or s.upstream_max_connections
     if spec.kind == "azure":
         assert spec.api_key is not None and spec.api_version is not None  # checked on load

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from chatgate_server.domain import CompletionRequest
 from chatgate_server.upstream.base import Upstream
 from chatgate_server.upstream.breaker import CircuitBreaker
+from chatgate_server.upstream.headroom import Headroom
 
 # In a deployment's model map: serve any model under the name the caller used.
 ANY_MODEL = "*"
@@ -36,6 +37,8 @@ class Deployment:
     """Attempts this deployment may run at once; beyond it the router looks elsewhere."""
     in_flight: int = 0
     """Attempts running here now (counted by the router)."""
+    headroom: Headroom = field(default_factory=Headroom)
+    """Rate limit left, as the adapter read it from the upstream's responses."""
 
     def serves(self, model: str) -> bool:
         return model in self.models or ANY_MODEL in self.models
@@ -49,6 +52,11 @@ class Deployment:
         """``request`` as this deployment is asked it: its own name for the model."""
         name = self.upstream_model(model)
         return request if name == request.model else replace(request, model=name)
+
+    @property
+    def room(self) -> float:
+        """Headroom from 0 to 1, the attempts running here taken off what is left."""
+        return self.headroom.fraction(self.in_flight)
 
     @property
     def full(self) -> bool:

@@ -29,6 +29,7 @@ from chatgate_server.errors import UpstreamError, UpstreamProtocolError
 from chatgate_server.upstream.chunks import ChunkDecoder
 from chatgate_server.upstream.classify import classify_http_error
 from chatgate_server.upstream.coalesce import coalesce
+from chatgate_server.upstream.headroom import Headroom
 from chatgate_server.upstream.request_body import build_body
 from chatgate_server.upstream.sse import SSEDecoder
 from chatgate_server.upstream.transport import upstream_pool
@@ -86,6 +87,8 @@ class OpenAIUpstream:
             (b"accept", b"text/event-stream"),
         ]
         self._pool = upstream_pool(max_connections=max_connections, keepalive_expiry=30.0)
+        self.headroom = Headroom()
+        """This deployment's rate-limit headroom, from the headers of its responses."""
 
     @property
     def name(self) -> str:
@@ -130,6 +133,7 @@ class OpenAIUpstream:
             response = await self._pool.handle_async_request(http_request)
         except _TRANSPORT_ERRORS as exc:
             raise _translate(exc) from None
+        self.headroom.observe(response.headers, response.status)
         if response.status != 200:
             try:
                 await _raise_for_error(response)

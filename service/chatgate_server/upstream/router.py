@@ -39,6 +39,9 @@ from chatgate_server.errors import (
 from chatgate_server.upstream.breaker import BreakerState, Permit
 from chatgate_server.upstream.deployment import Deployment
 
+# Below this share of its rate limit left, a deployment is tried after the others.
+LOW_HEADROOM = 0.05
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -108,25 +111,38 @@ class Router:
         route = self.routes.get(model)
         if route is None:
             serving = [d for d in self.deployments if d.serves(model)]
-            return [Candidate(d, model) for d in self._weighted(serving)]
-        ordered = self._weighted(route.deployments) if route.weighted else list(route.deployments)
+            return [Candidate(d, model) for d in self._steered(serving, weighted=True)]
+        ordered = self._steered(route.deployments, weighted=route.weighted)
         out = [Candidate(d, route.model) for d in ordered]
         if route.fallback is not None and route.fallback not in seen:
             out += self._candidates(route.fallback, seen)
         return out
 
-    def _weighted(self, deployments: Sequence[Deployment]) -> list[Deployment]:
-        """An order drawn by weight, without replacement: the first place goes to each
-        deployment in proportion to its weight."""
+    def _steered(self, deployments: Sequence[Deployment], *, weighted: bool) -> list[Deployment]:
+        """Deployments with rate-limit headroom first (in the route's order, or drawn by
+        weight × headroom); those nearly out of it, or cooling down after a 429, last,
+        the most headroom first: steering away before a 429 rather than after."""
         if len(deployments) <= 1:
             return list(deployments)
+        room = {id(d): d.room for d in deployments}
+        ready = [d for d in deployments if room[id(d)] > LOW_HEADROOM]
+        low = sorted((d for d in deployments if room[id(d)] <= LOW_HEADROOM), key=lambda d: -room[id(d)])
+        if weighted:
+            ready = self._weighted(ready, lambda d: d.weight * room[id(d)])
+        return ready + low
+
+    def _weighted(
+        self, deployments: list[Deployment], weight: Callable[[Deployment], float]
+    ) -> list[Deployment]:
+        """An order drawn by weight, without replacement: the first place goes to each
+        deployment in proportion to its weight."""
         pool = list(deployments)
         order: list[Deployment] = []
         while len(pool) > 1:
-            total = sum(d.weight for d in pool)
-            point = self._rng() * total
-            for index, deployment in enumerate(pool):
-                point -= deployment.weight
+            weights = [weight(d) for d in pool]
+            point = self._rng() * sum(weights)
+            for index, w in enumerate(weights):
+                point -= w
                 if point < 0 or index == len(pool) - 1:
                     order.append(pool.pop(index))
                     break
@@ -199,14 +215,16 @@ class RoutePlan:
 
     def would_move(self) -> bool:
         """Whether the next attempt would go to another deployment (a failover, which
-        needs no backoff: that deployment has not just failed)."""
+        needs no backoff: that deployment has not just failed, and is not cooling down
+        after a 429)."""
         current = self._current
         for index in self._order():
             if current is not None and current[0] == index:
                 return False
             deployment = self.candidates[index].deployment
-            if not deployment.full and deployment.breaker.state is not BreakerState.OPEN:
-                return True
+            if deployment.full or deployment.breaker.state is BreakerState.OPEN:
+                continue
+            return not deployment.headroom.cooling
         return False
 
     def failed(self, error: BaseException) -> None:
