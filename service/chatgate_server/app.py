@@ -16,7 +16,7 @@ from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
 from chatgate_server.config import ConfigError, Settings
-from chatgate_server.deployments import DeploymentsConfig, from_settings
+from chatgate_server.deployments import DeploymentsConfig, DeploymentSpec, from_settings, load_config
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.edge import Edge, EdgeLimits
@@ -26,8 +26,9 @@ from chatgate_server.rpc.servicer import ChatServicer
 from chatgate_server.rpc.tls import ReloadingTls, TlsFiles
 from chatgate_server.rpc.usage_servicer import UsageServicer
 from chatgate_server.telemetry import Providers, Telemetry, providers_from_env
-from chatgate_server.upstream.assemble import build_router, close_router
+from chatgate_server.upstream.assemble import build_router, close_deployments
 from chatgate_server.upstream.breaker import CircuitBreaker
+from chatgate_server.upstream.deployment import Deployment
 from chatgate_server.upstream.retry import RetryPolicy
 from chatgate_server.upstream.router import Router
 from chatgate_server.usage import tokens
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 # How long start-up waits for the first load of the caller table; past it chatgate
 # serves anyway and refuses authenticated calls (CALLERS_UNAVAILABLE) until it loads.
 CALLERS_LOAD_TIMEOUT_S = 10.0
+# How often deployments dropped by a reload are checked for calls still using them.
+RETIRE_POLL_S = 0.5
 
 
 async def _bounded(what: str, step: Coroutine[Any, Any, object], timeout_s: float) -> None:
@@ -88,6 +91,12 @@ class App:
         self._spool: Spool | None = None
         self.ledger_health: LedgerHealth | None = None
         self.router: Router | None = None
+        # The running deployments with the specs they were made from (for reloads), and
+        # those a reload dropped, closed once no call uses them.
+        self._deployed: list[tuple[DeploymentSpec, Deployment]] = []
+        self._retiring: list[Deployment] = []
+        self._retirer: asyncio.Task[None] | None = None
+        self._reloading = asyncio.Lock()
         self.ledger: UsageLedger | None = None
         self._server: grpc.aio.Server | None = None
         self.edge: Edge | None = None
@@ -181,6 +190,7 @@ class App:
             await self.stop(0)
             raise StartupError(str(exc)) from None
         self.router = build_router(config, s)
+        self._deployed = list(zip(config.deployments, self.router.deployments, strict=True))
         # With one deployment (the zero-config default), its breaker is "the" breaker.
         self.breaker = self.router.deployments[0].breaker
         try:
@@ -316,8 +326,12 @@ class App:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
+        if self._retirer is not None:
+            self._retirer.cancel()
+            self._retirer = None
         if self.router is not None:
-            await _bounded("upstream clients", close_router(self.router), 5)
+            retiring, self._retiring = self._retiring, []
+            await _bounded("upstream clients", close_deployments([*self.router.deployments, *retiring]), 5)
             self.router = None
         if self.callers is not None:
             await _bounded("caller table", self.callers.stop(), 5)
@@ -339,31 +353,75 @@ class App:
             await asyncio.to_thread(self._providers.shutdown)
             self._providers = None
 
+    async def reload(self) -> bool:
+        """Re-read CHATGATE_CONFIG (on SIGHUP): new calls use the new deployments and
+        routes, running calls finish on the deployment they started on, and a deployment
+        left unchanged keeps its connections, breaker and headroom. A file with a problem
+        is refused with one log line and the running configuration kept."""
+        path = self.settings.config_file
+        if path is None or self.service is None or self.router is None:
+            log.warning("reload: nothing to reload (CHATGATE_CONFIG is not set)")
+            return False
+        async with self._reloading:
+            try:
+                config = await asyncio.to_thread(load_config, path)
+            except ConfigError as exc:
+                log.error("reload refused, the running deployments and routes are kept: %s", exc)
+                return False
+            router = build_router(config, self.settings, keep=self._deployed)
+            kept = {id(d) for d in router.deployments}
+            dropped = [d for _, d in self._deployed if id(d) not in kept]
+            self._deployed = list(zip(config.deployments, router.deployments, strict=True))
+            self.router = router
+            self.breaker = router.deployments[0].breaker
+            self.service.use_router(router)
+            self._retire(dropped)
+        log.info("reloaded %s: upstream %s", path, _describe(config))
+        return True
+
+    def _retire(self, dropped: list[Deployment]) -> None:
+        """Close the adapters of deployments a reload dropped once no call uses them."""
+        self._retiring += dropped
+        if self._retiring and self._retirer is None:
+            self._retirer = asyncio.get_running_loop().create_task(self._close_retired(), name="retire")
+
+    async def _close_retired(self) -> None:
+        try:
+            while self._retiring:
+                idle = [d for d in self._retiring if d.in_flight == 0]
+                self._retiring = [d for d in self._retiring if d.in_flight > 0]
+                await close_deployments(idle)
+                if self._retiring:
+                    await asyncio.sleep(RETIRE_POLL_S)
+        finally:
+            self._retirer = None
+
     @property
     def upstream_connections(self) -> int:
         """Upstream connections open now, idle ones included, over every deployment."""
         if self.router is None:
             return 0
-        return sum(getattr(d.upstream, "open_connections", 0) for d in self.router.deployments)
+        return sum(_connections(d) for d in self.router.deployments)
 
     def _observe(self) -> None:
         """Gauges read at each metrics export."""
-        ledger, router = self.ledger, self.router
-        if router is not None:
-            deployments = router.deployments
+        ledger = self.ledger
+        if self.router is not None:
+
+            def deployments() -> tuple[Deployment, ...]:
+                return self.router.deployments if self.router is not None else ()  # after reloads too
+
             self.telemetry.observe(
                 "chatgate.upstream.connections",
                 "{connection}",
                 "Upstream connections open, idle ones included (idle ones the server closed are reaped)",
-                lambda: [
-                    (float(getattr(d.upstream, "open_connections", 0)), _labels(d.name)) for d in deployments
-                ],
+                lambda: [(float(_connections(d)), _labels(d.name)) for d in deployments()],
             )
             self.telemetry.observe(
                 "chatgate.breaker.state",
                 "1",
                 "Upstream circuit breaker per deployment: 0 closed, 1 half-open, 2 open",
-                lambda: [(float(d.breaker.state), _labels(d.name)) for d in deployments],
+                lambda: [(float(d.breaker.state), _labels(d.name)) for d in deployments()],
             )
         if ledger is not None:
             self.telemetry.observe(
@@ -397,6 +455,10 @@ class App:
                 "Usage ledger: 0 writing to Postgres, 1 spooling, 2 full (calls refused)",
                 lambda: [(float(ledger.state), {})],
             )
+
+
+def _connections(deployment: Deployment) -> int:
+    return int(getattr(deployment.upstream, "open_connections", 0))
 
 
 def _labels(deployment: str) -> dict[str, str]:

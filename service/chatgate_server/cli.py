@@ -150,6 +150,15 @@ async def _serve_async(settings: Settings, *, reuse_port: bool = False) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     app = App(settings, reuse_port=reuse_port)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hangup() -> None:
+        # SIGHUP re-reads CHATGATE_CONFIG; a bad file is refused and logged (App.reload).
+        task = loop.create_task(app.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await app.start()
     except StartupError as exc:
@@ -162,7 +171,7 @@ async def _serve_async(settings: Settings, *, reuse_port: bool = False) -> int:
     # From here the process only exits. Ignore further signals rather than let the
     # default action kill it once the loop drops its handlers: a supervisor forwarding
     # a second SIGTERM would otherwise see this clean exit as "killed by SIGTERM".
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
     log.info("stopped")

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +49,7 @@ from chatgate_server.genai_spans import AttemptTelemetry, error_type
 from chatgate_server.logs import bind_request_id
 from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
 from chatgate_server.upstream.base import UpstreamStream
-from chatgate_server.upstream.breaker import BreakerState
+from chatgate_server.upstream.breaker import BreakerState, CircuitBreaker
 from chatgate_server.upstream.retry import RetryDecision, RetryPolicy, with_retries
 from chatgate_server.upstream.router import RoutePlan, Router, breaker_failure
 from chatgate_server.usage.ledger import Admission, UsageSink
@@ -179,13 +180,13 @@ class CompletionService:
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._router = router
+        self._listened: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+        self.use_router(router)
         self._admission = admission
         self._telemetry = telemetry
         self._ledger = ledger
         self._estimator = estimator
         self._prices = prices or default_table()
-        for deployment in router.deployments:
-            deployment.breaker.add_listener(_breaker_event)
         self._retry_policy = retry_policy or RetryPolicy()
         self._first_byte_timeout_s = first_byte_timeout_s
         self._clock = clock
@@ -193,6 +194,14 @@ class CompletionService:
         self._calls: set[_Progress] = set()
         self._idle = asyncio.Event()
         self._draining = False
+
+    def use_router(self, router: Router) -> None:
+        """New calls route by ``router`` (a reload); running calls keep their own."""
+        for deployment in router.deployments:
+            if deployment.breaker not in self._listened:
+                self._listened.add(deployment.breaker)
+                deployment.breaker.add_listener(_breaker_event)
+        self._router = router
 
     async def run(
         self,

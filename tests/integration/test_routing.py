@@ -11,6 +11,7 @@ import asyncio
 import csv
 import io
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -416,3 +417,81 @@ async def test_a_429_cools_its_deployment_down(sims: Sims, start_routed: StartRo
     for _ in range(4):
         assert (await call(stub, "m")).code == grpc.StatusCode.OK
     assert (len(a.requests), len(b.requests)) == (1, 4)  # a is left alone while it cools down
+
+
+async def test_a_reload_moves_new_calls_and_lets_running_streams_finish(
+    sims: Sims, start_routed: StartRouted
+) -> None:
+    a, b = await sims(2)
+    slow = f"{M}::chunks=20,delay_ms=40"
+    app, stub = await start_routed(deployment("a", a.base_url, {"m": slow}), route("m", "a"))
+    running = [asyncio.ensure_future(call(stub, "m")) for _ in range(3)]
+    await a.wait_requests(3)
+    path = app.settings.config_file
+    assert path is not None
+    path.write_text(deployment("b", b.base_url, {"m": M}) + route("m", "b"))
+    assert await app.reload()
+    assert (await call(stub, "m")).code == grpc.StatusCode.OK
+    assert len(b.requests) == 1 and len(a.requests) == 3  # new calls: the new routes
+    finished = await asyncio.gather(*running)
+    assert [r.code for r in finished] == [grpc.StatusCode.OK] * 3  # running ones: on a, to the end
+    assert all(r.events[-1].finished.deployment == "a" for r in finished)
+    for _ in range(50):  # a's connections are closed once its last call ended
+        if app.upstream_connections == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert a.open_streams == 0 and app.upstream_connections == 1
+
+
+async def test_a_bad_file_on_reload_is_refused_and_the_old_one_kept(
+    sims: Sims, start_routed: StartRouted, caplog: pytest.LogCaptureFixture
+) -> None:
+    [a] = await sims(1)
+    app, stub = await start_routed(deployment("a", a.base_url, {"m": M}), route("m", "a"))
+    breaker = app.router.deployments[0].breaker if app.router else None
+    path = app.settings.config_file
+    assert path is not None
+    path.write_text(deployment("a", a.base_url, {"m": M}) + route("m", "a", "nowhere"))
+    assert not await app.reload()
+    [line] = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
+    assert "routes[0].deployments: no deployment is named 'nowhere'" in line
+    assert (await call(stub, "m")).code == grpc.StatusCode.OK
+    # An unchanged deployment survives a good reload as it was (pool, breaker, headroom).
+    path.write_text(
+        deployment("a", a.base_url, {"m": M})
+        + route("m", "a")
+        + '[[routes]]\nname = "alias"\nmodel = "m"\ndeployments = ["a"]\n'
+    )
+    assert await app.reload()
+    assert app.router is not None and app.router.deployments[0].breaker is breaker
+
+
+async def test_sighup_reloads_every_worker(sims: Sims, migrated_database_url: str) -> None:
+    from tests.integration.test_workers import complete, free_port, start, stop, wait_serving
+
+    a, b = await sims(2)
+    path = Path(tempfile.mkdtemp(prefix="chatgate-config-")) / "chatgate.toml"
+    path.write_text(deployment("a", a.base_url, {"*": "*"}))
+    port = free_port()
+    os.environ["CHATGATE_CONFIG"] = str(path)  # start() passes os.environ on
+    try:
+        proc = start(migrated_database_url, "http://127.0.0.1:9/v1", port, "--workers", "2")
+    finally:
+        del os.environ["CHATGATE_CONFIG"]
+    target = f"127.0.0.1:{port}"
+    try:
+        await asyncio.to_thread(wait_serving, proc, target, 2)
+        assert await asyncio.to_thread(complete, target, 4) == ["OUTCOME_COMPLETED"] * 4
+        assert (len(a.requests), len(b.requests)) == (4, 0)
+        path.write_text(deployment("b", b.base_url, {"*": "*"}))
+        proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if len(a.requests) == 4 and len(b.requests) >= 8:
+                break
+            assert await asyncio.to_thread(complete, target, 2) == ["OUTCOME_COMPLETED"] * 2
+        seen_a = len(a.requests)
+        assert await asyncio.to_thread(complete, target, 6) == ["OUTCOME_COMPLETED"] * 6
+        assert len(a.requests) == seen_a  # every worker reloaded: nothing goes to a any more
+        assert proc.poll() is None  # a reload is not a stop
+    finally:
+        await asyncio.to_thread(stop, proc)

@@ -6,6 +6,8 @@ its own; the settings give what is common (timeouts, pool size, breaker rule).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from chatgate_server.config import Settings
 from chatgate_server.deployments import DeploymentsConfig, DeploymentSpec
 from chatgate_server.upstream.azure import AzureOpenAIUpstream
@@ -15,9 +17,18 @@ from chatgate_server.upstream.openai import OpenAIUpstream
 from chatgate_server.upstream.router import Route, Router
 
 
-def build_router(config: DeploymentsConfig, settings: Settings) -> Router:
-    """The router over every deployment of ``config``; close it with :func:`close_router`."""
-    deployments = {spec.name: _deployment(spec, settings) for spec in config.deployments}
+def build_router(
+    config: DeploymentsConfig,
+    settings: Settings,
+    keep: Sequence[tuple[DeploymentSpec, Deployment]] = (),
+) -> Router:
+    """The router over every deployment of ``config``. A deployment whose spec is in
+    ``keep`` unchanged (a reload) is reused as it is: its pool, breaker and headroom
+    carry on. Close the adapters with :func:`close_deployments` once no call uses them."""
+    deployments = {
+        spec.name: next((d for old, d in keep if old == spec), None) or _deployment(spec, settings)
+        for spec in config.deployments
+    }
     routes = {
         route.name: Route(
             name=route.name,
@@ -31,8 +42,8 @@ def build_router(config: DeploymentsConfig, settings: Settings) -> Router:
     return Router(list(deployments.values()), routes)
 
 
-async def close_router(router: Router) -> None:
-    for deployment in router.deployments:
+async def close_deployments(deployments: Iterable[Deployment]) -> None:
+    for deployment in deployments:
         await deployment.upstream.aclose()
 
 
