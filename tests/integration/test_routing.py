@@ -17,15 +17,17 @@ import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psycopg
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from chatgate.v1 import chat_pb2 as pb
-from chatgate.v1 import chat_pb2_grpc
+from chatgate.v1 import chat_pb2_grpc, usage_pb2, usage_pb2_grpc
 from chatgate_server.app import App, StartupError
 from chatgate_server.simulator import Simulator
 from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
@@ -296,11 +298,12 @@ async def test_the_final_event_the_row_and_the_report_name_the_deployment(
     migrated_database_url: str,
 ) -> None:
     a, b = await sims(2)
-    _, stub = await start_routed(
+    app, stub = await start_routed(
         deployment("east", a.base_url, {"m": f"{M}::status=500", "solo": M}),
         deployment("west", b.base_url, {"m": M}),
         route("m", "east", "west"),
     )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     user = f"u-{uuid.uuid4().hex[:8]}"
     finals = []
     for model in ("m", "m", "solo"):
@@ -336,6 +339,17 @@ async def test_the_final_event_the_row_and_the_report_name_the_deployment(
     assert report.returncode == 0, report.stderr
     got = {row["deployment"]: int(row["requests"]) for row in csv.DictReader(io.StringIO(report.stdout))}
     assert got == {"west": 2, "east": 1}
+
+    usage = usage_pb2_grpc.UsageServiceStub(channel)
+    since = Timestamp()
+    since.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+    reply = await usage.GetUsage(
+        usage_pb2.GetUsageRequest(
+            start_time=since, user_ids=[user], group_by=[usage_pb2.USAGE_DIMENSION_DEPLOYMENT]
+        )
+    )
+    assert {g.deployment: g.totals.requests for g in reply.groups} == {"west": 2, "east": 1}
+    await channel.close()
 
 
 async def test_spans_and_metrics_name_each_attempts_deployment(sims: Sims, start_routed: StartRouted) -> None:
