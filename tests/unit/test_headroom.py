@@ -99,3 +99,13 @@ def test_a_weighted_draw_goes_by_weight_times_headroom() -> None:
     router = Router([a, b], {"m": Route("m", "m", (a, b), weighted=True)}, rng=lambda: next(points))
     first = [router.plan("m").candidates[0].deployment.name for _ in range(100)]
     assert first.count("a") == 20  # 0.25 / (0.25 + 1)
+
+
+def test_header_names_in_any_case() -> None:
+    clock = Clock()
+    room = Headroom(clock)
+    room.observe([(b"X-RateLimit-Remaining-Requests", b"1"), (b"X-RateLimit-Limit-Requests", b"100")], 200)
+    assert room.fraction() == pytest.approx(0.01)
+    room.observe([(b"Retry-After", b"2")], 429)
+    clock.now += 1.9
+    assert room.cooling

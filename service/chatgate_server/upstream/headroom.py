@@ -27,6 +27,15 @@ MAX_COOL_DOWN_S = 60.0
 # Longest reset we believe (OpenAI's daily windows say "23h…"; a day bounds it).
 MAX_RESET_S = 86_400.0
 
+# Header → (which limit, what about it); "retry" for the 429's wait.
+_FIELDS: dict[bytes, tuple[str, str]] = {
+    f"x-ratelimit-{kind}-{which}".encode(): (which, kind)
+    for which in ("requests", "tokens")
+    for kind in ("remaining", "limit", "reset")
+}
+_FIELDS[b"retry-after-ms"] = ("retry", "ms")
+_FIELDS[b"retry-after"] = ("retry", "s")
+
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -73,38 +82,35 @@ class Headroom:
         self.cool_until = 0.0
 
     def observe(self, headers: Iterable[tuple[bytes, bytes]], status: int) -> None:
-        """Take what the response's headers say (cheap: only x-ratelimit-* and
-        retry-after are looked at)."""
+        """Take what the response's headers say. One dict lookup per header: this runs
+        on every response (httpcore keeps the names' case as sent)."""
         now = self._clock()
         retry_after: float | None = None
-        for raw_name, raw_value in headers:
-            name = raw_name.lower()
-            if name.startswith(b"x-ratelimit-"):
-                self._ratelimit(name[12:], raw_value, now)
-            elif status == 429 and name in (b"retry-after-ms", b"retry-after"):
-                seconds = _number(raw_value)
-                if seconds is not None and (name == b"retry-after-ms" or retry_after is None):
-                    retry_after = seconds / 1000.0 if name == b"retry-after-ms" else seconds
+        for name, raw in headers:
+            field = _FIELDS.get(name.lower())
+            if field is None:
+                continue
+            which, kind = field
+            if which == "retry":
+                if status == 429 and (kind == "ms" or retry_after is None):
+                    seconds = _number(raw)
+                    if seconds is not None:
+                        retry_after = seconds / 1000.0 if kind == "ms" else seconds
+                continue
+            limit = self._requests if which == "requests" else self._tokens
+            if kind == "remaining":
+                limit.remaining = _number(raw)
+                if limit.reset_at <= now:
+                    # Azure sends no reset time: trust the figure for a minute (its window).
+                    limit.reset_at = now + 60.0
+            elif kind == "limit":
+                limit.limit = _number(raw)
+            else:
+                seconds = parse_duration(raw.decode("latin-1"))
+                if seconds is not None:
+                    limit.reset_at = now + seconds
         if status == 429:
             self.cool_down(DEFAULT_COOL_DOWN_S if retry_after is None else retry_after)
-
-    def _ratelimit(self, what: bytes, raw: bytes, now: float) -> None:
-        kind, _, which = what.partition(b"-")  # remaining-requests → remaining, requests
-        limit = self._requests if which == b"requests" else self._tokens if which == b"tokens" else None
-        if limit is None:
-            return
-        value = raw.decode("latin-1")
-        if kind == b"remaining":
-            limit.remaining = _number(raw)
-            if limit.reset_at <= now:
-                # Azure sends no reset time: trust the figure for a minute (its window).
-                limit.reset_at = now + 60.0
-        elif kind == b"limit":
-            limit.limit = _number(raw)
-        elif kind == b"reset":
-            seconds = parse_duration(value)
-            if seconds is not None:
-                limit.reset_at = now + seconds
 
     def cool_down(self, seconds: float) -> None:
         """Keep calls away for ``seconds`` (capped), e.g. after a 429."""
