@@ -397,6 +397,12 @@ class App:
             self._retirer = None
 
     @property
+    def retiring_deployments(self) -> int:
+        """Deployments a reload dropped whose connections are not closed yet (calls
+        that started on them are still running)."""
+        return len(self._retiring)
+
+    @property
     def upstream_connections(self) -> int:
         """Upstream connections open now, idle ones included, over every deployment."""
         if self.router is None:

@@ -433,28 +433,31 @@ async def test_a_429_cools_its_deployment_down(sims: Sims, start_routed: StartRo
     assert (len(a.requests), len(b.requests)) == (1, 4)  # a is left alone while it cools down
 
 
-async def test_a_reload_moves_new_calls_and_lets_running_streams_finish(
+async def test_a_reload_under_load_moves_new_calls_and_lets_running_streams_finish(
     sims: Sims, start_routed: StartRouted
 ) -> None:
     a, b = await sims(2)
     slow = f"{M}::chunks=20,delay_ms=40"
     app, stub = await start_routed(deployment("a", a.base_url, {"m": slow}), route("m", "a"))
-    running = [asyncio.ensure_future(call(stub, "m")) for _ in range(3)]
-    await a.wait_requests(3)
+    running = [asyncio.ensure_future(call(stub, "m")) for _ in range(40)]
+    await a.wait_requests(40)
+    arriving = [asyncio.ensure_future(call(stub, "m")) for _ in range(20)]  # while it reloads
     path = app.settings.config_file
     assert path is not None
     path.write_text(deployment("b", b.base_url, {"m": M}) + route("m", "b"))
     assert await app.reload()
-    assert (await call(stub, "m")).code == grpc.StatusCode.OK
-    assert len(b.requests) == 1 and len(a.requests) == 3  # new calls: the new routes
-    finished = await asyncio.gather(*running)
-    assert [r.code for r in finished] == [grpc.StatusCode.OK] * 3  # running ones: on a, to the end
-    assert all(r.events[-1].finished.deployment == "a" for r in finished)
+    after = await asyncio.gather(*(call(stub, "m") for _ in range(10)))
+    assert all(r.code == grpc.StatusCode.OK and r.events[-1].finished.deployment == "b" for r in after)
+    finished = await asyncio.gather(*running, *arriving)
+    assert [r.code for r in finished] == [grpc.StatusCode.OK] * 60  # no stream failed
+    assert all(r.events[-1].finished.deployment == "a" for r in finished[:40])  # started on a: ended there
+    assert len(a.requests) + len(b.requests) == 70
     for _ in range(50):  # a's connections are closed once its last call ended
-        if app.upstream_connections == 1:
+        if app.retiring_deployments == 0:
             break
         await asyncio.sleep(0.1)
-    assert a.open_streams == 0 and app.upstream_connections == 1
+    assert app.retiring_deployments == 0 and a.open_streams == 0
+    assert app.router is not None and [d.name for d in app.router.deployments] == ["b"]
 
 
 async def test_a_bad_file_on_reload_is_refused_and_the_old_one_kept(
