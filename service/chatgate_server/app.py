@@ -16,7 +16,13 @@ from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
 from chatgate_server.config import ConfigError, Settings
-from chatgate_server.deployments import DeploymentsConfig, DeploymentSpec, from_settings, load_config
+from chatgate_server.deployments import (
+    DeploymentsConfig,
+    DeploymentSpec,
+    deployment_prices,
+    from_settings,
+    load_config,
+)
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.edge import Edge, EdgeLimits
@@ -37,7 +43,7 @@ from chatgate_server.usage.connect import with_connect_timeout
 from chatgate_server.usage.dberrors import describe
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
-from chatgate_server.usage.pricing import PriceFileError, load_prices
+from chatgate_server.usage.pricing import PriceFileError, PriceTable, load_prices
 from chatgate_server.usage.reports import UsageReports, page_token_key
 from chatgate_server.usage.reservations import POOL_KWARGS, ReservationStore, configure
 from chatgate_server.usage.spool import Spool, SpoolError
@@ -209,6 +215,7 @@ class App:
             telemetry=self.telemetry,
             admission=self.ledger,
             prices=prices,
+            deployment_prices=self._deployment_prices(config),
         )
         self._observe()
         authenticator = await self._authenticator(postgres_ok)
@@ -374,10 +381,13 @@ class App:
             self._deployed = list(zip(config.deployments, router.deployments, strict=True))
             self.router = router
             self.breaker = router.deployments[0].breaker
-            self.service.use_router(router)
+            self.service.use_router(router, self._deployment_prices(config))
             self._retire(dropped)
         log.info("reloaded %s: upstream %s", path, _describe(config))
         return True
+
+    def _deployment_prices(self, config: DeploymentsConfig) -> dict[str, PriceTable]:
+        return deployment_prices(config, self.settings.prices_file)
 
     def _retire(self, dropped: list[Deployment]) -> None:
         """Close the adapters of deployments a reload dropped once no call uses them."""

@@ -100,7 +100,10 @@ def _config_check(file: str | None) -> int:
     for d in config.deployments:
         models = ", ".join(m if m == u else f"{m} -> {u}" for m, u in d.models.items())
         key = "no key" if d.api_key is None else "key set"
-        print(f"deployment {d.name}: {d.kind} {d.base_url} ({key}; weight {d.weight:g}; models {models})")
+        about = f"{key}; weight {d.weight:g}; models {models}"
+        if d.prices_file:
+            about += f"; prices {d.prices_file}"
+        print(f"deployment {d.name}: {d.kind} {d.base_url} ({about})")
     for r in config.routes:
         order = "weighted" if r.weighted else "in order"
         fallback = f", then {r.fallback}" if r.fallback else ""

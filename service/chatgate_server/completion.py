@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -176,12 +176,14 @@ class CompletionService:
         telemetry: Telemetry = NO_TELEMETRY,
         admission: Admission | None = None,
         prices: PriceTable | None = None,
+        deployment_prices: Mapping[str, PriceTable] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._router = router
+        self._deployment_prices: Mapping[str, PriceTable] = {}
         self._listened: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-        self.use_router(router)
+        self.use_router(router, deployment_prices)
         self._admission = admission
         self._telemetry = telemetry
         self._ledger = ledger
@@ -195,13 +197,15 @@ class CompletionService:
         self._idle = asyncio.Event()
         self._draining = False
 
-    def use_router(self, router: Router) -> None:
-        """New calls route by ``router`` (a reload); running calls keep their own."""
+    def use_router(self, router: Router, deployment_prices: Mapping[str, PriceTable] | None = None) -> None:
+        """New calls route by ``router`` (a reload); running calls keep their own.
+        ``deployment_prices``: the tables of deployments priced apart (by name)."""
         for deployment in router.deployments:
             if deployment.breaker not in self._listened:
                 self._listened.add(deployment.breaker)
                 deployment.breaker.add_listener(_breaker_event)
         self._router = router
+        self._deployment_prices = deployment_prices or {}
 
     async def run(
         self,
@@ -494,7 +498,8 @@ class CompletionService:
         """Priced from the resolved model; nothing for a call the upstream refused or
         failed before producing anything (pricing.is_charged)."""
         started = progress.started
-        return self._prices.bill(
+        table = self._deployment_prices.get(progress.deployment or "", self._prices)
+        return table.bill(
             started.model if started else request.model,
             self._usage(request, progress),
             outcome=outcome,

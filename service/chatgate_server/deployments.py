@@ -20,10 +20,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from chatgate_server.config import DEFAULT_OPENAI_BASE_URL, ConfigError, Secret, Settings
+
+if TYPE_CHECKING:
+    from chatgate_server.usage.pricing import PriceTable
 
 Kind = Literal["openai", "azure", "compatible"]
 KINDS: tuple[Kind, ...] = ("openai", "azure", "compatible")
@@ -51,6 +54,9 @@ class DeploymentSpec:
     max_connections: int | None = None
     headers: tuple[tuple[str, str], ...] = ()
     """Static headers sent with every request (never credentials: those go by reference)."""
+    prices_file: Path | None = None
+    """Prices for calls this deployment serves (CHATGATE_PRICES_FILE's format), over the
+    shipped table and CHATGATE_PRICES_FILE: e.g. Azure's prices, or 0 for a self-hosted model."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,7 @@ _DEPLOYMENT_KEYS = frozenset(
         "max_concurrent_streams",
         "max_connections",
         "headers",
+        "prices_file",
     }
 )
 _ROUTE_KEYS = frozenset({"name", "model", "deployments", "strategy", "fallback"})
@@ -137,10 +144,11 @@ class _Problem(Exception):
         super().__init__(f"{key}: {problem}")
 
 
-def load_config(path: Path, env: Mapping[str, str] | None = None) -> DeploymentsConfig:
+def load_config(path: Path, env: Mapping[str, str] | None = None, *, keys: bool = True) -> DeploymentsConfig:
     """Read and check ``path``; ConfigError with one line naming the file, key and problem.
 
-    Keys are read from the environment variables and files the deployments name."""
+    Keys are read from the environment variables and files the deployments name (with
+    ``keys=False`` they are not: for commands that only need names and prices)."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -150,12 +158,12 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Deployments
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        return _config(raw, str(path), os.environ if env is None else env)
+        return _config(raw, str(path), os.environ if env is None else env, keys)
     except _Problem as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _config(raw: dict[str, Any], source: str, env: Mapping[str, str]) -> DeploymentsConfig:
+def _config(raw: dict[str, Any], source: str, env: Mapping[str, str], keys: bool) -> DeploymentsConfig:
     unknown = set(raw) - {"deployments", "routes"}
     if unknown:
         raise _Problem(sorted(unknown)[0], "unknown key (expected [[deployments]] and [[routes]])")
@@ -164,7 +172,7 @@ def _config(raw: dict[str, Any], source: str, env: Mapping[str, str]) -> Deploym
         raise _Problem("deployments", "at least one [[deployments]] table is required")
     deployments: list[DeploymentSpec] = []
     for index, item in enumerate(items):
-        spec = _deployment(item, f"deployments[{index}]", env)
+        spec = _deployment(item, f"deployments[{index}]", env, keys)
         if any(d.name == spec.name for d in deployments):
             raise _Problem(f"deployments[{index}].name", f"{spec.name!r} is used twice")
         deployments.append(spec)
@@ -172,7 +180,7 @@ def _config(raw: dict[str, Any], source: str, env: Mapping[str, str]) -> Deploym
     return DeploymentsConfig(tuple(deployments), routes, source)
 
 
-def _deployment(item: Any, at: str, env: Mapping[str, str]) -> DeploymentSpec:
+def _deployment(item: Any, at: str, env: Mapping[str, str], keys: bool) -> DeploymentSpec:
     if not isinstance(item, dict):
         raise _Problem(at, "must be a table")
     inline = _INLINE_KEYS & {k.lower() for k in item}
@@ -194,13 +202,14 @@ def _deployment(item: Any, at: str, env: Mapping[str, str]) -> DeploymentSpec:
         name=name,
         kind=kind,  # checked just above
         base_url=_url(item, kind, at),
-        api_key=_key(item, kind, at, env),
+        api_key=_key(item, kind, at, env) if keys else None,
         api_version=_api_version(item, kind, at),
         models=_models(item.get("models", ["*"]), f"{at}.models"),
         weight=_number(item, "weight", at, 1.0),
         max_concurrent_streams=_count(item, "max_concurrent_streams", at),
         max_connections=_count(item, "max_connections", at),
         headers=_headers(item.get("headers", {}), f"{at}.headers"),
+        prices_file=_prices_file(item, at),
     )
 
 
@@ -257,6 +266,26 @@ def _key(item: dict[str, Any], kind: str, at: str, env: Mapping[str, str]) -> Se
         # It goes into a header verbatim. Never echo it: a malformed key is still a secret.
         raise _Problem(where, "the key must be printable ASCII with no whitespace")
     return Secret(value)
+
+
+def _prices_file(item: dict[str, Any], at: str) -> Path | None:
+    from chatgate_server.usage.pricing import PriceFileError, read_operator_file
+
+    raw = _string(item, "prices_file", at, required=False)
+    if not raw:
+        return None
+    try:
+        read_operator_file(Path(raw))
+    except PriceFileError as exc:
+        raise _Problem(f"{at}.prices_file", str(exc)) from None
+    return Path(raw)
+
+
+def deployment_prices(config: DeploymentsConfig, operator_file: Path | None) -> dict[str, PriceTable]:
+    """The price table of each deployment that has its own prices (by name)."""
+    from chatgate_server.usage.pricing import load_prices
+
+    return {d.name: load_prices(operator_file, d.prices_file) for d in config.deployments if d.prices_file}
 
 
 def _api_version(item: dict[str, Any], kind: str, at: str) -> str | None:

@@ -512,3 +512,29 @@ async def test_sighup_reloads_every_worker(sims: Sims, migrated_database_url: st
         assert proc.poll() is None  # a reload is not a stop
     finally:
         await asyncio.to_thread(stop, proc)
+
+
+async def test_a_deployment_with_its_own_prices_bills_its_calls_by_them(
+    sims: Sims, start_routed: StartRouted, db: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    a, b = await sims(2)
+    free = Path(tempfile.mkdtemp(prefix="chatgate-prices-")) / "self-hosted.csv"
+    free.write_text("model,input,cached_input,output,valid_from\ngpt-4o-mini,0,,0,2020-01-01\n")
+    _, stub = await start_routed(
+        deployment("paid", a.base_url, {"paid": M}),
+        deployment("free", b.base_url, {"free": M}, prices_file=str(free)),
+    )
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    costs = {}
+    for model in ("paid", "free"):
+        hi = [pb.Message(role=pb.ROLE_USER, text="hello there")]
+        events = [e async for e in stub.Complete(pb.CompleteRequest(model=model, user_id=user, messages=hi))]
+        costs[model] = events[-1].finished.cost.usd_micros
+    assert costs["paid"] > 0 and costs["free"] == 0
+    for _ in range(100):
+        query = "SELECT deployment, cost_usd_micros FROM usage_records WHERE user_id = %s"
+        rows: dict[object, object] = {r[0]: r[1] for r in db.execute(query, [user]).fetchall()}
+        if len(rows) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert rows == {"paid": costs["paid"], "free": 0}

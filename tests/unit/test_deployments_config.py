@@ -148,9 +148,31 @@ def test_the_readmes_worked_example_loads(tmp_path: Path) -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     start = readme.index("```toml\n# chatgate.toml") + len("```toml\n")
     example = readme[start : readme.index("```", start)]
+    prices = tmp_path / "prices.csv"
+    prices.write_text("model,input,cached_input,output,valid_from\nllama-3.1-70b,0,,0,2025-01-01\n")
+    example = example.replace("/etc/chatgate/self-hosted-prices.csv", str(prices))
     config = load_config(write(tmp_path, example), {"OPENAI_API_KEY": "sk-x", "AZURE_EAST_KEY": "az-y"})
     assert [d.name for d in config.deployments] == ["openai-main", "azure-east", "local-vllm"]
     assert [(r.name, r.model, r.weighted) for r in config.routes] == [
         ("fast", "gpt-4o-mini", False),
         ("gpt-4o", "gpt-4o", True),
     ]
+
+
+def test_a_deployment_can_carry_its_own_prices(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from chatgate_server.deployments import deployment_prices
+    from chatgate_server.domain import TokenUsage
+
+    prices = tmp_path / "azure-prices.csv"
+    prices.write_text("model,input,cached_input,output,valid_from\ngpt-4o-mini,1.00,,2.00,2025-01-01\n")
+    text = GOOD.replace('name = "azure-east"', f'name = "azure-east"\nprices_file = "{prices}"')
+    config = load_config(write(tmp_path, text), ENV)
+    tables = deployment_prices(config, None)
+    assert set(tables) == {"azure-east"}
+    cost = tables["azure-east"].cost("gpt-4o-mini", TokenUsage(1_000_000, 1_000_000), datetime.now(UTC))
+    assert cost.usd_micros == 3_000_000
+    prices.write_text("model,input\ngpt-4o-mini,lots\n")
+    with pytest.raises(ConfigError, match=r"deployments\[1\] \(azure-east\)\.prices_file: "):
+        load_config(write(tmp_path, text), ENV)

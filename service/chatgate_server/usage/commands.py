@@ -374,6 +374,18 @@ async def _retention(url: str, months: int, window: timedelta, dry_run: bool, ou
     return 0
 
 
+def _deployment_prices(prices_file: Path | None) -> dict[str, Any]:
+    """CHATGATE_CONFIG's deployments that are priced apart (their keys are not needed)."""
+    import os
+
+    from chatgate_server.deployments import deployment_prices, load_config
+
+    config = os.environ.get("CHATGATE_CONFIG", "").strip()
+    if not config:
+        return {}
+    return deployment_prices(load_config(Path(config), keys=False), prices_file)
+
+
 async def _reprice(
     url: str, since: datetime, until: datetime, dry_run: bool, prices_file: Path | None, out: TextIO
 ) -> int:
@@ -384,10 +396,13 @@ async def _reprice(
     if until <= since:
         raise ValueError("--until must be after --since")
     prices = load_prices(prices_file)
+    own = _deployment_prices(prices_file)
     async with await connect(url, autocommit=True) as conn:
-        result = await reprice(conn, since, until, dry_run=dry_run, prices=prices)
+        result = await reprice(conn, since, until, dry_run=dry_run, prices=prices, deployment_prices=own)
     verb = "would change" if dry_run else "changed"
     source = f"the shipped prices and {prices_file}" if prices_file else "the shipped prices"
+    if own:
+        source += f" (deployments {', '.join(sorted(own))}: their own prices_file)"
     versions = ", ".join(result.price_versions) or "none changed"
     print(
         f"repriced [{since.isoformat()}, {until.isoformat()}) from {source} (price versions: {versions}): "
