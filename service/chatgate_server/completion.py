@@ -325,7 +325,9 @@ class CompletionService:
         try:
             outcome = await self._stream(request, plan, deadline, send, progress)
         except ChatgateError as exc:
-            # Caller mistakes, our key, a slow but flowing stream: not the upstream's health.
+            # Counted against the deployment only if it says the upstream cannot answer
+            # (router.breaker_failure): caller mistakes, our key, a stream that already
+            # delivered content do not.
             plan.judged(
                 breaker_failure(
                     exc, started=progress.started is not None, first_token=progress.first_token_at is not None

@@ -67,12 +67,11 @@ class Candidate:
 class Leg:
     """One deployment's part in a call: the permit, held while the call stays there."""
 
-    __slots__ = ("attempts", "candidate", "error", "permit")
+    __slots__ = ("candidate", "error", "permit")
 
     def __init__(self, candidate: Candidate, permit: Permit) -> None:
         self.candidate = candidate
         self.permit = permit
-        self.attempts = 0
         self.error: BaseException | None = None
 
     @property
@@ -160,11 +159,6 @@ class RoutePlan:
         self._current: tuple[int, Leg] | None = None
 
     @property
-    def leg(self) -> Leg | None:
-        """The leg of the latest attempt."""
-        return self._current[1] if self._current is not None else None
-
-    @property
     def breaker_state(self) -> BreakerState:
         """The state of the breaker the call meets first (open only when all are)."""
         states = [c.deployment.breaker.state for c in self.candidates]
@@ -205,7 +199,6 @@ class RoutePlan:
 
     def _again(self, leg: Leg, index: int) -> Leg:
         self._tries[index] += 1
-        leg.attempts += 1
         leg.error = None
         return leg
 
