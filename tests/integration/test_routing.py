@@ -246,8 +246,9 @@ async def test_weights_share_the_calls(sims: Sims, start_routed: StartRouted) ->
 
 
 async def test_each_deployment_gets_its_own_key_and_azure_its_url_and_header(
-    start_routed: StartRouted,
+    start_routed: StartRouted, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("DEBUG")
     servers = [RecordingUpstream() for _ in range(2)]
     for server in servers:
         await server.start()
@@ -277,6 +278,8 @@ async def test_each_deployment_gets_its_own_key_and_azure_its_url_and_header(
     [to_azure] = azure.seen
     assert to_azure.target == "/openai/deployments/my-mini/chat/completions?api-version=2024-10-21"
     assert to_azure.headers["api-key"] == "azure-key-TWO" and "authorization" not in to_azure.headers
+    assert "sk-openai-ONE" not in caplog.text and "azure-key-TWO" not in caplog.text
+    assert "(openai " in caplog.text  # the start-up line names the deployments, not their keys
 
 
 async def test_a_bad_config_file_stops_start_up_with_one_line(migrated_database_url: str) -> None:
