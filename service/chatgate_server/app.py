@@ -20,7 +20,7 @@ from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.edge import Edge, EdgeLimits
 from chatgate_server.rpc.ledger_health import LedgerHealth
-from chatgate_server.rpc.server import CHAT_SERVICE, build_server
+from chatgate_server.rpc.server import CHAT_SERVICE, ConnectionAge, build_health_server, build_server
 from chatgate_server.rpc.servicer import ChatServicer
 from chatgate_server.rpc.tls import ReloadingTls, TlsFiles
 from chatgate_server.rpc.usage_servicer import UsageServicer
@@ -88,6 +88,8 @@ class App:
         self._upstream: OpenAIUpstream | None = None
         self.ledger: UsageLedger | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self.edge: Edge | None = None
         self._health: health.aio.HealthServicer | None = None
         self.breaker: CircuitBreaker | None = None
@@ -232,9 +234,11 @@ class App:
             ),
             reuse_port=self._reuse_port,
             reflection=s.reflection,
+            connection_age=ConnectionAge(s.max_connection_age_s, s.max_connection_age_grace_s),
         )
         try:
             self.port = self._listen(self._server)
+            await self._listen_health(self._health, self.edge)
         except StartupError:
             await self.stop(0)
             raise
@@ -277,6 +281,37 @@ class App:
             self.callers, certificates=s.tls_client_ca_file is not None, telemetry=self.telemetry
         )
 
+    async def _listen_health(self, servicer: health.aio.HealthServicer, edge: Edge) -> None:
+        """The plaintext health-only port (CHATGATE_HEALTH_LISTEN), when one is set."""
+        address = self.settings.health_listen
+        if address is None:
+            return
+        self._health_server = build_health_server(servicer, edge=edge, reuse_port=self._reuse_port)
+        try:
+            self.health_port = self._health_server.add_insecure_port(str(address))
+        except RuntimeError:
+            self.health_port = 0
+        if self.health_port == 0:
+            raise StartupError(
+                f"cannot listen on {address}: address already in use or not available "
+                "(CHATGATE_HEALTH_LISTEN)"
+            )
+        await self._health_server.start()
+        log.info("health service (plaintext, health only) on %s:%d", address.host, self.health_port)
+
+    async def withdraw(self) -> None:
+        """Report NOT_SERVING on every health name from now on, and keep serving calls.
+
+        For a preStop hook (``chatgate prestop``): load balancers and clients that watch
+        health stop sending new calls before SIGTERM starts the drain. It sticks: the
+        ledger's listener cannot turn a name SERVING again (gRPC's health servicer
+        ignores every later change once in this state).
+        """
+        if self._health is None:
+            return
+        await self._health.enter_graceful_shutdown()
+        log.info("prestop: health is NOT_SERVING from now on; calls are still served until SIGTERM")
+
     def _listen(self, server: grpc.aio.Server) -> int:
         s = self.settings
         listen = s.listen
@@ -312,6 +347,9 @@ class App:
             # Calls are over; this closes connections (and cancels any straggler).
             await _bounded("grpc server", self._server.stop(1.0), 10)
             self._server = None
+        if self._health_server is not None:
+            await _bounded("health server", self._health_server.stop(0), 5)
+            self._health_server = None
         if self.ledger is not None:
             await _bounded("usage ledger", self.ledger.close(), 60)
             self.ledger = None
