@@ -19,7 +19,7 @@ details. See docs/CALLING.md for deadlines, status codes and when to retry.
 """
 
 from chatgate.client.aio import AsyncClient, AsyncCompletionStream
-from chatgate.client.channel import DEFAULT_OPTIONS, channel_options, tls_credentials
+from chatgate.client.channel import DEFAULT_OPTIONS, SERVICE_CONFIG, channel_options, tls_credentials
 from chatgate.client.errors import KNOWN_REASONS, ChatgateError, ErrorReason, FieldViolation, QuotaViolation
 from chatgate.client.events import (
     ContentDelta,
@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_OPTIONS",
     "DEFAULT_TIMEOUT",
     "KNOWN_REASONS",
+    "SERVICE_CONFIG",
     "AsyncClient",
     "AsyncCompletionStream",
     "ChatgateError",
