@@ -30,7 +30,7 @@ from chatgate_server.upstream.openai import OpenAIUpstream
 from chatgate_server.upstream.retry import RetryPolicy
 from chatgate_server.usage import tokens
 from chatgate_server.usage.admission import RequestIdGuard
-from chatgate_server.usage.connect import with_connect_timeout
+from chatgate_server.usage.connect import session_kwargs, with_connect_timeout
 from chatgate_server.usage.dberrors import describe
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
@@ -133,20 +133,24 @@ class App:
         # A connect timeout on both: a Postgres that accepts TCP and never answers must
         # fail a connection attempt in seconds, not the two minutes psycopg allows.
         url = with_connect_timeout(s.database_url)
+        # Behind a transaction-mode pooler: no prepared statements, no session settings.
+        pooled = s.database_transaction_pooling
+        session = session_kwargs(pooled)
         self._pool = AsyncConnectionPool(
-            url, min_size=1, max_size=8, open=False, reconnect_timeout=s.ledger_retry_cap_s
+            url, min_size=1, max_size=8, open=False, kwargs=session, reconnect_timeout=s.ledger_retry_cap_s
         )
-        self._report_pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False)
+        self._report_pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False, kwargs=session)
         # Request-id reservations (usage/reservations.py): a pool of their own, so a burst
         # of ledger batches or reports never makes a call wait for its reservation, and
-        # with the settings that make a reservation one cheap round trip.
+        # with the settings that make a reservation one cheap round trip (session
+        # settings, which a transaction pooler would leak to other clients: not then).
         self._reservation_pool = AsyncConnectionPool(
             url,
             min_size=1,
             max_size=4,
             open=False,
-            kwargs=POOL_KWARGS,
-            configure=configure,
+            kwargs={**POOL_KWARGS, **session},
+            configure=None if pooled else configure,
             reconnect_timeout=s.ledger_retry_cap_s,
         )
         await self._pool.open(wait=False)
@@ -270,6 +274,7 @@ class App:
             min_size=1,
             max_size=2,
             open=False,
+            kwargs=session_kwargs(s.database_transaction_pooling),
             timeout=5,
             reconnect_timeout=s.ledger_retry_cap_s,
         )

@@ -155,6 +155,10 @@ class Settings:
     client connection gets a GOAWAY, so HTTP/2 clients reconnect and rebalance over the
     replicas (default 300; 0: never)."""
     max_connection_age_grace_s: float = 70.0
+    database_transaction_pooling: bool = False
+    """CHATGATE_DATABASE_TRANSACTION_POOLING: DATABASE_URL points at a transaction-mode pooler
+    (PgBouncer ``pool_mode=transaction``): no server-side prepared statements and no session
+    settings on any connection (default false)."""
     """CHATGATE_MAX_CONNECTION_AGE_GRACE_SECONDS: how long the streams running on a connection
     past its age may still finish (default: the deadline cap + 10 s, so none is cut)."""
 
@@ -213,6 +217,7 @@ class Settings:
             health_listen=_optional_listen(e, "CHATGATE_HEALTH_LISTEN"),
             max_connection_age_s=_connection_age(e),
             max_connection_age_grace_s=_connection_age_grace(e),
+            database_transaction_pooling=_flag(e, "CHATGATE_DATABASE_TRANSACTION_POOLING", False),
         )
 
     @property
