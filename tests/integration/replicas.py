@@ -102,3 +102,51 @@ class Replica:
 
     def log_tail(self) -> str:
         return self.log_text()[-3000:]
+
+
+class TcpBalancer:
+    """Hands each new TCP connection to the next backend in turn and pins it there, as a
+    Kubernetes ClusterIP Service (kube-proxy) does: a client with one long-lived HTTP/2
+    connection behind it reaches one replica only, until that connection is replaced."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self._ports = ports
+        self._turn = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        port = self._ports[self._turn % len(self._ports)]
+        self._turn += 1
+        try:
+            backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        self._writers |= {client_writer, backend_writer}
+        await asyncio.gather(
+            self._pump(client_reader, backend_writer), self._pump(backend_reader, client_writer)
+        )
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()
