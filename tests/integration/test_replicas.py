@@ -207,6 +207,8 @@ async def test_replicas_leave_under_load_and_no_call_or_row_is_lost(
             assert [await a.exit_code(), await c.exit_code()] == [0, 0], a.log_tail() + c.log_tail()
 
     finished = {c.request_id for c in calls if c.outcome is not None and c.request_id}
+    # round_robin: every replica had its share while it was up.
+    assert all(served_ids(r) & finished for r in (a, b, c))
     failed = [c for c in calls if c.error is not None]
     # Every call either finished, or was cut mid-stream by the SIGKILL: its events had
     # arrived, so nobody may retry it, and the killed process never wrote its row (what a
