@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 # How long start-up waits for the first load of the caller table; past it chatgate
 # serves anyway and refuses authenticated calls (CALLERS_UNAVAILABLE) until it loads.
 CALLERS_LOAD_TIMEOUT_S = 10.0
+# The grace gRPC itself gets at shutdown: longer than any drain, which ends the calls.
+_UNTIL_DRAINED_S = 24 * 3600.0
 
 
 async def _bounded(what: str, step: Coroutine[Any, Any, object], timeout_s: float) -> None:
@@ -338,11 +340,20 @@ class App:
     async def stop(self, grace: float | None = None, hurry: asyncio.Event | None = None) -> None:
         """Drain and close, in reverse order of opening.
 
-        Health turns NOT_SERVING and new calls are refused at once; running calls get
-        ``grace`` seconds (the configured grace when None; less when ``hurry`` is set)
-        and are then cut with their final event and usage row; the ledger is flushed.
+        Clients get a GOAWAY and the port takes no new connections, health turns
+        NOT_SERVING and new calls are refused at once; running calls get ``grace``
+        seconds (the configured grace when None; less when ``hurry`` is set) and are
+        then cut with their final event and usage row; the ledger is flushed.
         """
         grace = self.settings.shutdown_grace_s if grace is None else grace
+        goaway: asyncio.Future[None] | None = None
+        if self._server is not None:
+            # GOAWAY now: clients open no new streams here (a round_robin client moves
+            # to the other replicas at once, and a call already on its way is refused
+            # by the transport, which gRPC retries elsewhere by itself); running streams
+            # go on. gRPC is given no deadline of its own: the drain below ends them.
+            goaway = asyncio.ensure_future(self._server.stop(_UNTIL_DRAINED_S))
+            await asyncio.sleep(0)  # let it send the GOAWAY before anything else
         if self._health is not None:
             await _bounded("health", self._health.enter_graceful_shutdown(), 5)
         if self.service is not None:
@@ -352,6 +363,8 @@ class App:
             # Calls are over; this closes connections (and cancels any straggler).
             await _bounded("grpc server", self._server.stop(1.0), 10)
             self._server = None
+        if goaway is not None and not goaway.done():
+            goaway.cancel()
         if self._health_server is not None:
             await _bounded("health server", self._health_server.stop(0), 5)
             self._health_server = None

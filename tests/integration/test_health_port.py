@@ -104,7 +104,25 @@ async def test_the_health_port_is_plaintext_health_only_and_prestop_sticks_while
     # Calls are still served (over mTLS on the main port) until SIGTERM.
     async with grpc.aio.secure_channel(replica.target, credentials) as channel:
         assert [await outcome(channel, f"u{i}") for i in range(3)] == ["OUTCOME_COMPLETED"] * 3
-    replica.signal(signal.SIGTERM)
+        # While SIGTERM drains a running stream, the main port takes no new connection
+        # and the health port still answers, NOT_SERVING.
+        stream = chat_pb2_grpc.ChatServiceStub(channel).Complete(
+            pb.CompleteRequest(
+                model="gpt-4o-mini::chunks=10,delay_ms=100",
+                user_id="u-draining",
+                messages=[pb.Message(role=pb.ROLE_USER, text="hi")],
+            ),
+            timeout=10,
+        )
+        first = await stream.read()
+        assert isinstance(first, pb.CompleteResponse) and first.WhichOneof("event") == "started"
+        replica.signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        assert await statuses(replica.health_target) == [NOT_SERVING] * 3
+        events = []
+        while isinstance(event := await stream.read(), pb.CompleteResponse):
+            events.append(event)
+        assert events[-1].finished.outcome == pb.OUTCOME_COMPLETED
     assert await replica.exit_code() == 0, replica.log_tail()
 
 

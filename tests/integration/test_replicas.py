@@ -103,7 +103,19 @@ def access_lines(replica: Replica, text: str | None = None) -> list[dict[str, ob
 
 
 def served_ids(replica: Replica, text: str | None = None) -> set[str]:
-    return {str(line["request_id"]) for line in access_lines(replica, text) if line.get("outcome")}
+    """Calls the replica served (its refusals, outcome ``rejected``, are not counted)."""
+    return {
+        str(line["request_id"])
+        for line in access_lines(replica, text)
+        if line.get("outcome") not in (None, "rejected")
+    }
+
+
+async def logged(replica: Replica, text: str) -> None:
+    deadline = time.monotonic() + 10
+    while text not in replica.log_text():
+        assert time.monotonic() < deadline, f"{replica.name} never logged {text!r}"
+        await asyncio.sleep(0.02)
 
 
 def rows_per_id(database_url: str, ids: set[str]) -> dict[str, int]:
@@ -185,6 +197,9 @@ async def test_replicas_leave_under_load_and_no_call_or_row_is_lost(
             await asyncio.sleep(1.5)
 
             b.signal(signal.SIGTERM)  # drains: its streams finish, new calls are refused
+            await logged(b, "shutting down")
+            # Calls made now must not reach b, or be retried elsewhere if they do.
+            during_drain = await asyncio.gather(*(one_call(client) for _ in range(6)))
             assert await b.exit_code() == 0, b.log_tail()
             await asyncio.sleep(0.5)
 
@@ -230,11 +245,15 @@ async def test_replicas_leave_under_load_and_no_call_or_row_is_lost(
     # b was serving streams when SIGTERM came; each ended with its final event, on the
     # client's side and in b's own lines (none cut by the end of the grace period).
     after = b.log_text().partition("shutting down")[2]
-    assert after, b.log_tail()
     drained = served_ids(b, after)
     assert drained, "b had no stream running when SIGTERM came: the scenario did not happen"
     assert drained <= finished
-    assert {str(line["outcome"]) for line in access_lines(b) if line.get("outcome")} == {"completed"}
+    # Calls made while b drained went elsewhere (its GOAWAY took it out of the client's
+    # rotation; a call that still reached it was refused, then retried by the client).
+    assert [(c.outcome, c.error) for c in during_drain] == [(Outcome.COMPLETED, None)] * len(during_drain)
+    refused = [line for line in access_lines(b) if line.get("outcome") == "rejected"]
+    assert {line["reason"] for line in refused} <= {"SHUTTING_DOWN"}
+    assert {line.get("outcome") for line in access_lines(b)} <= {"completed", "rejected"}
 
     # c's spool held rows when it died, and its restart replayed them.
     assert spooled, "c held no rows in its spool when killed: the scenario did not happen"

@@ -27,9 +27,11 @@ SERVICE_CONFIG: dict[str, Any] = {
     # Service gives one per pod). gRPC's default, pick_first, would pin the whole client
     # to one replica for the life of its connection.
     "loadBalancingConfig": [{"round_robin": {}}],
-    # Watch each replica's health: one that turns NOT_SERVING (draining, `chatgate
-    # prestop`) gets no new calls, while its running streams go on.
-    "healthCheckConfig": {"serviceName": "chatgate.v1.ChatService"},
+    # No client-side health checks ("healthCheckConfig"): each would hold a health Watch
+    # per replica, and a replica past CHATGATE_MAX_HEALTH_WATCHES refuses one, which
+    # gRPC takes for "replica down" — a large fleet of clients would see healthy
+    # replicas as down. A draining replica refuses new calls instead, and the retry
+    # below sends them elsewhere.
     "methodConfig": [
         {
             "name": [{"service": "chatgate.v1.ChatService"}, {"service": "chatgate.v1.UsageService"}],
@@ -49,10 +51,10 @@ SERVICE_CONFIG: dict[str, Any] = {
         }
     ],
 }
-"""The default service config: round_robin, client-side health checks, and the retry
-policy. Replace it with ``options=[("grpc.service_config", json.dumps(...))]``, or turn
-it off with ``("grpc.service_config", "")`` (e.g. behind a mesh or Envoy that balances
-and retries itself)."""
+"""The default service config: round_robin, and the retry policy. Replace it with
+``options=[("grpc.service_config", json.dumps(...))]``, or turn it off with
+``("grpc.service_config", "")`` (e.g. behind a mesh or Envoy that balances and retries
+itself)."""
 
 DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
     # Ping the connection every 30 s and drop it when a ping goes 10 s unanswered:
