@@ -22,6 +22,7 @@ import json
 import random
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +55,11 @@ class Call:
     error: ChatgateError | None = None
 
 
-async def one_call(client: AsyncClient, model: str = STREAM) -> Call:
+async def one_call(client: AsyncClient, model: str = STREAM, request_id: str = "") -> Call:
     call = Call()
+    request = build_request(model, "hi", user_id="u-replicas", request_id=request_id)
     try:
-        async for event in client.complete(build_request(model, "hi", user_id="u-replicas")):
+        async for event in client.complete(request):
             call.events += 1
             if isinstance(event, Started):
                 call.request_id = event.request_id
@@ -205,7 +207,9 @@ async def test_replicas_leave_under_load_and_no_call_or_row_is_lost(
 
             proxy.cut()  # c's Postgres is away: its usage rows go to its spool
             await asyncio.sleep(1.5)
-            probes = [asyncio.create_task(one_call(client, PROBE)) for _ in range(PROBES)]
+            # With ids of the caller's: the retry carries the same one.
+            probe_ids = {f"probe-{uuid.uuid4().hex}" for _ in range(PROBES)}
+            probes = [asyncio.create_task(one_call(client, PROBE, i)) for i in probe_ids]
             await upstream_requests(simulator, PROBES)  # half of them on c, none answered yet
             c.signal(signal.SIGKILL)
             await c.exit_code()
@@ -241,6 +245,7 @@ async def test_replicas_leave_under_load_and_no_call_or_row_is_lost(
     # client (one more upstream request each) and answered by a.
     assert [(p.outcome, p.error) for p in probed] == [(Outcome.COMPLETED, None)] * PROBES
     assert len(probe_requests(simulator)) > PROBES
+    assert rows_per_id(database.direct, probe_ids) == dict.fromkeys(probe_ids, 1)
 
     # b was serving streams when SIGTERM came; each ended with its final event, on the
     # client's side and in b's own lines (none cut by the end of the grace period).
