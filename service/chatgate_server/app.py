@@ -29,7 +29,7 @@ from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.edge import Edge, EdgeLimits
 from chatgate_server.rpc.health_probe import LIVENESS_SERVICE
 from chatgate_server.rpc.ledger_health import LedgerHealth
-from chatgate_server.rpc.server import CHAT_SERVICE, build_server
+from chatgate_server.rpc.server import CHAT_SERVICE, ConnectionAge, build_health_server, build_server
 from chatgate_server.rpc.servicer import ChatServicer
 from chatgate_server.rpc.tls import ReloadingTls, TlsFiles
 from chatgate_server.rpc.usage_servicer import UsageServicer
@@ -41,7 +41,7 @@ from chatgate_server.upstream.retry import RetryPolicy
 from chatgate_server.upstream.router import Router
 from chatgate_server.usage import tokens
 from chatgate_server.usage.admission import RequestIdGuard
-from chatgate_server.usage.connect import with_connect_timeout
+from chatgate_server.usage.connect import session_kwargs, with_connect_timeout
 from chatgate_server.usage.dberrors import describe
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 CALLERS_LOAD_TIMEOUT_S = 10.0
 # How often deployments dropped by a reload are checked for calls still using them.
 RETIRE_POLL_S = 0.5
+# The grace gRPC itself gets at shutdown: longer than any drain, which ends the calls.
+_UNTIL_DRAINED_S = 24 * 3600.0
 
 
 async def _bounded(what: str, step: Coroutine[Any, Any, object], timeout_s: float) -> None:
@@ -115,6 +117,8 @@ class App:
         self._reloading = asyncio.Lock()
         self.ledger: UsageLedger | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self.edge: Edge | None = None
         self._health: health.aio.HealthServicer | None = None
         self.breaker: CircuitBreaker | None = None
@@ -158,20 +162,24 @@ class App:
         # A connect timeout on both: a Postgres that accepts TCP and never answers must
         # fail a connection attempt in seconds, not the two minutes psycopg allows.
         url = with_connect_timeout(s.database_url)
+        # Behind a transaction-mode pooler: no prepared statements, no session settings.
+        pooled = s.database_transaction_pooling
+        session = session_kwargs(pooled)
         self._pool = AsyncConnectionPool(
-            url, min_size=1, max_size=8, open=False, reconnect_timeout=s.ledger_retry_cap_s
+            url, min_size=1, max_size=8, open=False, kwargs=session, reconnect_timeout=s.ledger_retry_cap_s
         )
-        self._report_pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False)
+        self._report_pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False, kwargs=session)
         # Request-id reservations (usage/reservations.py): a pool of their own, so a burst
         # of ledger batches or reports never makes a call wait for its reservation, and
-        # with the settings that make a reservation one cheap round trip.
+        # with the settings that make a reservation one cheap round trip (session
+        # settings, which a transaction pooler would leak to other clients: not then).
         self._reservation_pool = AsyncConnectionPool(
             url,
             min_size=1,
             max_size=4,
             open=False,
-            kwargs=POOL_KWARGS,
-            configure=configure,
+            kwargs={**POOL_KWARGS, **session},
+            configure=None if pooled else configure,
             reconnect_timeout=s.ledger_retry_cap_s,
         )
         await self._pool.open(wait=False)
@@ -254,9 +262,11 @@ class App:
             ),
             reuse_port=self._reuse_port,
             reflection=s.reflection,
+            connection_age=ConnectionAge(s.max_connection_age_s, s.max_connection_age_grace_s),
         )
         try:
             self.port = self._listen(self._server)
+            await self._listen_health(self._health, self.edge)
         except StartupError:
             await self.stop(0)
             raise
@@ -290,6 +300,7 @@ class App:
             min_size=1,
             max_size=2,
             open=False,
+            kwargs=session_kwargs(s.database_transaction_pooling),
             timeout=5,
             reconnect_timeout=s.ledger_retry_cap_s,
         )
@@ -300,6 +311,37 @@ class App:
         return Authenticator(
             self.callers, certificates=s.tls_client_ca_file is not None, telemetry=self.telemetry
         )
+
+    async def _listen_health(self, servicer: health.aio.HealthServicer, edge: Edge) -> None:
+        """The plaintext health-only port (CHATGATE_HEALTH_LISTEN), when one is set."""
+        address = self.settings.health_listen
+        if address is None:
+            return
+        self._health_server = build_health_server(servicer, edge=edge, reuse_port=self._reuse_port)
+        try:
+            self.health_port = self._health_server.add_insecure_port(str(address))
+        except RuntimeError:
+            self.health_port = 0
+        if self.health_port == 0:
+            raise StartupError(
+                f"cannot listen on {address}: address already in use or not available "
+                "(CHATGATE_HEALTH_LISTEN)"
+            )
+        await self._health_server.start()
+        log.info("health service (plaintext, health only) on %s:%d", address.host, self.health_port)
+
+    async def withdraw(self) -> None:
+        """Report NOT_SERVING on every health name from now on, and keep serving calls.
+
+        For a preStop hook (``chatgate prestop``): load balancers and clients that watch
+        health stop sending new calls before SIGTERM starts the drain. It sticks: the
+        ledger's listener cannot turn a name SERVING again (gRPC's health servicer
+        ignores every later change once in this state).
+        """
+        if self._health is None:
+            return
+        await self._health.enter_graceful_shutdown()
+        log.info("prestop: health is NOT_SERVING from now on; calls are still served until SIGTERM")
 
     def _listen(self, server: grpc.aio.Server) -> int:
         s = self.settings
@@ -322,11 +364,20 @@ class App:
     async def stop(self, grace: float | None = None, hurry: asyncio.Event | None = None) -> None:
         """Drain and close, in reverse order of opening.
 
-        Health turns NOT_SERVING and new calls are refused at once; running calls get
-        ``grace`` seconds (the configured grace when None; less when ``hurry`` is set)
-        and are then cut with their final event and usage row; the ledger is flushed.
+        Clients get a GOAWAY and the port takes no new connections, health turns
+        NOT_SERVING and new calls are refused at once; running calls get ``grace``
+        seconds (the configured grace when None; less when ``hurry`` is set) and are
+        then cut with their final event and usage row; the ledger is flushed.
         """
         grace = self.settings.shutdown_grace_s if grace is None else grace
+        goaway: asyncio.Future[None] | None = None
+        if self._server is not None:
+            # GOAWAY now: clients open no new streams here (a round_robin client moves
+            # to the other replicas at once, and a call already on its way is refused
+            # by the transport, which gRPC retries elsewhere by itself); running streams
+            # go on. gRPC is given no deadline of its own: the drain below ends them.
+            goaway = asyncio.ensure_future(self._server.stop(_UNTIL_DRAINED_S))
+            await asyncio.sleep(0)  # let it send the GOAWAY before anything else
         if self._health is not None:
             await _bounded("health", self._health.enter_graceful_shutdown(), 5)
         if self.service is not None:
@@ -336,6 +387,11 @@ class App:
             # Calls are over; this closes connections (and cancels any straggler).
             await _bounded("grpc server", self._server.stop(1.0), 10)
             self._server = None
+        if goaway is not None and not goaway.done():
+            goaway.cancel()
+        if self._health_server is not None:
+            await _bounded("health server", self._health_server.stop(0), 5)
+            self._health_server = None
         if self.ledger is not None:
             await _bounded("usage ledger", self.ledger.close(), 60)
             self.ledger = None

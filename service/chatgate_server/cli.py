@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from chatgate_server.auth.commands import CALLERS_COMMAND, add_callers_command, run_callers_command
 from chatgate_server.config import ConfigError, Settings, database_url_from_env
 from chatgate_server.logs import configure_logging
 from chatgate_server.usage.commands import USAGE_COMMANDS, add_usage_commands, run_usage_command
+
+if TYPE_CHECKING:
+    from chatgate_server.app import App
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,6 +50,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check", help="check a deployments file offline: its keys, deployments, routes and key references"
     )
     check.add_argument("file", nargs="?", default=None, help="the file (default: $CHATGATE_CONFIG)")
+    prestop = sub.add_parser(
+        "prestop",
+        help="turn a running server's health NOT_SERVING (SIGUSR1), then wait: a Kubernetes "
+        "preStop hook, so balancers stop sending calls before SIGTERM starts the drain",
+    )
+    prestop.add_argument(
+        "--wait-seconds", type=float, default=5.0, help="seconds to wait after signalling (default 5)"
+    )
+    prestop.add_argument(
+        "--pid", type=int, default=1, help="the server's (or supervisor's) process id (default 1)"
+    )
     add_usage_commands(sub)
     add_callers_command(sub)
     args, rest = parser.parse_known_args(argv)
@@ -60,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _config_check(args.file)
         if args.command == "health":
             return _health(args.address, args.timeout, ledger=args.ledger)
+        if args.command == "prestop":
+            return _prestop(args.pid, args.wait_seconds)
         if args.command == CALLERS_COMMAND:
             return run_callers_command(args)
         if args.command in USAGE_COMMANDS:
@@ -152,6 +171,10 @@ async def _serve_async(settings: Settings, *, reuse_port: bool = False) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    # SIGUSR1 (``chatgate prestop``): health NOT_SERVING, calls still served. Noted even
+    # during start-up and applied once serving.
+    withdraw = asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, withdraw.set)
     app = App(settings, reuse_port=reuse_port)
     reloads: set[asyncio.Task[bool]] = set()
 
@@ -167,17 +190,37 @@ async def _serve_async(settings: Settings, *, reuse_port: bool = False) -> int:
     except StartupError as exc:
         print(f"chatgate: {exc}", file=sys.stderr)
         return 1
+    withdrawing = asyncio.create_task(_withdraw_on(withdraw, app))
     await stop.wait()
+    withdrawing.cancel()
     log = logging.getLogger(__name__)
     log.info("shutting down: draining for up to %.1fs (signal again to cut now)", settings.shutdown_grace_s)
     await app.stop(hurry=hurry)
     # From here the process only exits. Ignore further signals rather than let the
     # default action kill it once the loop drops its handlers: a supervisor forwarding
     # a second SIGTERM would otherwise see this clean exit as "killed by SIGTERM".
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
     log.info("stopped")
+    return 0
+
+
+async def _withdraw_on(event: asyncio.Event, app: App) -> None:
+    await event.wait()
+    await app.withdraw()
+
+
+def _prestop(pid: int, wait_s: float) -> int:
+    """Signal the server to report NOT_SERVING, then wait while the endpoints and the
+    clients watching health take it out of rotation; SIGTERM comes after this returns."""
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError as exc:
+        print(f"chatgate: prestop: cannot signal process {pid}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"chatgate: prestop: process {pid} reports NOT_SERVING; waiting {wait_s:g}s", file=sys.stderr)
+    time.sleep(max(0.0, wait_s))
     return 0
 
 

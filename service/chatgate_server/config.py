@@ -150,6 +150,21 @@ class Settings:
     prices_file: Path | None = None
     """CHATGATE_PRICES_FILE: the operator's price table (the shipped usage/prices.csv's format);
     its rows replace the shipped rows of every model it names. Unset: the shipped table alone."""
+    health_listen: ListenAddress | None = None
+    """CHATGATE_HEALTH_LISTEN: host:port of a second, plaintext listener serving only
+    grpc.health.v1 (the same statuses as the main port), for probes that cannot present a
+    client certificate (kubelet's gRPC probes under mTLS). Unset: no second listener."""
+    max_connection_age_s: float | None = 300.0
+    """CHATGATE_MAX_CONNECTION_AGE_SECONDS: after about this long (gRPC adds ±10 % jitter) a
+    client connection gets a GOAWAY, so HTTP/2 clients reconnect and rebalance over the
+    replicas (default 300; 0: never)."""
+    max_connection_age_grace_s: float = 70.0
+    database_transaction_pooling: bool = False
+    """CHATGATE_DATABASE_TRANSACTION_POOLING: DATABASE_URL points at a transaction-mode pooler
+    (PgBouncer ``pool_mode=transaction``): no server-side prepared statements and no session
+    settings on any connection (default false)."""
+    """CHATGATE_MAX_CONNECTION_AGE_GRACE_SECONDS: how long the streams running on a connection
+    past its age may still finish (default: the deadline cap + 10 s, so none is cut)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -205,6 +220,10 @@ class Settings:
             tls_key_file=key,
             tls_client_ca_file=client_ca,
             reflection=_flag(e, "CHATGATE_REFLECTION", True),
+            health_listen=_optional_listen(e, "CHATGATE_HEALTH_LISTEN"),
+            max_connection_age_s=_connection_age(e),
+            max_connection_age_grace_s=_connection_age_grace(e),
+            database_transaction_pooling=_flag(e, "CHATGATE_DATABASE_TRANSACTION_POOLING", False),
         )
 
     @property
@@ -292,6 +311,28 @@ def spool_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
     """CHATGATE_SPOOL_DIR alone, for ``chatgate usage-dead-letters``."""
     e = os.environ if env is None else env
     return Path(e.get("CHATGATE_SPOOL_DIR", "").strip() or ".chatgate/spool")
+
+
+def _optional_listen(env: Mapping[str, str], name: str) -> ListenAddress | None:
+    return _listen(env, name, "") if env.get(name, "").strip() else None
+
+
+def _connection_age(env: Mapping[str, str]) -> float | None:
+    age = _float(env, "CHATGATE_MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=0)
+    return age or None
+
+
+def _connection_age_grace(env: Mapping[str, str]) -> float:
+    """The grace must outlast the longest stream: a shorter one would cut streams that
+    are still within their deadline, which connection recycling must never do."""
+    cap = _float(env, "CHATGATE_DEADLINE_CAP_SECONDS", 60.0, minimum=0.001)
+    grace = _float(env, "CHATGATE_MAX_CONNECTION_AGE_GRACE_SECONDS", cap + 10.0, minimum=0)
+    if grace < cap:
+        raise ConfigError(
+            "CHATGATE_MAX_CONNECTION_AGE_GRACE_SECONDS must be at least CHATGATE_DEADLINE_CAP_SECONDS "
+            f"({cap:g}), or streams still within their deadline would be cut; got {grace:g}"
+        )
+    return grace
 
 
 def _required(env: Mapping[str, str], name: str) -> str:

@@ -26,8 +26,9 @@ The supervisor:
   print the same error N times;
 - starts the children in their own process group, so a terminal's Ctrl-C reaches
   only the supervisor, which forwards each SIGTERM/SIGINT exactly once to every child
-  (a second signal still means "cut now", as for one process), and each SIGHUP (reload
-  CHATGATE_CONFIG) without stopping; children also get
+  (a second signal still means "cut now", as for one process), each SIGHUP (reload
+  CHATGATE_CONFIG) without stopping, and SIGUSR1 (``chatgate prestop``: health
+  NOT_SERVING, calls still served); children also get
   SIGTERM if the supervisor dies (``PR_SET_PDEATHSIG``);
 - exits 0 when every child exited 0 after a signal. A child that exits on its own is
   a failure: the others are stopped and the supervisor exits non-zero, leaving the
@@ -84,7 +85,10 @@ def resolve_workers(flag: int | None, settings: Settings, env: Mapping[str, str]
         if explicit is not None and explicit > 1:
             raise ConfigError("CHATGATE_LISTEN port 0 (any free port) cannot be shared by several workers")
         return 1
-    return explicit if explicit is not None else available_cores()
+    count = explicit if explicit is not None else available_cores()
+    if count > 1 and settings.health_listen is not None and settings.health_listen.port == 0:
+        raise ConfigError("CHATGATE_HEALTH_LISTEN port 0 (any free port) cannot be shared by several workers")
+    return count
 
 
 def supervise(settings: Settings, workers: int) -> int:
@@ -93,16 +97,21 @@ def supervise(settings: Settings, workers: int) -> int:
     if error is not None:
         print(f"chatgate: {error}", file=sys.stderr)
         return 1
+    holds: list[socket.socket] = []
+    ports = [(settings.listen, "CHATGATE_LISTEN")]
+    if settings.health_listen is not None:
+        ports.append((settings.health_listen, "CHATGATE_HEALTH_LISTEN"))
     try:
-        hold = claim_port(settings.listen.host, settings.listen.port)
-    except OSError as exc:
-        print(
-            f"chatgate: cannot listen on {settings.listen}: {exc.strerror} (CHATGATE_LISTEN)",
-            file=sys.stderr,
-        )
-        return 1
-    with hold:
+        for address, name in ports:
+            try:
+                holds.append(claim_port(address.host, address.port))
+            except OSError as exc:
+                print(f"chatgate: cannot listen on {address}: {exc.strerror} ({name})", file=sys.stderr)
+                return 1
         return _run(settings, workers)
+    finally:
+        for hold in holds:
+            hold.close()
 
 
 def _run(settings: Settings, workers: int) -> int:
@@ -111,7 +120,7 @@ def _run(settings: Settings, workers: int) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         received.append(signum)  # forwarded by the loop below, never lost to a race
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, on_signal)
     # Migrations are done (or checked) above; N children must not race on them.
     env = {**os.environ, "CHATGATE_MIGRATE_ON_START": "false", SUPERVISED_ENV: str(os.getpid())}
@@ -147,9 +156,12 @@ def _wait(children: list[subprocess.Popen[bytes]], received: list[int]) -> int:
     forwarded = 0
     while True:
         while forwarded < len(received):
-            # SIGHUP (reload the deployments) is passed on; any other signal stops.
-            stopping = stopping or received[forwarded] != signal.SIGHUP
-            _signal_all(children, received[forwarded])
+            signum = received[forwarded]
+            if signum == signal.SIGUSR1:  # prestop: every worker turns NOT_SERVING, none stops
+                log.info("chatgate supervisor: prestop; forwarding to every worker")
+            elif signum != signal.SIGHUP:  # SIGHUP reloads the deployments; others stop
+                stopping = True
+            _signal_all(children, signum)
             forwarded += 1
         running = [c for c in children if c.poll() is None]
         if not stopping:

@@ -106,9 +106,9 @@ def test_concurrent_runners_apply_each_migration_exactly_once(fresh_db: str) -> 
     with ThreadPoolExecutor(runners) as pool:
         results = [f.result() for f in [pool.submit(run) for _ in range(runners)]]
 
-    # Every runner succeeded; between them each migration was applied once.
+    # Every runner succeeded; between them each migration was applied once (each
+    # migration's transaction holds the lock, so runners may take turns).
     assert sorted(name for result in results for name in result) == sorted(ALL)
-    assert sum(1 for result in results if result) == 1
     with psycopg.connect(fresh_db) as conn:
         count = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()
         assert count == (len(ALL),)

@@ -53,3 +53,27 @@ def test_breaker_window_and_rate() -> None:
     for name, bad in (("CHATGATE_BREAKER_FAILURE_RATE", "1.5"), ("CHATGATE_BREAKER_WINDOW_SECONDS", "0")):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({**env, name: bad})
+
+
+def test_connection_age_defaults_outlast_the_deadline_cap() -> None:
+    settings = Settings.from_env({**BASE, "OPENAI_API_KEY": "sk-x", "CHATGATE_DEADLINE_CAP_SECONDS": "30"})
+    assert settings.max_connection_age_s == 300
+    assert settings.max_connection_age_grace_s == 40  # the cap + 10 s: no stream is cut
+    assert settings.health_listen is None
+
+
+def test_connection_age_zero_means_never_and_a_short_grace_is_refused() -> None:
+    env = {**BASE, "OPENAI_API_KEY": "sk-x"}
+    assert Settings.from_env({**env, "CHATGATE_MAX_CONNECTION_AGE_SECONDS": "0"}).max_connection_age_s is None
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**env, "CHATGATE_MAX_CONNECTION_AGE_GRACE_SECONDS": "30"})
+    assert "CHATGATE_MAX_CONNECTION_AGE_GRACE_SECONDS" in str(caught.value)
+
+
+def test_health_listen_is_parsed_and_checked() -> None:
+    env = {**BASE, "OPENAI_API_KEY": "sk-x"}
+    settings = Settings.from_env({**env, "CHATGATE_HEALTH_LISTEN": "0.0.0.0:8081"})
+    assert str(settings.health_listen) == "0.0.0.0:8081"
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**env, "CHATGATE_HEALTH_LISTEN": "8081"})
+    assert "CHATGATE_HEALTH_LISTEN" in str(caught.value)

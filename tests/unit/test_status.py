@@ -12,12 +12,14 @@ from google.rpc import error_details_pb2, status_pb2
 from chatgate_server.errors import (
     MAX_RETRY_DELAY_S,
     BreakerOpen,
+    CallersUnavailable,
     ChatgateError,
     DeadlineExceeded,
     FieldViolation,
     InvalidRequest,
     QuotaExceeded,
     QuotaViolation,
+    ShuttingDown,
     UpstreamCredentialsError,
     UpstreamRateLimited,
     UpstreamRejected,
@@ -162,3 +164,29 @@ def test_a_spent_monthly_budget_says_no_retry_time() -> None:
     )
     _, unpacked = details(to_status(error))
     assert [type(d).__name__ for d in unpacked] == ["ErrorInfo", "QuotaFailure"]
+
+
+def pushback(status: grpc.Status) -> str | bytes | None:
+    values = [v for k, v in status.trailing_metadata if k == "grpc-retry-pushback-ms"]
+    return values[0] if values else None
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        # Clients retry UNAVAILABLE by their service config; the trailer steers them.
+        # Upstream failures: every replica shares them and chatgate already retried.
+        (UpstreamCredentialsError("our key was refused"), "-1"),
+        (UpstreamRateLimited("slow down", retry_after=0.25), "-1"),
+        (BreakerOpen("open", retry_after=0.5), "-1"),
+        # What another replica can answer: at once, or after a short RetryInfo delay.
+        (ShuttingDown("draining"), None),
+        (CallersUnavailable("not loaded", retry_after=1.5), "1500"),
+        (CallersUnavailable("not loaded", retry_after=30), "-1"),  # too long to hide
+        (DeadlineExceeded("late"), None),  # not retried by the policy at all
+    ],
+)
+def test_unavailable_refusals_steer_the_clients_transparent_retry(
+    error: ChatgateError, expected: str | None
+) -> None:
+    assert pushback(to_status(error)) == expected

@@ -8,6 +8,32 @@ import { chatServiceClient } from "./proto.js";
 /** chatgate's own default cap; pick a shorter deadline per use case (docs/CALLING.md). */
 export const DEFAULT_TIMEOUT_MS = 60_000;
 
+/**
+ * The default service config: spread calls over every address the target resolves to
+ * (a Kubernetes headless Service gives one per pod; gRPC's default, pick_first, would
+ * pin the client to one replica), and retry UNAVAILABLE. gRPC retries a call only while
+ * nothing of its response has arrived — for a stream, before any event — which is the
+ * error model's rule (docs/CALLING.md). Each retry picks a replica afresh, so a call a
+ * draining or dying replica refused is answered by another; the server's
+ * grpc-retry-pushback-ms trailer forbids it for upstream failures (chatgate already
+ * retried those) and sets the wait when RetryInfo's is short.
+ */
+export const DEFAULT_SERVICE_CONFIG = Object.freeze({
+  loadBalancingConfig: [{ round_robin: {} }],
+  methodConfig: [
+    {
+      name: [{ service: "chatgate.v1.ChatService" }, { service: "chatgate.v1.UsageService" }],
+      retryPolicy: {
+        maxAttempts: 3,
+        initialBackoff: "0.1s",
+        maxBackoff: "1s",
+        backoffMultiplier: 2,
+        retryableStatusCodes: ["UNAVAILABLE"],
+      },
+    },
+  ],
+});
+
 export const DEFAULT_CHANNEL_OPTIONS = Object.freeze({
   // Ping every 30 s, drop the connection when a ping goes 10 s unanswered: a dead peer
   // or a NAT that forgot the connection is noticed before the next call hangs on it.
@@ -18,7 +44,20 @@ export const DEFAULT_CHANNEL_OPTIONS = Object.freeze({
   // Reconnect within 10 s after a server restart (gRPC's default backoff grows to 120 s).
   "grpc.max_reconnect_backoff_ms": 10_000,
   "grpc.primary_user_agent": "chatgate-client-node/0.1.0",
+  // Replace it with your own JSON; "" drops it (behind a mesh or Envoy that balances
+  // and retries itself).
+  "grpc.service_config": JSON.stringify(DEFAULT_SERVICE_CONFIG),
+  // Room to replay a request on retry (gRPC stops retrying a call whose request outgrew
+  // it; chatgate takes requests up to 4 MiB).
+  "grpc.per_rpc_retry_buffer_size": 8 << 20,
 });
+
+/** The defaults with `extra` over them; a "grpc.service_config" of "" removes it. */
+export function mergedChannelOptions(extra = {}) {
+  const merged = { ...DEFAULT_CHANNEL_OPTIONS, ...extra };
+  if (merged["grpc.service_config"] === "") delete merged["grpc.service_config"];
+  return merged;
+}
 
 export class ChatgateClient {
   #stub;
@@ -33,7 +72,7 @@ export class ChatgateClient {
    *   when absent) or caFile / certFile + keyFile (TLS from PEM files; the client
    *   certificate for mTLS), timeoutMs (each call's deadline unless the call gives one;
    *   null for none), metadata (sent with every call), channelOptions (over the
-   *   keepalive defaults).
+   *   defaults: keepalive, and the service config with round_robin and retries).
    */
   constructor(
     address,
@@ -50,10 +89,11 @@ export class ChatgateClient {
     } = {},
   ) {
     const Stub = chatServiceClient();
-    this.#stub = new Stub(address, channelCredentials(credentials, { caFile, certFile, keyFile }), {
-      ...DEFAULT_CHANNEL_OPTIONS,
-      ...channelOptions,
-    });
+    this.#stub = new Stub(
+      address,
+      channelCredentials(credentials, { caFile, certFile, keyFile }),
+      mergedChannelOptions(channelOptions),
+    );
     this.#token = resolveToken(token, tokenFile);
     this.#timeoutMs = checkTimeout(timeoutMs);
     this.#metadata = metadata;

@@ -83,9 +83,10 @@ async def _run(url: str, args: argparse.Namespace, out: TextIO) -> int:
     from psycopg_pool import AsyncConnectionPool
 
     from chatgate_server.auth.store import CallerStore, NewCaller
+    from chatgate_server.usage.connect import session_kwargs
 
     now = datetime.now(UTC)
-    async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False) as pool:
+    async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False, kwargs=session_kwargs()) as pool:
         await pool.open(wait=True, timeout=10)
         store = CallerStore(pool)
         if args.action == "create":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -11,7 +13,30 @@ from chatgate_server.rpc.reflection import enable_reflection
 from chatgate_server.rpc.servicer import ChatServicer
 from chatgate_server.rpc.usage_servicer import UsageServicer
 
-__all__ = ["CHAT_SERVICE", "USAGE_SERVICE", "build_server"]
+__all__ = ["CHAT_SERVICE", "USAGE_SERVICE", "ConnectionAge", "build_health_server", "build_server"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionAge:
+    """How long a client connection lives before the server asks it to go (GOAWAY).
+
+    HTTP/2 pins a client to the replica it first connected to; a GOAWAY makes it
+    reconnect (re-resolving DNS), so new replicas get their share. gRPC core spreads
+    the age by ±10 % so the connections of one burst do not all leave together. Streams
+    running on the connection then have ``grace_s`` to finish before it is closed.
+    """
+
+    age_s: float | None
+    """None: connections are never recycled."""
+    grace_s: float
+
+    def options(self) -> list[tuple[str, int]]:
+        if self.age_s is None:
+            return []
+        return [
+            ("grpc.max_connection_age_ms", max(1, round(self.age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms", round(self.grace_s * 1000)),
+        ]
 
 
 def build_server(
@@ -21,6 +46,7 @@ def build_server(
     usage: UsageServicer | None = None,
     reuse_port: bool = False,
     reflection: bool = True,
+    connection_age: ConnectionAge | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with every service registered behind ``edge``; the caller binds a port
     and starts it.
@@ -42,6 +68,7 @@ def build_server(
             # INVALID_ARGUMENT naming the limit, not gRPC's bare RESOURCE_EXHAUSTED.
             ("grpc.max_receive_message_length", edge.limits.receive_ceiling),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
+            *(connection_age.options() if connection_age is not None else []),
         ],
     )
     chat_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
@@ -53,3 +80,18 @@ def build_server(
     if reflection:
         enable_reflection((CHAT_SERVICE, *([USAGE_SERVICE] if usage else []), health_service), server)
     return server, health_servicer
+
+
+def build_health_server(
+    servicer: health.aio.HealthServicer, *, edge: Edge, reuse_port: bool = False
+) -> grpc.aio.Server:
+    """A second server with the main one's health servicer and nothing else, for a
+    plaintext port: kubelet's gRPC probes cannot present a client certificate, so under
+    mTLS they need a port without it, and that port must not carry any other service.
+    Behind the same edge, so its Watch streams count against the same limits."""
+    server = grpc.aio.server(
+        interceptors=(edge,),
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return server

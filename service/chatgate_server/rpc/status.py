@@ -16,7 +16,13 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from chatgate_server.errors import ChatgateError, InvalidRequest, QuotaExceeded, sane_retry_delay
+from chatgate_server.errors import (
+    ChatgateError,
+    InvalidRequest,
+    QuotaExceeded,
+    UpstreamError,
+    sane_retry_delay,
+)
 
 ERROR_DOMAIN = "chatgate"
 # The status travels in trailers, which gRPC caps (8 KiB by default; beyond that the
@@ -27,6 +33,9 @@ ERROR_DOMAIN = "chatgate"
 MAX_MESSAGE_BYTES = 512
 VIOLATIONS_BUDGET_BYTES = 3072
 _MAX_FIELD_BYTES = 160
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# The longest RetryInfo delay a client's transparent gRPC retry may wait out.
+MAX_TRANSPARENT_RETRY_WAIT_S = 2.0
 _MAX_DESCRIPTION_BYTES = 240
 
 
@@ -50,7 +59,35 @@ def to_status(error: BaseException) -> grpc.Status:
         details.append(_packed(_quota_failure(error)))
     message = _bounded(error.message, MAX_MESSAGE_BYTES)
     status = rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
+    pushback = retry_pushback_ms(error)
+    if pushback is not None:
+        trailers = (*status.trailing_metadata, (RETRY_PUSHBACK_KEY, pushback))
+        status = status._replace(trailing_metadata=trailers)
     return status  # type: ignore[no-any-return]
+
+
+def retry_pushback_ms(error: ChatgateError) -> str | None:
+    """The ``grpc-retry-pushback-ms`` trailer for an UNAVAILABLE refusal, or None.
+
+    Clients with a gRPC retry policy for UNAVAILABLE (ours, by default) retry a call that
+    got no response yet on their own, on whichever replica their balancer picks next;
+    this trailer is how the server steers that. What another replica can answer (this
+    one is draining, its ledger is full, its caller table not loaded) is retried after
+    the client's backoff, or after RetryInfo's delay when that is short. ``-1`` forbids
+    the retry for upstream failures, which every replica shares and which chatgate has
+    already retried within the deadline (a transparent retry would multiply the load on
+    a failing upstream and trip the breaker), and for a RetryInfo delay too long to
+    hide: the caller decides, with the reason in hand, instead of its deadline running
+    out in a silent wait.
+    """
+    if error.status_name != "UNAVAILABLE":
+        return None
+    if isinstance(error, UpstreamError):
+        return "-1"
+    delay = sane_retry_delay(error.retry_after)
+    if delay is None:
+        return None
+    return "-1" if delay > MAX_TRANSPARENT_RETRY_WAIT_S else str(round(delay * 1000))
 
 
 def _violations(error: InvalidRequest) -> list[error_details_pb2.BadRequest.FieldViolation]:

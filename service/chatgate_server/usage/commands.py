@@ -204,10 +204,17 @@ async def _pool(url: str) -> Any:
     """
     from psycopg_pool import AsyncConnectionPool
 
-    from chatgate_server.usage.connect import DEFAULT_CONNECT_TIMEOUT_S, connect, with_connect_timeout
+    from chatgate_server.usage.connect import (
+        DEFAULT_CONNECT_TIMEOUT_S,
+        connect,
+        session_kwargs,
+        with_connect_timeout,
+    )
 
     await (await connect(url)).close()
-    pool: Any = AsyncConnectionPool(with_connect_timeout(url), min_size=1, max_size=1, open=False)
+    pool: Any = AsyncConnectionPool(
+        with_connect_timeout(url), min_size=1, max_size=1, open=False, kwargs=session_kwargs()
+    )
     await pool.open(wait=True, timeout=2 * DEFAULT_CONNECT_TIMEOUT_S)
     return pool
 

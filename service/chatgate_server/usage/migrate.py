@@ -9,8 +9,10 @@ Why a hand-written runner: the migrations are plain SQL and the runner's whole j
 about forty lines. Alembic would bring SQLAlchemy, an ``env.py`` and a second way of
 describing the schema, for none of which this project has a use.
 
-Two replicas may run this at the same moment (``CHATGATE_MIGRATE_ON_START``): a
-session-level advisory lock makes the second wait, then find nothing left to do.
+Two replicas may run this at the same moment (``CHATGATE_MIGRATE_ON_START``): each
+migration's transaction takes a transaction-level advisory lock and reads what is
+applied under it, so the second runner waits, then finds nothing left to do. Nothing is
+held in the session, so this works through a transaction-mode pooler (PgBouncer).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import psycopg
 
-from chatgate_server.usage.connect import with_connect_timeout
+from chatgate_server.usage.connect import session_kwargs, with_connect_timeout
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ def _pending(migrations: list[Migration], applied: dict[int, str]) -> list[Migra
 
 def pending_migrations(database_url: str) -> list[str]:
     """Names of the packaged migrations not yet applied to this database, in order."""
-    with psycopg.connect(with_connect_timeout(database_url), autocommit=True) as conn:
+    with psycopg.connect(with_connect_timeout(database_url), autocommit=True, **session_kwargs()) as conn:
         return [m.name for m in _pending(load_migrations(), _applied(conn))]
 
 
@@ -104,26 +106,34 @@ def apply_migrations(database_url: str) -> list[str]:
     """
     migrations = load_migrations()
     applied_now: list[str] = []
-    with psycopg.connect(with_connect_timeout(database_url), autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", [MIGRATION_LOCK_KEY])
-        try:
+    with psycopg.connect(with_connect_timeout(database_url), autocommit=True, **session_kwargs()) as conn:
+        with conn.transaction():
+            _lock(conn)
             # Created under the lock: concurrent CREATE TABLE IF NOT EXISTS can still
             # collide in the catalog.
             conn.execute(_CREATE_LEDGER)
-            for m in _pending(migrations, _applied(conn)):
-                with conn.transaction():
-                    # bytes: the file is sent as is (several statements, no parameters).
-                    conn.execute(m.sql.encode("utf-8"))
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", [m.version, m.name]
-                    )
-                log.info("applied migration %s", m.name)
-                applied_now.append(m.name)
-        finally:
-            # The lock would also go with the session; unlocking keeps it tidy.
-            if not conn.broken:
-                conn.execute("SELECT pg_advisory_unlock(%s)", [MIGRATION_LOCK_KEY])
+        while True:
+            with conn.transaction():
+                _lock(conn)
+                pending = _pending(migrations, _applied(conn))
+                if not pending:
+                    break
+                m = pending[0]
+                # bytes: the file is sent as is (several statements, no parameters).
+                conn.execute(m.sql.encode("utf-8"))
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", [m.version, m.name]
+                )
+            log.info("applied migration %s", m.name)
+            applied_now.append(m.name)
     return applied_now
+
+
+def _lock(conn: psycopg.Connection[Any]) -> None:
+    """The runners' lock, held until the end of the current transaction: a session lock
+    would be taken on one server connection and released on another behind a
+    transaction pooler, and so never released."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_KEY])
 
 
 # libpq reports a server's refusal as "FATAL:  <reason>"; these reasons are settings to

@@ -19,7 +19,7 @@ details. See docs/CALLING.md for deadlines, status codes and when to retry.
 """
 
 from chatgate.client.aio import AsyncClient, AsyncCompletionStream
-from chatgate.client.channel import DEFAULT_OPTIONS, channel_options, tls_credentials
+from chatgate.client.channel import DEFAULT_OPTIONS, SERVICE_CONFIG, channel_options, tls_credentials
 from chatgate.client.errors import (
     KNOWN_REASONS,
     LIMIT_REASONS,
@@ -65,6 +65,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "KNOWN_REASONS",
     "LIMIT_REASONS",
+    "SERVICE_CONFIG",
     "Allowance",
     "AsyncClient",
     "AsyncCompletionStream",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from importlib import metadata
@@ -21,6 +22,40 @@ def _version() -> str:
         return "0"
 
 
+SERVICE_CONFIG: dict[str, Any] = {
+    # Spread calls over every address the name resolves to (a Kubernetes headless
+    # Service gives one per pod). gRPC's default, pick_first, would pin the whole client
+    # to one replica for the life of its connection.
+    "loadBalancingConfig": [{"round_robin": {}}],
+    # No client-side health checks ("healthCheckConfig"): each would hold a health Watch
+    # per replica, and a replica past CHATGATE_MAX_HEALTH_WATCHES refuses one, which
+    # gRPC takes for "replica down" — a large fleet of clients would see healthy
+    # replicas as down. A draining replica refuses new calls instead, and the retry
+    # below sends them elsewhere.
+    "methodConfig": [
+        {
+            "name": [{"service": "chatgate.v1.ChatService"}, {"service": "chatgate.v1.UsageService"}],
+            # gRPC retries a call only while nothing of its response has arrived (for a
+            # stream: no event yet): exactly the rule "retry UNAVAILABLE before any
+            # event". A retry picks a replica afresh, so a call refused by one that is
+            # draining, or cut by a replica that died, is answered by another. The
+            # server steers it with grpc-retry-pushback-ms (never for its own key's
+            # failure; RetryInfo's wait when short).
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+"""The default service config: round_robin, and the retry policy. Replace it with
+``options=[("grpc.service_config", json.dumps(...))]``, or turn it off with
+``("grpc.service_config", "")`` (e.g. behind a mesh or Envoy that balances and retries
+itself)."""
+
 DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
     # Ping the connection every 30 s and drop it when a ping goes 10 s unanswered:
     # a dead peer, or a NAT/load balancer that silently forgot the connection, is then
@@ -36,13 +71,20 @@ DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
     # but caps the backoff at 120 s; 10 s keeps a rolling deploy from stalling callers).
     ("grpc.max_reconnect_backoff_ms", 10_000),
     ("grpc.primary_user_agent", f"chatgate-client-python/{_version()}"),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+    # Room to replay a request on retry: gRPC stops retrying a call whose request
+    # outgrew this buffer (256 KiB by default; chatgate takes up to 4 MiB).
+    ("grpc.per_rpc_retry_buffer_size", 8 << 20),
 )
 
 
 def channel_options(extra: ChannelOptions) -> list[tuple[str, Any]]:
-    """The default options with ``extra`` applied on top (an extra key replaces a default)."""
+    """The default options with ``extra`` applied on top (an extra key replaces a default;
+    ``("grpc.service_config", "")`` drops the default service config)."""
     merged = dict(DEFAULT_OPTIONS)
     merged.update(extra)
+    if merged.get("grpc.service_config") == "":
+        del merged["grpc.service_config"]
     return list(merged.items())
 
 
