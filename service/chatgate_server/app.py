@@ -17,6 +17,11 @@ from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
 from chatgate_server.config import Settings
+from chatgate_server.limits.anomaly_counts import RefusalCounter, RefusalFlusher
+from chatgate_server.limits.anomaly_detector import AnomalyDetector
+from chatgate_server.limits.anomaly_rules import Finding, Step
+from chatgate_server.limits.anomaly_store import add_refusal_counts
+from chatgate_server.limits.blocks import BlockPolicy, BlockTable
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.edge import Edge, EdgeLimits
@@ -46,6 +51,8 @@ log = logging.getLogger(__name__)
 # How long start-up waits for the first load of the caller table; past it chatgate
 # serves anyway and refuses authenticated calls (CALLERS_UNAVAILABLE) until it loads.
 CALLERS_LOAD_TIMEOUT_S = 10.0
+# The same for the block table; past it no blocks apply until it loads.
+BLOCKS_LOAD_TIMEOUT_S = 5.0
 
 
 async def _bounded(what: str, step: Coroutine[Any, Any, object], timeout_s: float) -> None:
@@ -93,6 +100,11 @@ class App:
         self._health: health.aio.HealthServicer | None = None
         self.breaker: CircuitBreaker | None = None
         self.service: CompletionService | None = None
+        self._limits_pool: AsyncConnectionPool | None = None
+        self.blocks: BlockTable | None = None
+        self.refusals = RefusalCounter()
+        self._refusal_flusher: RefusalFlusher | None = None
+        self.detector: AnomalyDetector | None = None
 
     async def start(self) -> int:
         """Open resources and start serving; returns the bound port."""
@@ -203,8 +215,11 @@ class App:
             ),
             first_byte_timeout_s=s.upstream_first_byte_timeout_s,
             telemetry=self.telemetry,
-            # Preconditions only so far: their refusals leave no usage row (admission.py).
-            admission=AdmissionChain(preconditions=(self.ledger, self._guard)),
+            # Preconditions' refusals leave no usage row, the policies' do (admission.py).
+            admission=AdmissionChain(
+                preconditions=(self.ledger, self._guard),
+                policies=(BlockPolicy(await self._blocks(url, postgres_ok)),),
+            ),
             prices=prices,
         )
         self._observe()
@@ -224,6 +239,7 @@ class App:
             ),
             self.telemetry,
             authenticator,
+            refusals=self.refusals,
         )
         self._server, self._health = build_server(
             chat,
@@ -240,6 +256,7 @@ class App:
             await self.stop(0)
             raise
         await self._server.start()
+        self._start_detector()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(CHAT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.ledger_health = LedgerHealth(self._health, ("", CHAT_SERVICE))
@@ -254,6 +271,41 @@ class App:
             s.openai_base_url,
         )
         return self.port
+
+    async def _blocks(self, url: str, postgres_ok: bool) -> BlockTable:
+        """The block table (limits/blocks.py), loaded before serving, on a small pool it
+        shares with the abuse detector and the refusal counts."""
+        self._limits_pool = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=3,
+            open=False,
+            timeout=5,
+            reconnect_timeout=self.settings.ledger_retry_cap_s,
+        )
+        await self._limits_pool.open(wait=False)
+        self.blocks = BlockTable(self._limits_pool)
+        await self.blocks.start(BLOCKS_LOAD_TIMEOUT_S if postgres_ok else 1.0)
+        return self.blocks
+
+    def _start_detector(self) -> None:
+        """The refusal counts' writer and, unless turned off, the abuse detector."""
+        pool, settings = self._limits_pool, self.settings.anomaly
+        assert pool is not None
+
+        async def write(counts: Any) -> None:
+            await add_refusal_counts(pool, counts)
+
+        self._refusal_flusher = RefusalFlusher(self.refusals, write, every_s=settings.flush_s)
+        self._refusal_flusher.start()
+        if settings.enabled:
+            self.detector = AnomalyDetector(pool, settings, on_finding=self._count_finding)
+            self.detector.start()
+
+    def _count_finding(self, finding: Finding, step: Step) -> None:
+        self.telemetry.anomalies.add(
+            1, {"chatgate.anomaly.rule": finding.rule.value, "chatgate.anomaly.action": step.value}
+        )
 
     async def _authenticator(self, postgres_ok: bool) -> Authenticator:
         """Who may call: the caller table (its own small pool, so a burst of usage writes
@@ -326,6 +378,18 @@ class App:
         if self._upstream is not None:
             await _bounded("upstream client", self._upstream.aclose(), 5)
             self._upstream = None
+        if self.detector is not None:
+            await _bounded("anomaly detector", self.detector.stop(), 5)
+            self.detector = None
+        if self._refusal_flusher is not None:
+            await _bounded("refusal counts", self._refusal_flusher.stop(), 5)
+            self._refusal_flusher = None
+        if self.blocks is not None:
+            await _bounded("block table", self.blocks.stop(), 5)
+            self.blocks = None
+        if self._limits_pool is not None:
+            await self._limits_pool.close()
+            self._limits_pool = None
         if self.callers is not None:
             await _bounded("caller table", self.callers.stop(), 5)
             self.callers = None

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from chatgate_server.limits.anomaly_settings import AnomalySettingError, DetectorSettings
+
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
@@ -146,6 +148,8 @@ class Settings:
     prices_file: Path | None = None
     """CHATGATE_PRICES_FILE: the operator's price table (the shipped usage/prices.csv's format);
     its rows replace the shipped rows of every model it names. Unset: the shipped table alone."""
+    anomaly: DetectorSettings = field(default_factory=DetectorSettings)
+    """CHATGATE_ANOMALY_*: the abuse detector's knobs (limits/anomaly_settings.py)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -199,11 +203,19 @@ class Settings:
             tls_key_file=key,
             tls_client_ca_file=client_ca,
             reflection=_flag(e, "CHATGATE_REFLECTION", True),
+            anomaly=_anomaly(e),
         )
 
     @property
     def tls(self) -> bool:
         return self.tls_cert_file is not None
+
+
+def _anomaly(env: Mapping[str, str]) -> DetectorSettings:
+    try:
+        return DetectorSettings.from_env(env)
+    except AnomalySettingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def prices_file_from_env(env: Mapping[str, str] | None = None) -> Path | None:
