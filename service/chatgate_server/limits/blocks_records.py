@@ -43,9 +43,8 @@ class Subject:
             return cls(scope, text)
         tenant, sep, name = text.partition("/")
         if not sep or not tenant or not name:
-            raise ValueError(
-                f"{text!r}: name the {scope.value} as <tenant>/<{scope.value}>, e.g. acme/billing"
-            )
+            example = "acme/billing" if scope is Scope.CALLER else "acme/u-42"
+            raise ValueError(f"{text!r}: name the {scope.value} as <tenant>/<{scope.value}>, e.g. {example}")
         return cls(scope, tenant, name)
 
     def __str__(self) -> str:
