@@ -205,6 +205,7 @@ class App:
         except PriceFileError as exc:  # checked with the settings; changed since?
             await self.stop(0)
             raise StartupError(f"CHATGATE_PRICES_FILE: {exc}") from None
+        blocks = await self._blocks(url, postgres_ok)
         self.service = service = CompletionService(
             self._upstream,
             self.ledger,
@@ -218,7 +219,7 @@ class App:
             # Preconditions' refusals leave no usage row, the policies' do (admission.py).
             admission=AdmissionChain(
                 preconditions=(self.ledger, self._guard),
-                policies=(BlockPolicy(await self._blocks(url, postgres_ok)),),
+                policies=(BlockPolicy(blocks),),
             ),
             prices=prices,
         )

@@ -1,7 +1,7 @@
 """The abuse detector's knobs (``CHATGATE_ANOMALY_*``), read once at start-up.
 
-Each field's docstring names its variable and default; README's "Abuse detection"
-section explains the rules they tune.
+Each field's docstring names its variable and default; README's "Blocks and abuse
+detection" section explains the rules they tune (limits/anomaly_rules.py applies them).
 """
 
 from __future__ import annotations
