@@ -22,9 +22,11 @@ from psycopg_pool import AsyncConnectionPool
 from chatgate.v1 import chat_pb2 as pb
 from chatgate.v1 import chat_pb2_grpc
 from chatgate_server.limits import blocks_store
+from chatgate_server.limits.blocks import BlockTable
 from chatgate_server.limits.blocks_records import Scope, Source, Subject
 from chatgate_server.simulator import Simulator
 from tests.integration.conftest import TEST_API_KEY, AppFactory
+from tests.integration.pgproxy import running_proxy
 from tests.integration.test_edge import details
 from tests.integration.test_workers import free_port, serving
 
@@ -206,3 +208,75 @@ def test_block_commands_refuse_what_they_cannot_mean(migrated_database_url: str)
     assert missing.returncode == 2 and "--reason" in missing.stderr
     nothing = cli(migrated_database_url, "unblock", "tenant", f"t-{uuid.uuid4().hex[:6]}")
     assert nothing.returncode == 1 and "was not blocked" in nothing.stdout
+
+
+async def block_now(
+    url: str, subject: Subject, *, until: datetime | None, source: Source = Source.OPERATOR, reason: str = "x"
+) -> bool:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn, conn.transaction():
+        return await blocks_store.block(
+            conn, subject, source=source, reason=reason, actor="test", now=datetime.now(UTC), expires_at=until
+        )
+
+
+async def test_while_postgres_is_away_the_loaded_blocks_keep_applying_and_ending(
+    migrated_database_url: str,
+) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    forever, brief = Subject(Scope.USER, tenant, "u-forever"), Subject(Scope.USER, tenant, "u-brief")
+    await block_now(migrated_database_url, forever, until=None)
+    await block_now(migrated_database_url, brief, until=datetime.now(UTC) + timedelta(seconds=2))
+    async with running_proxy(migrated_database_url) as proxy:
+        url = proxy.url_for(migrated_database_url)
+        async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False, timeout=1) as pool:
+            await pool.open(wait=True, timeout=10)
+            table = BlockTable(pool, poll_s=0.1)
+            await table.start(5)
+            try:
+                assert table.blocking(tenant, "c", "u-forever", datetime.now(UTC)) is not None
+                assert table.blocking(tenant, "c", "u-brief", datetime.now(UTC)) is not None
+                proxy.cut()
+                await asyncio.sleep(2.5)  # polls fail meanwhile; the brief block ends
+                assert table.blocking(tenant, "c", "u-forever", datetime.now(UTC)) is not None
+                assert table.blocking(tenant, "c", "u-brief", datetime.now(UTC)) is None
+                # Back: an unblock made meanwhile reaches the table.
+                async with await psycopg.AsyncConnection.connect(
+                    migrated_database_url, autocommit=True
+                ) as conn:
+                    await blocks_store.unblock(conn, forever, actor="test", reason="", now=datetime.now(UTC))
+                await asyncio.sleep(0.5)  # unseen while Postgres is away from this process
+                assert table.blocking(tenant, "c", "u-forever", datetime.now(UTC)) is not None
+                proxy.restore()
+                deadline = time.monotonic() + 10
+                while table.blocking(tenant, "c", "u-forever", datetime.now(UTC)) is not None:
+                    assert time.monotonic() < deadline, "the table did not reload after the outage"
+                    await asyncio.sleep(0.1)
+            finally:
+                await table.stop()
+
+
+async def test_the_detector_only_lengthens_a_block(migrated_database_url: str) -> None:
+    now = datetime.now(UTC)
+    operator = Subject(Scope.USER, f"t-{uuid.uuid4().hex[:8]}", "u-1")
+    await block_now(migrated_database_url, operator, until=None, reason="operator")
+    assert not await block_now(
+        migrated_database_url, operator, until=now + timedelta(hours=1), source=Source.DETECTOR
+    )
+    timed = Subject(Scope.USER, operator.tenant, "u-2")
+    await block_now(migrated_database_url, timed, until=now + timedelta(hours=2), reason="operator")
+    assert not await block_now(
+        migrated_database_url, timed, until=now + timedelta(hours=1), source=Source.DETECTOR
+    )
+    assert await block_now(
+        migrated_database_url, timed, until=now + timedelta(hours=3), source=Source.DETECTOR
+    )
+    with psycopg.connect(migrated_database_url) as conn:
+        rows = conn.execute(
+            "SELECT subject, source, expires_at FROM blocks WHERE tenant = %s ORDER BY subject",
+            (operator.tenant,),
+        ).fetchall()
+        audited = conn.execute(
+            "SELECT count(*) FROM block_audit WHERE tenant = %s", (operator.tenant,)
+        ).fetchone()
+    assert rows == [("u-1", "operator", None), ("u-2", "detector", now + timedelta(hours=3))]
+    assert audited == (3,)  # two operator blocks and the one detector block that changed something
