@@ -61,6 +61,13 @@ def test_a_slow_ramp_is_not_a_finding() -> None:
     assert ramp.tokens / (sum(days) / (7 * 24)) < S.spike_factor
 
 
+def test_a_user_first_seen_two_days_ago_has_a_two_day_baseline_not_a_diluted_week() -> None:
+    recent = UserHour("acme", "u-2d", "billing", 90_000, 0, 2 * DAY, 0, baseline_days=2)
+    assert usage_spikes([recent], S) == []  # 9x their mean hour: not a spike
+    (found,) = usage_spikes([UserHour("acme", "u-2d", "billing", 150_000, 0, 2 * DAY, 0, baseline_days=2)], S)
+    assert found.usual == pytest.approx(10_000) and "(over 2 days)" in found.detail
+
+
 def test_a_new_user_below_the_floor_is_not_a_finding_above_it_is() -> None:
     assert usage_spikes([hour(19_000, baseline_per_day=0)], S) == []
     (found,) = usage_spikes([hour(25_000, baseline_per_day=0)], S)

@@ -4,13 +4,15 @@ Three rules, each over what Postgres already holds (limits/anomaly_store.py read
 
 - **usage_spike** (per user of a tenant): the user's tokens or spend in the last hour
   exceed ``spike_factor`` × their mean hourly amount over the ``baseline_days`` whole UTC
-  days before today, *and* an absolute floor (``token_floor`` tokens, ``spend_floor``
-  dollars). The floor is what keeps a new user's first busy hour (no baseline at all)
-  and a light user's ordinary bursts from being findings; the factor is what keeps a
-  heavy user's ordinary day from being one. The mean is over all hours, idle ones
-  included, so a user active 8 hours a day already runs at 3× their mean: the default
-  factor (10) leaves room for that. A slow ramp (usage growing by a fifth a day) stays
-  near 2× its trailing mean and is not found; a rise that fast *is* what a spike is.
+  days before today (fewer for a user first seen within them: from their first day, so
+  a short history is not diluted by days before they existed), *and* an absolute floor
+  (``token_floor`` tokens, ``spend_floor`` dollars). The floor is what keeps a new
+  user's first busy hour (no baseline at all) and a light user's ordinary bursts from
+  being findings; the factor is what keeps a heavy user's ordinary day from being one.
+  The mean is over all hours, idle ones included, so a user active 8 hours a day already
+  runs at 3× their mean: the default factor (10) leaves room for that. A slow ramp
+  (a fifth more every day) keeps even its busy hours at a few times its trailing mean
+  and is not found; a rise that crosses 10× within a day is what a spike is.
 - **refusal_burst** (per caller of a tenant): at least ``refusal_burst`` calls refused in
   the last five minutes — rows with outcome ``rejected`` (a limit, a policy) plus the
   calls refused at the edge without a row (invalid requests, a taken request id), which
@@ -61,6 +63,9 @@ class UserHour:
     spend_micros: int
     baseline_tokens: int
     baseline_spend_micros: int
+    # Whole days the baseline spans: from the user's first day in it to yesterday (fewer
+    # than baseline_days for a user who started lately; 0 without any).
+    baseline_days: int = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +97,9 @@ class Finding:
 def usage_spikes(hours: Iterable[UserHour], s: DetectorSettings) -> list[Finding]:
     """The users whose last hour is far above their own baseline (see the module docstring)."""
     found = []
-    span_hours = s.baseline_days * 24
     for h in hours:
+        days = max(1, min(h.baseline_days, s.baseline_days))
+        span_hours = days * 24
         candidates = [
             _spike(h.tokens, h.baseline_tokens / span_hours, s.spike_factor, s.token_floor, "tokens"),
             _spike(
@@ -117,15 +123,15 @@ def usage_spikes(hours: Iterable[UserHour], s: DetectorSettings) -> list[Finding
                 usual,
                 threshold,
                 f"{_amount(measure, observed)} in the last hour, usually {_amount(measure, usual)} an hour "
-                f"(over {s.baseline_days} days); mostly through caller {h.caller}",
+                f"(over {days} day{'s' if days > 1 else ''}); mostly through caller {h.caller}",
                 tighten=(
                     (
                         LimitKind.TOKENS_PER_DAY,
-                        _half_daily(h.baseline_tokens, s.baseline_days, s.token_floor),
+                        _half_daily(h.baseline_tokens, days, s.token_floor),
                     ),
                     (
                         LimitKind.SPEND_PER_DAY,
-                        _half_daily(h.baseline_spend_micros, s.baseline_days, s.spend_floor_micros),
+                        _half_daily(h.baseline_spend_micros, days, s.spend_floor_micros),
                     ),
                 ),
             )

@@ -101,13 +101,14 @@ _USER_HOURS = """
         GROUP BY tenant, user_id
         HAVING sum(total_tokens) > %(token_floor)s OR coalesce(sum(cost_usd_micros), 0) > %(spend_floor)s
     ), base AS (
-        SELECT d.tenant, d.user_id, sum(d.total_tokens) AS tokens, sum(d.cost_usd_micros) AS spend
+        SELECT d.tenant, d.user_id, sum(d.total_tokens) AS tokens, sum(d.cost_usd_micros) AS spend,
+               %(day_hi)s - min(d.day) AS days
         FROM usage_daily d JOIN cur USING (tenant, user_id)
         WHERE d.day >= %(day_lo)s AND d.day < %(day_hi)s
         GROUP BY d.tenant, d.user_id
     )
     SELECT cur.tenant, cur.user_id, cur.caller, cur.tokens, cur.spend,
-           coalesce(base.tokens, 0), coalesce(base.spend, 0)
+           coalesce(base.tokens, 0), coalesce(base.spend, 0), coalesce(base.days, 0)
     FROM cur LEFT JOIN base USING (tenant, user_id)
 """
 
@@ -123,8 +124,8 @@ async def user_hours(conn: Conn, now: datetime, s: DetectorSettings) -> list[Use
     }
     rows = await (await conn.execute(_USER_HOURS, params)).fetchall()
     return [
-        UserHour(str(t), str(u), str(c), int(tk), int(sp), int(bt), int(bs))
-        for t, u, c, tk, sp, bt, bs in rows
+        UserHour(str(t), str(u), str(c), int(tk), int(sp), int(bt), int(bs), int(days))
+        for t, u, c, tk, sp, bt, bs, days in rows
     ]
 
 
