@@ -20,10 +20,10 @@ from chatgate.v1 import chat_pb2_grpc
 from chatgate_server.app import App
 from chatgate_server.limits.anomaly_settings import DetectorSettings
 from chatgate_server.simulator import Simulator
-from chatgate_server.telemetry import NO_TELEMETRY
 from tests.databases import throwaway_database
 from tests.integration.conftest import make_settings
 from tests.integration.test_blocks import outcome, run_cli
+from tests.integration.test_tracing import Captured
 
 DETECTOR = DetectorSettings(
     interval_s=0.2,
@@ -45,8 +45,13 @@ def url() -> Iterator[str]:
 
 
 @pytest.fixture
-async def app(url: str, simulator: Simulator) -> AsyncIterator[App]:
-    application = App(make_settings(url, simulator.base_url, anomaly=DETECTOR), telemetry=NO_TELEMETRY)
+def captured() -> Captured:
+    return Captured()
+
+
+@pytest.fixture
+async def app(url: str, simulator: Simulator, captured: Captured) -> AsyncIterator[App]:
+    application = App(make_settings(url, simulator.base_url, anomaly=DETECTOR), telemetry=captured.telemetry)
     await application.start()
     try:
         yield application
@@ -59,7 +64,9 @@ def rows(url: str, query: str) -> list[tuple[Any, ...]]:
         return conn.execute(query).fetchall()
 
 
-async def test_a_spike_is_tightened_then_blocked_and_the_next_call_refused(app: App, url: str) -> None:
+async def test_a_spike_is_tightened_then_blocked_and_the_next_call_refused(
+    app: App, url: str, captured: Captured
+) -> None:
     said = await run_cli(url, "anomalies", "policy", "default", "--escalate", "block", "--block-for", "2h")
     assert "escalate up to block" in said
     here = f"127.0.0.1:{app.port}"
@@ -98,6 +105,11 @@ async def test_a_spike_is_tightened_then_blocked_and_the_next_call_refused(app: 
     assert audit == [("block", "user", "u-spiky", "detector", "detector")]
     listing = await run_cli(url, "usage", "anomalies", "--tenant", "default")
     assert "user default/u-spiky" in listing and "block until" in listing
+    counted = {
+        (p.attributes["chatgate.anomaly.rule"], p.attributes["chatgate.anomaly.action"]): p.value
+        for p in captured.metric_points("chatgate.anomalies")
+    }
+    assert counted == {("usage_spike", "tighten"): 1, ("usage_spike", "block"): 1}
 
 
 async def test_invalid_calls_refused_at_the_edge_are_counted_for_the_detector(app: App, url: str) -> None:
