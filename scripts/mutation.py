@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -76,6 +77,21 @@ def prepare(name: str, scratch: Path) -> Path:
     return work
 
 
+# No file a test writes gets bigger than this. A mutant that turns a write loop's
+# ``written += n`` into ``-=`` writes the same bytes forever: without a cap it filled
+# 3.6 GB of /tmp before mutmut's timeout stopped it; with one, the next write fails
+# (EFBIG, an OSError), the test fails and the mutant is killed at once.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+def _cap_file_size() -> None:
+    """In the mutmut process, before exec (its test processes inherit both)."""
+    # Ignored, SIGXFSZ stays ignored across exec: the write fails instead of the
+    # process dying of the signal, which mutmut would not count as a kill.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
+
+
 def mutmut(work: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run mutmut in ``work``; past ``timeout``, stop it and the test processes it forked."""
     proc = subprocess.Popen(
@@ -85,6 +101,7 @@ def mutmut(work: Path, *args: str, timeout: float) -> subprocess.CompletedProces
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group: the forked workers go with it
+        preexec_fn=_cap_file_size,
     )
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from psycopg_pool import AsyncConnectionPool
 
-from chatgate_server.admission import AdmissionChain
+from chatgate_server.admission import AdmissionChain, Policy
 from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
@@ -25,6 +25,7 @@ from chatgate_server.limits.blocks import BlockPolicy, BlockTable
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.edge import Edge, EdgeLimits
+from chatgate_server.rpc.health_probe import LIVENESS_SERVICE
 from chatgate_server.rpc.ledger_health import LedgerHealth
 from chatgate_server.rpc.server import CHAT_SERVICE, build_server
 from chatgate_server.rpc.servicer import ChatServicer
@@ -73,12 +74,20 @@ class App:
     """chatgate, assembled. ``await start()``, then ``await stop()``."""
 
     def __init__(
-        self, settings: Settings, telemetry: Telemetry | None = None, *, reuse_port: bool = False
+        self,
+        settings: Settings,
+        telemetry: Telemetry | None = None,
+        *,
+        reuse_port: bool = False,
+        extra_policies: Sequence[Policy] = (),
     ) -> None:
         """``telemetry`` defaults to OTLP export configured by the OTEL_* variables;
-        ``reuse_port`` shares the port with the other workers of one supervisor."""
+        ``reuse_port`` shares the port with the other workers of one supervisor;
+        ``extra_policies`` run after the built-in admission policies (tests use it to
+        script admissions and refusals end to end; nothing in production sets it)."""
         self.settings = settings
         self._reuse_port = reuse_port
+        self._extra_policies = tuple(extra_policies)
         self._providers: Providers | None = None
         if telemetry is None:
             self._providers = providers_from_env()
@@ -217,9 +226,10 @@ class App:
             first_byte_timeout_s=s.upstream_first_byte_timeout_s,
             telemetry=self.telemetry,
             # Preconditions' refusals leave no usage row, the policies' do (admission.py).
+            # Blocks come first of the policies; extra policies (tests only) after them.
             admission=AdmissionChain(
                 preconditions=(self.ledger, self._guard),
-                policies=(BlockPolicy(blocks),),
+                policies=(BlockPolicy(blocks), *self._extra_policies),
             ),
             prices=prices,
         )
@@ -260,6 +270,8 @@ class App:
         self._start_detector()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(CHAT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        # Liveness: never moved by the ledger (rpc/health_probe.py says why).
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.ledger_health = LedgerHealth(self._health, ("", CHAT_SERVICE))
         self.ledger.add_listener(self.ledger_health)
         self.ledger_health(self.ledger.state)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 # The longest wait a RetryInfo ever states. Upstream hints are clamped to it: a
 # `retry-after: 1e300` must not overflow a Duration, and a caller is better served
@@ -130,13 +131,26 @@ class QuotaViolation:
 
 
 class QuotaExceeded(ChatgateError):
-    """A limit refused the call (limits/). ``reason`` names the limit kind
-    (``REQUESTS_PER_MINUTE_EXCEEDED``…); ``violations`` become a QuotaFailure;
-    ``retry_after`` is when the call would fit — None when waiting does not help
-    within the hour (a monthly budget spent)."""
+    """A limit refused the call (limits/). ``reason`` names the limit kind, one of
+    :attr:`reasons` (``<LimitKind value in upper case>_EXCEEDED``); ``violations``
+    become a QuotaFailure; ``retry_after`` is when the call would fit — None when
+    waiting does not help within the hour (a monthly budget spent)."""
 
     status_name = "RESOURCE_EXHAUSTED"
     reason = "QUOTA_EXCEEDED"
+    # Every reason an instance may carry, one per LimitKind. Declared here, not left to
+    # each raise site, so callers' docs and client types can be checked against it
+    # (tests/unit/test_error_reasons.py) and a misspelt reason fails at once.
+    reasons: ClassVar[frozenset[str]] = frozenset(
+        {
+            "REQUESTS_PER_MINUTE_EXCEEDED",
+            "TOKENS_PER_MINUTE_EXCEEDED",
+            "TOKENS_PER_DAY_EXCEEDED",
+            "SPEND_PER_DAY_EXCEEDED",
+            "SPEND_PER_MONTH_EXCEEDED",
+            "CONCURRENT_STREAMS_EXCEEDED",
+        }
+    )
 
     def __init__(
         self,
@@ -146,6 +160,8 @@ class QuotaExceeded(ChatgateError):
         violations: tuple[QuotaViolation, ...],
         retry_after: float | None = None,
     ) -> None:
+        if reason not in self.reasons:
+            raise ValueError(f"not a limit reason: {reason!r} (QuotaExceeded.reasons)")
         super().__init__(message, retry_after=retry_after)
         self.reason = reason
         self.violations = violations

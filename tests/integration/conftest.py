@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from chatgate.v1 import chat_pb2_grpc
+from chatgate_server.admission import Policy
 from chatgate_server.app import App
 from chatgate_server.config import ListenAddress, Secret, Settings
 from chatgate_server.simulator import Simulator
@@ -75,13 +76,17 @@ AppFactory = Callable[..., Awaitable[App]]
 
 @pytest.fixture
 async def start_app(migrated_database_url: str, simulator: Simulator) -> AsyncIterator[AppFactory]:
-    """Start chatgate with settings overridden (e.g. ``deadline_cap_s=1``); stopped afterwards."""
+    """Start chatgate with settings overridden (e.g. ``deadline_cap_s=1``), and admission
+    policies added after the built-in ones (``extra_policies=``); stopped afterwards."""
     apps: list[App] = []
 
-    async def factory(telemetry: Telemetry | None = None, **overrides: object) -> App:
+    async def factory(
+        telemetry: Telemetry | None = None, extra_policies: Sequence[Policy] = (), **overrides: object
+    ) -> App:
         application = App(
             make_settings(migrated_database_url, simulator.base_url, **overrides),
             telemetry=telemetry or NO_TELEMETRY,
+            extra_policies=extra_policies,
         )
         await application.start()
         apps.append(application)

@@ -28,6 +28,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from chatgate.v1 import chat_pb2 as pb
 from chatgate.v1 import chat_pb2_grpc
 from chatgate_server.app import App
+from chatgate_server.rpc.health_probe import LIVENESS_SERVICE
 from chatgate_server.rpc.ledger_health import LEDGER_HEALTH_SERVICE
 from chatgate_server.simulator import Simulator
 from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
@@ -263,6 +264,9 @@ async def test_calls_are_refused_with_unavailable_while_queue_and_spool_are_full
         await settled_health(app)
         assert await health(app.port) == NOT_SERVING
         assert await health(app.port, "chatgate.v1.ChatService") == NOT_SERVING
+        # Liveness stays up: restarting a replica brings no Postgres back, and would lose
+        # the rows its queue holds.
+        assert await health(app.port, LIVENESS_SERVICE) == SERVING
 
         proxy.restore()
         async with asyncio.timeout(30):

@@ -23,6 +23,7 @@ from chatgate_server.simulator import Simulator
 from tests.certs import Authority
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import AppFactory
+from tests.integration.scripted_limits import ScriptedLimits
 
 NODE_CLIENT = REPO_ROOT / "clients" / "node"
 
@@ -96,6 +97,8 @@ async def test_node_client_suite(
     (tmp_path / "ca.crt").write_bytes(ca.pem)
     (tmp_path / "token").write_text(await callers(migrated_database_url, identity) + "\n")
     app = await start_app(
+        # Scripted allowances and refusals for test/limits.test.mjs (by end user id).
+        extra_policies=(ScriptedLimits(),),
         auth="tokens",
         tls_cert_file=server_cert,
         tls_key_file=server_key,

@@ -38,6 +38,16 @@ const DETAIL_TYPES = {
 };
 const TO_OBJECT = { longs: Number, defaults: true };
 
+/** The reasons of a RESOURCE_EXHAUSTED from one of chatgate's limits (index.d.ts: LimitReason). */
+export const LIMIT_REASONS = Object.freeze([
+  "REQUESTS_PER_MINUTE_EXCEEDED",
+  "TOKENS_PER_MINUTE_EXCEEDED",
+  "TOKENS_PER_DAY_EXCEEDED",
+  "SPEND_PER_DAY_EXCEEDED",
+  "SPEND_PER_MONTH_EXCEEDED",
+  "CONCURRENT_STREAMS_EXCEEDED",
+]);
+
 const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
 
 /** A chatgate call failed. */
@@ -63,6 +73,20 @@ export class ChatgateError extends Error {
     this.eventsReceived = details.eventsReceived ?? 0;
     /** Set by collect(): what had arrived before the failure, or null. */
     this.partial = null;
+  }
+
+  /** Whether one of chatgate's limits refused the call (reason is a LimitReason). */
+  get limitExceeded() {
+    return LIMIT_REASONS.includes(this.reason);
+  }
+
+  /**
+   * Whether the same call should succeed after waiting retryDelayMs: chatgate said when
+   * it would fit (RetryInfo) and nothing was delivered yet. False when no wait of an hour
+   * or less helps (a monthly budget spent, a block, RESOURCE_EXHAUSTED without RetryInfo).
+   */
+  get waitingHelps() {
+    return this.retryDelayMs !== null && this.retryable;
   }
 
   /**

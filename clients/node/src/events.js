@@ -12,8 +12,8 @@ const lower = (name, prefix) =>
 export function toEvent(message) {
   switch (message.event) {
     case "started": {
-      const { requestId, model, upstreamResponseId } = message.started;
-      return { type: "started", requestId, model, upstreamResponseId };
+      const { requestId, model, upstreamResponseId, allowances } = message.started;
+      return { type: "started", requestId, model, upstreamResponseId, allowances: (allowances ?? []).map(allowance) };
     }
     case "content":
       return { type: "content", text: message.content.text };
@@ -28,6 +28,19 @@ export function toEvent(message) {
     default:
       return null;
   }
+}
+
+// What one limit still allows: OpenAI's x-ratelimit-* headers, as gRPC sends them.
+// resetsAt is unset for concurrent streams; int64 seconds arrive as Numbers (LOADER_OPTIONS).
+function allowance(a) {
+  const resets = a.resetsAt;
+  return {
+    subject: a.subject,
+    kind: lower(a.kind, "LIMIT_KIND_"),
+    limit: a.limit,
+    remaining: a.remaining,
+    resetsAt: resets ? new Date(resets.seconds * 1000 + Math.floor(resets.nanos / 1e6)) : null,
+  };
 }
 
 function finished(f) {
@@ -84,6 +97,7 @@ export class Collector {
       requestId: s?.requestId ?? "",
       model: s?.model ?? "",
       upstreamResponseId: s?.upstreamResponseId ?? "",
+      allowances: s?.allowances ?? [],
       text: this.#text.join(""),
       refusal: this.#refusal.join(""),
       toolCalls: [...this.#calls.entries()].sort(([a], [b]) => a - b).map(([index, c]) => toolCall(index, c)),

@@ -75,11 +75,39 @@ export interface Cost {
   priceVersion: string;
 }
 
+/** What a limit counts; "unspecified" for a kind newer than this client. */
+export type LimitKind =
+  | "unspecified"
+  | "requests_per_minute"
+  | "tokens_per_minute"
+  | "tokens_per_day"
+  | "spend_per_day"
+  | "spend_per_month"
+  | "concurrent_streams";
+
+/**
+ * What one limit that applies to the call still allows, this call's reservation already
+ * taken: the gRPC form of OpenAI's x-ratelimit-* headers.
+ */
+export interface Allowance {
+  /** Whose limit: "tenant:acme", "caller:acme/billing", "user:acme/u-42" (+ "/model:gpt-4o"). */
+  subject: string;
+  kind: LimitKind;
+  /** The limit, in the kind's unit: requests, tokens, micro-dollars or streams. */
+  limit: number;
+  /** What is left of it now. */
+  remaining: number;
+  /** When it is whole again; null for concurrent streams. */
+  resetsAt: Date | null;
+}
+
 export interface StartedEvent {
   type: "started";
   requestId: string;
   model: string;
   upstreamResponseId: string;
+  /** Empty when no limit applies. */
+  allowances: Allowance[];
 }
 export interface ContentEvent {
   type: "content";
@@ -122,6 +150,8 @@ export interface Completion {
   requestId: string;
   model: string;
   upstreamResponseId: string;
+  /** What each limit still allowed when the call started. */
+  allowances: Allowance[];
   text: string;
   refusal: string;
   toolCalls: ToolCall[];
@@ -137,6 +167,7 @@ export interface FieldViolation {
   field: string;
   description: string;
 }
+/** One limit a refused call would exceed (QuotaFailure): whose, and what it counts. */
 export interface QuotaViolation {
   subject: string;
   description: string;
@@ -144,12 +175,31 @@ export interface QuotaViolation {
   quotaMetric: string;
 }
 
+/** A RESOURCE_EXHAUSTED from one of chatgate's limits: which kind refused the call. */
+export type LimitReason =
+  | "REQUESTS_PER_MINUTE_EXCEEDED"
+  | "TOKENS_PER_MINUTE_EXCEEDED"
+  | "TOKENS_PER_DAY_EXCEEDED"
+  | "SPEND_PER_DAY_EXCEEDED"
+  | "SPEND_PER_MONTH_EXCEEDED"
+  | "CONCURRENT_STREAMS_EXCEEDED";
+
+export declare const LIMIT_REASONS: readonly LimitReason[];
+
 /**
  * Every ErrorInfo reason chatgate sends (docs/CALLING.md says what each means), and
  * INCOMPLETE_STREAM, which the client makes for a stream that ended OK without its
- * final event. A test keeps this list in step with the server's errors.
+ * final event. A test keeps this list in step with the server's errors. The limit
+ * reasons are spelt out again (not `LimitReason |`) so that test can read them.
  */
 export type ErrorReason =
+  | "REQUESTS_PER_MINUTE_EXCEEDED"
+  | "TOKENS_PER_MINUTE_EXCEEDED"
+  | "TOKENS_PER_DAY_EXCEEDED"
+  | "SPEND_PER_DAY_EXCEEDED"
+  | "SPEND_PER_MONTH_EXCEEDED"
+  | "CONCURRENT_STREAMS_EXCEEDED"
+  | "BLOCKED"
   | "INVALID_REQUEST"
   | "REQUEST_TOO_LARGE"
   | "UPSTREAM_REJECTED_REQUEST"
@@ -171,7 +221,6 @@ export type ErrorReason =
   | "CREDENTIAL_REVOKED"
   | "CREDENTIAL_EXPIRED"
   | "PERMISSION_DENIED"
-  | "BLOCKED"
   | "CALLERS_UNAVAILABLE"
   | "INTERNAL"
   | "INCOMPLETE_STREAM";
@@ -199,6 +248,13 @@ export class ChatgateError extends Error {
   partial: Completion | null;
   /** Whether calling again may succeed without re-billing (wait retryDelayMs first). */
   get retryable(): boolean;
+  /** Whether one of chatgate's limits refused the call (reason is a LimitReason). */
+  get limitExceeded(): boolean;
+  /**
+   * Whether the same call should succeed after waiting retryDelayMs (RetryInfo was sent
+   * and nothing was delivered); false when waiting does not help soon.
+   */
+  get waitingHelps(): boolean;
 }
 
 export interface ClientOptions {

@@ -4,9 +4,13 @@ import {
   ChatgateError,
   functionTool,
   user,
+  LIMIT_REASONS,
+  type Allowance,
   type ChatEvent,
   type Completion,
   type ErrorReason,
+  type LimitKind,
+  type LimitReason,
 } from "@chatgate/client";
 
 export async function example(): Promise<string> {
@@ -18,14 +22,26 @@ export async function example(): Promise<string> {
       const e: ChatEvent = event;
       if (e.type === "content") text += e.text;
       if (e.type === "finished") text += String(e.usage.totalTokens) + e.finishReason;
+      if (e.type === "started") {
+        const tokens: Allowance | undefined = e.allowances.find((a) => a.kind === "tokens_per_minute");
+        const kind: LimitKind | undefined = tokens?.kind;
+        text += `${kind} ${tokens?.remaining}/${tokens?.limit} until ${tokens?.resetsAt?.toISOString() ?? "-"}`;
+      }
     }
     const done: Completion = await client.collect({ model: "m", userId: "u", messages: [user("hi")] }, { timeoutMs: 1 });
     text += done.toolCalls.map((c) => c.arguments).join("");
+    text += done.allowances.map((a) => a.subject).join("");
   } catch (error) {
     if (error instanceof ChatgateError && error.retryable) text += String(error.retryDelayMs ?? 0) + error.reason;
     // Every reason has a name the compiler checks (a typo in a key fails tsc).
     const advice: Partial<Record<ErrorReason, string>> = { SHUTTING_DOWN: "another replica", USAGE_LEDGER_FULL: "later" };
     if (error instanceof ChatgateError) text += advice[error.reason as ErrorReason] ?? "";
+    if (error instanceof ChatgateError && error.limitExceeded) {
+      const reason: LimitReason = error.reason as LimitReason;
+      const whose = error.quotaViolations.map((v) => `${v.subject}: ${v.description}`).join("; ");
+      text += error.waitingHelps ? `${reason} wait ${error.retryDelayMs} ms (${whose})` : `${reason}: not soon`;
+    }
+    text += LIMIT_REASONS.length;
   } finally {
     client.close();
   }

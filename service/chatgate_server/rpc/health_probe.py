@@ -1,8 +1,11 @@
 """The client side of ``chatgate health``: ask a running server's health service.
 
 Here because only ``rpc/`` talks gRPC. Each name is asked separately: ``""`` is the
-whole server (NOT_SERVING while draining or while the ledger is full) and
-``chatgate.ledger`` the usage ledger (NOT_SERVING while rows wait in the spool).
+whole server (NOT_SERVING while draining or while the ledger is full: readiness),
+``chatgate.ledger`` the usage ledger (NOT_SERVING while rows wait in the spool: alert on
+it) and ``chatgate.liveness`` only that the process answers (SERVING from start until
+shutdown, whatever Postgres does: liveness, since a restart brings no database back and
+must not lose what the ledger holds).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatgate_server.rpc.ledger_health import LEDGER_HEALTH_SERVICE
 
-__all__ = ["LEDGER_HEALTH_SERVICE", "probe"]
+__all__ = ["LEDGER_HEALTH_SERVICE", "LIVENESS_SERVICE", "probe"]
+
+LIVENESS_SERVICE = "chatgate.liveness"
 
 
 def probe(address: str, services: Sequence[str], timeout: float) -> list[tuple[str, str]]:

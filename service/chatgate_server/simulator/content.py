@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -196,6 +196,21 @@ def plan_reply(body: Mapping[str, Any], *, chunks: int, refusal: bool, parallel_
     if limit is not None and limit < chunks:
         return Reply(words=limit, finish_reason="length")
     return Reply(words=chunks)
+
+
+def cut_by_filter(reply: Reply, n: int) -> Reply:
+    """The reply as a content filter leaves it: its first ``n`` content pieces, then
+    ``finish_reason: "content_filter"``. A tool-call answer becomes ``n`` words of text
+    (the simulator's filter judges text only)."""
+    if reply.tool_calls:
+        return Reply(words=n, finish_reason="content_filter")
+    return replace(
+        reply,
+        words=min(reply.words, n),
+        text=reply.text[:n],
+        refusal=reply.refusal[:n],
+        finish_reason="content_filter",
+    )
 
 
 def structured_output(response_format: Any, chunks: int) -> str | None:

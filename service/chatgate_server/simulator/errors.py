@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from .ratelimit import Refusal, go_duration
 from .scenario import Scenario
 
 # (message, type, param, code) per status for the `status=CODE` scenario.
@@ -80,6 +81,12 @@ def missing_key() -> ErrorResponse:
     return ErrorResponse(401, error_body(MISSING_KEY_MESSAGE, "invalid_request_error"))
 
 
+def invalid_api_key() -> ErrorResponse:
+    """401 for a key that is not on the simulator's allow-list."""
+    message, type_, param, code = _BY_STATUS[401]
+    return ErrorResponse(401, error_body(message, type_, param, code))
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
     """400 invalid_request_error (bad JSON, missing model, bad scenario spec)."""
     return ErrorResponse(400, error_body(message, "invalid_request_error", param, code))
@@ -124,7 +131,7 @@ def scenario_error(scenario: Scenario, model: str) -> ErrorResponse:
         retry_ms = scenario.retry_after_ms
         if retry_ms is None and scenario.retry_after is None:
             retry_ms = DEFAULT_RETRY_AFTER_MS
-        wait = _duration(retry_ms if retry_ms is not None else (scenario.retry_after or 0) * 1000)
+        wait = go_duration(retry_ms if retry_ms is not None else (scenario.retry_after or 0) * 1000)
         message = (
             f"Rate limit reached for {model} in organization org-simulator on requests per min "
             f"(RPM): Limit 500, Used 500, Requested 1. Please try again in {wait}. Visit "
@@ -132,7 +139,7 @@ def scenario_error(scenario: Scenario, model: str) -> ErrorResponse:
         )
         body = error_body(message, "requests", None, "rate_limit_exceeded")
         headers += _ratelimit_headers(wait)
-        headers += _retry_headers(scenario, retry_ms, scenario.retry_after)
+        headers += retry_headers(scenario, retry_ms, scenario.retry_after)
     elif scenario.insufficient_quota:
         message = (
             "You exceeded your current quota, please check your plan and billing details. "
@@ -140,7 +147,7 @@ def scenario_error(scenario: Scenario, model: str) -> ErrorResponse:
             "https://platform.openai.com/docs/guides/error-codes/api-errors."
         )
         body = error_body(message, "insufficient_quota", None, "insufficient_quota")
-        headers += _retry_headers(scenario, scenario.retry_after_ms, scenario.retry_after)
+        headers += retry_headers(scenario, scenario.retry_after_ms, scenario.retry_after)
     elif scenario.too_large:
         message = (
             f"Request too large for {model} in organization org-simulator on tokens per min "
@@ -149,12 +156,12 @@ def scenario_error(scenario: Scenario, model: str) -> ErrorResponse:
             "to learn more."
         )
         body = error_body(message, "tokens", None, "rate_limit_exceeded")
-        headers += _retry_headers(scenario, scenario.retry_after_ms, scenario.retry_after)
+        headers += retry_headers(scenario, scenario.retry_after_ms, scenario.retry_after)
     else:
         status = scenario.status or 500
         message, type_, param, code = _BY_STATUS.get(status, _generic(status))
         body = error_body(message.replace("{model}", model), type_, param, code)
-        headers += _retry_headers(scenario, scenario.retry_after_ms, scenario.retry_after)
+        headers += retry_headers(scenario, scenario.retry_after_ms, scenario.retry_after)
     if scenario.should_retry is not None:
         headers.append(("x-should-retry", "true" if scenario.should_retry else "false"))
     return ErrorResponse(scenario.error_status or 500, body, tuple(headers))
@@ -165,7 +172,8 @@ def _generic(status: int) -> tuple[str, str, str | None, str | None]:
     return f"Simulated HTTP {status} error.", type_, None, None
 
 
-def _retry_headers(scenario: Scenario, retry_ms: int | None, retry_s: int | None) -> list[tuple[str, str]]:
+def retry_headers(scenario: Scenario, retry_ms: int | None, retry_s: int | None) -> list[tuple[str, str]]:
+    """The retry-after headers a scenario asks for (none with ``no_retry_after``)."""
     if scenario.no_retry_after:
         return []
     headers: list[tuple[str, str]] = []
@@ -187,8 +195,25 @@ def _ratelimit_headers(reset: str) -> list[tuple[str, str]]:
     ]
 
 
-def _duration(ms: int) -> str:
-    """OpenAI's duration style: ``644ms``, ``1.5s``, ``20s``."""
-    if ms < 1000:
-        return f"{ms}ms"
-    return f"{ms / 1000:g}s"
+def budget_refusal(refusal: Refusal, model: str) -> ErrorResponse:
+    """The 429 for a request the rate-limit budget cannot pay for, worded as OpenAI words it."""
+    per = "requests per min (RPM)" if refusal.kind == "requests" else "tokens per min (TPM)"
+    if refusal.too_large:
+        message = (
+            f"Request too large for {model} in organization org-simulator on {per}: Limit "
+            f"{refusal.limit}, Requested {refusal.requested}. The input or output tokens must be "
+            "reduced in order to run successfully. Visit https://platform.openai.com/account/rate-limits "
+            "to learn more."
+        )
+        return ErrorResponse(429, error_body(message, refusal.kind, None, "rate_limit_exceeded"))
+    message = (
+        f"Rate limit reached for {model} in organization org-simulator on {per}: Limit "
+        f"{refusal.limit}, Used {refusal.used}, Requested {refusal.requested}. Please try again in "
+        f"{go_duration(refusal.retry_after_ms)}. Visit https://platform.openai.com/account/rate-limits "
+        "to learn more."
+    )
+    headers = (
+        ("retry-after-ms", str(refusal.retry_after_ms)),
+        ("retry-after", str(max(1, -(-refusal.retry_after_ms // 1000)))),
+    )
+    return ErrorResponse(429, error_body(message, refusal.kind, None, "rate_limit_exceeded"), headers)

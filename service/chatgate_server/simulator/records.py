@@ -1,7 +1,10 @@
 """What the simulator saw and did, per request, for tests to assert on.
 
-A record never holds the caller's API key: the ``authorization`` header is reduced to
-``had_auth``.
+A record never holds the caller's API key: the ``authorization`` and ``api-key``
+headers are reduced to ``had_auth``, how the key came (``auth_scheme``: ``bearer`` or
+``api-key``), a
+short one-way fingerprint (``key_fingerprint``, see ``keys.fingerprint``) and, when the
+simulator was given named keys, the key's name (``key_name``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class RequestRecord:
     ``closed_early``: the client closed before that; ``closed_at`` is when it was seen.
     ``aborted``: the simulator cut the connection on purpose (``disconnect_after``,
     or ``stop()`` while the response was in flight).
+    ``deployment`` and ``api_version``: the Azure deployment and api-version asked for
+    (None in the OpenAI flavor; the deployment's model is ``model``).
     Times are ``time.monotonic()`` seconds.
     """
 
@@ -42,6 +47,11 @@ class RequestRecord:
     stream: bool
     request_id: str
     path: str
+    auth_scheme: str | None = None
+    key_fingerprint: str | None = None
+    key_name: str | None = None
+    deployment: str | None = None
+    api_version: str | None = None
     started_at: float = field(default_factory=time.monotonic)
     status: int | None = None
     content_chunks_sent: int = 0

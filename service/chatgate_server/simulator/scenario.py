@@ -26,10 +26,12 @@ OUTCOME_KEYS = (
     "rate_limit",
     "insufficient_quota",
     "too_large",
+    "content_filter",
     "hang",
     "stall_after",
     "disconnect_after",
     "error_event_after",
+    "content_filter_after",
 )
 
 _INT_KEYS = frozenset(
@@ -44,6 +46,7 @@ _INT_KEYS = frozenset(
         "stall_after",
         "disconnect_after",
         "error_event_after",
+        "content_filter_after",
         "malformed_after",
     }
 )
@@ -52,6 +55,7 @@ _FLAG_KEYS = frozenset(
         "rate_limit",
         "insufficient_quota",
         "too_large",
+        "content_filter",
         "hang",
         "no_done",
         "no_usage",
@@ -88,6 +92,7 @@ class Scenario:
     rate_limit: bool = False
     insufficient_quota: bool = False
     too_large: bool = False
+    content_filter: bool = False
     retry_after_ms: int | None = None
     retry_after: int | None = None
     no_retry_after: bool = False
@@ -96,6 +101,7 @@ class Scenario:
     stall_after: int | None = None
     disconnect_after: int | None = None
     error_event_after: int | None = None
+    content_filter_after: int | None = None
     malformed_after: int | None = None
     no_done: bool = False
     no_usage: bool = False
@@ -109,6 +115,8 @@ class Scenario:
             return self.status
         if self.rate_limit or self.insufficient_quota or self.too_large:
             return 429
+        if self.content_filter:
+            return 400
         return None
 
     def applies_to(self, attempt: int) -> bool:
@@ -132,6 +140,7 @@ KEY_HELP: dict[str, tuple[str, str]] = {
                        "and x-ratelimit-* headers"),
     "insufficient_quota": ("", "429 insufficient_quota (billing: retrying never helps)"),
     "too_large": ("", "429 'Request too large' for the tokens-per-minute limit"),
+    "content_filter": ("", "400 content_filter: the prompt tripped Azure's content filter"),
     "retry_after_ms": ("N", "send retry-after-ms: N with the error"),
     "retry_after": ("N", "send retry-after: N (seconds) with the error"),
     "no_retry_after": ("", "send no retry-after header at all"),
@@ -140,6 +149,8 @@ KEY_HELP: dict[str, tuple[str, str]] = {
     "stall_after": ("N", "stop after N content chunks and keep the connection open"),
     "disconnect_after": ("N", "close the connection after N content chunks"),
     "error_event_after": ("N", "after N content chunks, an error event in the stream"),
+    "content_filter_after": ("N", "after N content chunks, finish with content_filter (the "
+                                  "answer was filtered; Azure flags the category)"),
     "malformed_after": ("N", "after N content chunks, an event that is not JSON"),
     "no_done": ("", "leave out the final 'data: [DONE]'"),
     "no_usage": ("", "leave out the usage chunk even when stream_options asks for it"),
@@ -159,7 +170,7 @@ def scenario_keys_help() -> str:
         item = f"{f.name}={value}" if value else f.name
         outcome = " (outcome)" if f.name in OUTCOME_KEYS else ""
         lines.append(
-            textwrap.fill(f"{what}{outcome}", 88, initial_indent=f"  {item:<22}", subsequent_indent=" " * 24)
+            textwrap.fill(f"{what}{outcome}", 88, initial_indent=f"  {item:<23}", subsequent_indent=" " * 25)
         )
     return "\n".join(lines)
 

@@ -2,12 +2,18 @@
 
 Shaped like the recorded streams in tests/fixtures/openai-streams. Every event is
 ``prefix + tail``: the prefix (id, object, created, model, system_fingerprint) is built
-once per response, and the tails of the text chunks are encoded once at import, so a
-text stream costs a few byte concatenations per chunk.
+once per response, and the tails of the text chunks are encoded once per style at
+import, so a text stream costs a few byte concatenations per chunk.
+
+A ``ChunkStyle`` says how a flavor shapes a choice: OpenAI's plain one, or Azure's,
+which carries ``content_filter_results`` (the four categories on content chunks, ``{}``
+on the others) and whose stream opens with a chunk of ``prompt_filter_results`` and no
+choices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -21,15 +27,71 @@ DONE_EVENT = b"data: [DONE]\n\n"
 Event = tuple[bytes, bool]
 
 
-def _choice_tail(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    return b'"choices":[' + orjson.dumps(choice) + b"]}\n\n"
+_SAFE = {"filtered": False, "severity": "safe"}
+# What Azure's default filter reports on a harmless completion chunk.
+SAFE_RESULTS: Mapping[str, Any] = {"hate": _SAFE, "self_harm": _SAFE, "sexual": _SAFE, "violence": _SAFE}
+# ... and on a harmless prompt (its prompt filter also looks for jailbreaks).
+PROMPT_RESULTS: Mapping[str, Any] = {**SAFE_RESULTS, "jailbreak": {"filtered": False, "detected": False}}
+# The simulated verdict when an answer is cut by the filter (content_filter_after).
+FILTERED_RESULTS: Mapping[str, Any] = {**SAFE_RESULTS, "violence": {"filtered": True, "severity": "medium"}}
 
 
-_FIRST_TAIL = _choice_tail({"content": FIRST_WORD})
-_WORD_TAILS = tuple(_choice_tail({"content": " " + word}) for word in WORDS)
-_ROLE_TAIL = _choice_tail({"role": "assistant", "content": ""})
-_FINISH_TAILS = {reason: _choice_tail({}, reason) for reason in ("stop", "length", "tool_calls")}
+class ChunkStyle:
+    """How the choices of one flavor's chunks look; ``azure`` adds the filter annotations."""
+
+    def __init__(self, *, azure: bool) -> None:
+        self.azure = azure
+        self.first_tail = self.tail({"content": FIRST_WORD}, content=True)
+        self.word_tails = tuple(self.tail({"content": " " + word}, content=True) for word in WORDS)
+        self.role_tail = self.tail({"role": "assistant", "content": ""})
+        self.finish_tails = {reason: self.tail({}, reason) for reason in ("stop", "length", "tool_calls")}
+        self.finish_tails["content_filter"] = self.filtered_tail()
+
+    def choice(
+        self, base: dict[str, Any], *, content: bool = False, results: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """``base`` with Azure's ``content_filter_results`` first (as Azure orders its keys)."""
+        if not self.azure:
+            return base
+        verdict = results if results is not None else SAFE_RESULTS if content else {}
+        return {"content_filter_results": verdict, **base}
+
+    def tail(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        *,
+        content: bool = False,
+        results: Mapping[str, Any] | None = None,
+    ) -> bytes:
+        """The chunk's ``"choices": [...]}`` and the event's blank line."""
+        base = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = self.choice(base, content=content, results=results)
+        return b'"choices":[' + orjson.dumps(choice) + b"]}\n\n"
+
+    def filtered_tail(self) -> bytes:
+        """The finish chunk of an answer the content filter cut."""
+        return self.tail({}, "content_filter", results=FILTERED_RESULTS)
+
+
+OPENAI_STYLE = ChunkStyle(azure=False)
+AZURE_STYLE = ChunkStyle(azure=True)
+
+# Azure's first event: the prompt's filter verdict, no choices, and empty identity fields.
+PROMPT_FILTER_EVENT = (
+    b"data: "
+    + orjson.dumps(
+        {
+            "choices": [],
+            "created": 0,
+            "id": "",
+            "model": "",
+            "object": "",
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": PROMPT_RESULTS}],
+        }
+    )
+    + b"\n\n"
+)
 
 
 def event_prefix(completion_id: str, created: int, model: str) -> bytes:
@@ -41,42 +103,44 @@ def event_prefix(completion_id: str, created: int, model: str) -> bytes:
     )
 
 
-def stream_events(reply: Reply, prefix: bytes) -> list[Event]:
+def stream_events(reply: Reply, prefix: bytes, style: ChunkStyle = OPENAI_STYLE) -> list[Event]:
     """The events from the role chunk to the finish chunk (no usage, no ``[DONE]``)."""
     if reply.tool_calls:
-        events = _tool_events(reply, prefix)
+        events = _tool_events(reply, prefix, style)
     elif reply.refusal:
-        events = [(prefix + _choice_tail({"role": "assistant", "content": None, "refusal": ""}), False)]
-        events += [(prefix + _choice_tail({"refusal": piece}), True) for piece in reply.refusal]
+        events = [(prefix + style.tail({"role": "assistant", "content": None, "refusal": ""}), False)]
+        events += [(prefix + style.tail({"refusal": piece}, content=True), True) for piece in reply.refusal]
     elif reply.text:
-        events = [(prefix + _ROLE_TAIL, False)]
-        events += [(prefix + _choice_tail({"content": piece}), True) for piece in reply.text]
+        events = [(prefix + style.role_tail, False)]
+        events += [(prefix + style.tail({"content": piece}, content=True), True) for piece in reply.text]
     else:
-        events = [(prefix + _ROLE_TAIL, False)]
+        events = [(prefix + style.role_tail, False)]
         if reply.words:
-            events.append((prefix + _FIRST_TAIL, True))
-            tails, count = _WORD_TAILS, len(_WORD_TAILS)
+            events.append((prefix + style.first_tail, True))
+            tails, count = style.word_tails, len(style.word_tails)
             events += [(prefix + tails[i % count], True) for i in range(1, reply.words)]
-    finish = _FINISH_TAILS.get(reply.finish_reason) or _choice_tail({}, reply.finish_reason)
+    finish = style.finish_tails.get(reply.finish_reason) or style.tail({}, reply.finish_reason)
     events.append((prefix + finish, False))
     return events
 
 
-def _tool_events(reply: Reply, prefix: bytes) -> list[Event]:
+def _tool_events(reply: Reply, prefix: bytes, style: ChunkStyle) -> list[Event]:
     events: list[Event] = []
     if reply.parallel:
         # As in the parallel-tools recording: a role chunk of its own, then each call.
-        events.append((prefix + _choice_tail({"role": "assistant", "content": None}), False))
+        events.append((prefix + style.tail({"role": "assistant", "content": None}), False))
     for call in reply.tool_calls:
         head: dict[str, Any] = {"tool_calls": [_call_head(call)]}
         if not reply.parallel:
             # As in the single tool-call recording: role and the call's head in one chunk.
             head = {"role": "assistant", "content": None, **head, "refusal": None}
-        events.append((prefix + _choice_tail(head), False))
+        events.append((prefix + style.tail(head), False))
         events += [
             (
                 prefix
-                + _choice_tail({"tool_calls": [{"index": call.index, "function": {"arguments": piece}}]}),
+                + style.tail(
+                    {"tool_calls": [{"index": call.index, "function": {"arguments": piece}}]}, content=True
+                ),
                 True,
             )
             for piece in call.fragments
@@ -117,9 +181,15 @@ def usage_event(prefix: bytes, prompt_tokens: int, completion_tokens: int) -> by
 
 
 def completion_body(
-    reply: Reply, *, completion_id: str, created: int, model: str, prompt_tokens: int
+    reply: Reply,
+    *,
+    completion_id: str,
+    created: int,
+    model: str,
+    prompt_tokens: int,
+    style: ChunkStyle = OPENAI_STYLE,
 ) -> bytes:
-    """A non-streaming ``chat.completion`` JSON body."""
+    """A non-streaming ``chat.completion`` JSON body (Azure's carries the filter verdicts)."""
     message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
     if reply.tool_calls:
         message["tool_calls"] = [
@@ -132,16 +202,21 @@ def completion_body(
         message["content"] = "".join(reply.text)
     else:
         message["content"] = text_of(reply.words)
-    return orjson.dumps(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [
-                {"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish_reason}
-            ],
-            "usage": usage(prompt_tokens, reply.completion_tokens),
-        }
+    filtered = reply.finish_reason == "content_filter"
+    choice = style.choice(
+        {"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish_reason},
+        content=True,
+        results=FILTERED_RESULTS if filtered else None,
     )
+    body: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, reply.completion_tokens),
+    }
+    if style.azure:
+        body["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": PROMPT_RESULTS}]
+    return orjson.dumps(body)

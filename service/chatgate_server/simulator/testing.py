@@ -1,4 +1,4 @@
-"""Small helpers for tests that read the simulator's streams directly.
+"""Small helpers for tests that read the simulator's streams and records directly.
 
 Deliberately simple: they expect the simulator's own framing (``data: …`` lines and
 blank lines, LF only). chatgate's real SSE parser lives elsewhere and must be more
@@ -7,10 +7,25 @@ forgiving.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from .keys import fingerprint
+from .records import RequestRecord
+
+__all__ = [
+    "DONE",
+    "ToolCallSeen",
+    "content_of",
+    "fingerprint",
+    "keys_seen",
+    "sse_chunks",
+    "sse_data",
+    "tool_calls_of",
+]
 
 DONE = "[DONE]"
 
@@ -54,3 +69,12 @@ def tool_calls_of(chunks: list[dict[str, Any]]) -> dict[int, ToolCallSeen]:
                 call.name = function.get("name") or call.name
                 call.arguments += function.get("arguments") or ""
     return calls
+
+
+def keys_seen(records: Iterable[RequestRecord]) -> set[str | None]:
+    """Which keys reached a simulator: their names when it was given named keys, else
+    their fingerprints (compare with ``fingerprint(key)``); None for a request without one.
+
+    With several simulators as deployments, ``keys_seen(sim.requests) == {"east"}`` proves
+    no other deployment's key reached this one."""
+    return {record.key_name or record.key_fingerprint for record in records}

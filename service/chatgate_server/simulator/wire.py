@@ -27,13 +27,17 @@ class HttpError(Exception):
 
 @dataclass(slots=True)
 class Request:
-    """One parsed request. Header names are lower-cased; repeated headers are joined by ", "."""
+    """One parsed request. Header names are lower-cased; repeated headers are joined by ", ".
+
+    ``path`` is the target without its query; ``query`` is the raw text after ``?``
+    (Azure's ``api-version`` travels there)."""
 
     method: str
     path: str
     headers: dict[str, str]
     body: bytes
     keep_alive: bool
+    query: str = ""
 
 
 class RequestParser:
@@ -96,8 +100,8 @@ def _parse_head(head: bytes) -> tuple[Request, int]:
     connection = headers.get("connection", "").lower()
     # HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked.
     keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-    path = target.partition("?")[0]
-    return Request(method, path, headers, b"", keep_alive), length
+    path, _, query = target.partition("?")
+    return Request(method, path, headers, b"", keep_alive, query), length
 
 
 _REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}

@@ -30,6 +30,9 @@ never count.
     HALF_OPEN ──probe succeeds──▶ CLOSED        (cool-down and window reset)
     HALF_OPEN ──probe fails──▶ OPEN             (cool-down doubles, capped)
     HALF_OPEN ──probe cancelled──▶ HALF_OPEN    (the next call probes)
+
+While OPEN or HALF_OPEN only the probe moves the state: a call that started before the
+breaker opened (a long stream) and ends meanwhile says how the upstream was then.
 """
 
 from __future__ import annotations
@@ -166,13 +169,23 @@ class CircuitBreaker:
         if ok is None:
             return  # cancelled: says nothing about the upstream
         self._window.add(failed=not ok)
-        if ok:
-            if self._state is not BreakerState.CLOSED:
-                self._opens = 0
-                self._window.clear()
-                self._transition(BreakerState.CLOSED)
+        if self._state is not BreakerState.CLOSED:
+            # Only the probe speaks for the upstream now: a call that started before the
+            # breaker opened (a long stream) ending well or badly says how the upstream
+            # was then, and must neither close the breaker mid-outage (resetting its
+            # growing cool-down) nor reopen it while the probe is out.
+            if permit.probe:
+                self._probe_done(ok)
             return
-        if self._state is BreakerState.HALF_OPEN or (self._state is BreakerState.CLOSED and self._failing()):
+        if not ok and self._failing():
+            self._open()
+
+    def _probe_done(self, ok: bool) -> None:
+        if ok:
+            self._opens = 0
+            self._window.clear()
+            self._transition(BreakerState.CLOSED)
+        else:
             self._open()
 
     def _failing(self) -> bool:

@@ -20,13 +20,23 @@ details. See docs/CALLING.md for deadlines, status codes and when to retry.
 
 from chatgate.client.aio import AsyncClient, AsyncCompletionStream
 from chatgate.client.channel import DEFAULT_OPTIONS, channel_options, tls_credentials
-from chatgate.client.errors import KNOWN_REASONS, ChatgateError, ErrorReason, FieldViolation, QuotaViolation
+from chatgate.client.errors import (
+    KNOWN_REASONS,
+    LIMIT_REASONS,
+    ChatgateError,
+    ErrorReason,
+    FieldViolation,
+    LimitReason,
+    QuotaViolation,
+)
 from chatgate.client.events import (
+    Allowance,
     ContentDelta,
     Cost,
     Event,
     Finished,
     FinishReason,
+    LimitKind,
     Outcome,
     RefusalDelta,
     Started,
@@ -54,6 +64,8 @@ __all__ = [
     "DEFAULT_OPTIONS",
     "DEFAULT_TIMEOUT",
     "KNOWN_REASONS",
+    "LIMIT_REASONS",
+    "Allowance",
     "AsyncClient",
     "AsyncCompletionStream",
     "ChatgateError",
@@ -67,6 +79,8 @@ __all__ = [
     "FieldViolation",
     "FinishReason",
     "Finished",
+    "LimitKind",
+    "LimitReason",
     "Outcome",
     "QuotaViolation",
     "RefusalDelta",

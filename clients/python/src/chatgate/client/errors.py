@@ -22,7 +22,22 @@ if TYPE_CHECKING:
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
+LimitReason = Literal[
+    "REQUESTS_PER_MINUTE_EXCEEDED",
+    "TOKENS_PER_MINUTE_EXCEEDED",
+    "TOKENS_PER_DAY_EXCEEDED",
+    "SPEND_PER_DAY_EXCEEDED",
+    "SPEND_PER_MONTH_EXCEEDED",
+    "CONCURRENT_STREAMS_EXCEEDED",
+]
+"""The reasons of a RESOURCE_EXHAUSTED from one of chatgate's limits (per tenant, caller
+or end user): which kind of limit refused the call. ``quota_violations`` say whose."""
+
+LIMIT_REASONS: frozenset[str] = frozenset(get_args(LimitReason))
+
 ErrorReason = Literal[
+    LimitReason,
+    "BLOCKED",
     "INVALID_REQUEST",
     "REQUEST_TOO_LARGE",
     "UPSTREAM_REJECTED_REQUEST",
@@ -44,7 +59,6 @@ ErrorReason = Literal[
     "CREDENTIAL_REVOKED",
     "CREDENTIAL_EXPIRED",
     "PERMISSION_DENIED",
-    "BLOCKED",
     "CALLERS_UNAVAILABLE",
     "INTERNAL",
     "INCOMPLETE_STREAM",
@@ -85,9 +99,11 @@ class ChatgateError(Exception):
             :data:`ErrorReason`, for exhaustive matching.
         domain: ErrorInfo's domain (``"chatgate"``).
         error_metadata: ErrorInfo's metadata.
-        retry_delay: RetryInfo in seconds: the earliest a retry may succeed; or None.
+        retry_delay: RetryInfo in seconds: the earliest a retry may succeed; or None
+            (for a limit: waiting does not help within the hour).
         field_violations: BadRequest violations (INVALID_ARGUMENT).
-        quota_violations: QuotaFailure violations (RESOURCE_EXHAUSTED).
+        quota_violations: QuotaFailure violations (RESOURCE_EXHAUSTED from a limit):
+            each names the limit's subject (``user:acme/u-42``…) and what it counts.
         events_received: how many events the stream delivered before it failed.
         partial: set by ``collect()``: what arrived before the failure (e.g. the text
             kept when the deadline cut a stream, with its final usage), or None.
@@ -122,6 +138,23 @@ class ChatgateError(Exception):
     def known_reason(self) -> ErrorReason | None:
         """``reason`` when it is one this client knows; None when empty or newer than it."""
         return cast("ErrorReason", self.reason) if self.reason in KNOWN_REASONS else None
+
+    @property
+    def limit_exceeded(self) -> bool:
+        """Whether one of chatgate's limits refused the call (a :data:`LimitReason`)."""
+        return self.reason in LIMIT_REASONS
+
+    @property
+    def waiting_helps(self) -> bool:
+        """Whether the same call should succeed after waiting :attr:`retry_delay` seconds.
+
+        True when chatgate said when the call would fit (RetryInfo) and nothing was
+        delivered yet: a per-minute limit, a daily budget that resets within the hour,
+        a replica at its concurrency limit. False when no wait of an hour or less helps
+        (a monthly budget spent, a block, a RESOURCE_EXHAUSTED without RetryInfo): do
+        not retry soon; tell the user, or fall back.
+        """
+        return self.retry_delay is not None and self.retryable
 
     @property
     def retryable(self) -> bool:

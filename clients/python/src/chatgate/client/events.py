@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from chatgate.v1 import chat_pb2 as pb
 
@@ -48,6 +49,18 @@ class UsageSource(enum.StrEnum):
     ESTIMATED = "estimated"
 
 
+class LimitKind(enum.StrEnum):
+    """What a limit counts; the values are the names chatgate's operators use."""
+
+    UNSPECIFIED = "unspecified"
+    REQUESTS_PER_MINUTE = "requests_per_minute"
+    TOKENS_PER_MINUTE = "tokens_per_minute"
+    TOKENS_PER_DAY = "tokens_per_day"  # a UTC day
+    SPEND_PER_DAY = "spend_per_day"  # micro-dollars, a UTC day
+    SPEND_PER_MONTH = "spend_per_month"  # micro-dollars, a calendar month (UTC)
+    CONCURRENT_STREAMS = "concurrent_streams"
+
+
 # Explicit tables rather than name mangling: a value added to the contract later
 # decodes as UNSPECIFIED instead of raising in the middle of a stream.
 _FINISH_REASONS = {
@@ -67,15 +80,44 @@ _USAGE_SOURCES = {
     pb.USAGE_SOURCE_REPORTED: UsageSource.REPORTED,
     pb.USAGE_SOURCE_ESTIMATED: UsageSource.ESTIMATED,
 }
+_LIMIT_KINDS = {
+    pb.LIMIT_KIND_REQUESTS_PER_MINUTE: LimitKind.REQUESTS_PER_MINUTE,
+    pb.LIMIT_KIND_TOKENS_PER_MINUTE: LimitKind.TOKENS_PER_MINUTE,
+    pb.LIMIT_KIND_TOKENS_PER_DAY: LimitKind.TOKENS_PER_DAY,
+    pb.LIMIT_KIND_SPEND_PER_DAY: LimitKind.SPEND_PER_DAY,
+    pb.LIMIT_KIND_SPEND_PER_MONTH: LimitKind.SPEND_PER_MONTH,
+    pb.LIMIT_KIND_CONCURRENT_STREAMS: LimitKind.CONCURRENT_STREAMS,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """What one limit that applies to the call still allows, this call's reservation
+    already taken: the gRPC form of OpenAI's ``x-ratelimit-*`` headers.
+
+    ``subject`` is whose limit (``tenant:acme``, ``caller:acme/billing``,
+    ``user:acme/u-42``, with ``/model:gpt-4o`` for a per-model limit); ``limit`` and
+    ``remaining`` are in the kind's unit (requests, tokens, micro-dollars, streams);
+    ``resets_at`` is when the limit is whole again (an aware UTC datetime), None for
+    concurrent streams.
+    """
+
+    subject: str
+    kind: LimitKind
+    limit: int
+    remaining: int
+    resets_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
 class Started:
-    """First event: the request id (yours or generated) and the model that answers."""
+    """First event: the request id (yours or generated), the model that answers, and
+    what each limit that applies still allows (empty when none applies)."""
 
     request_id: str
     model: str
     upstream_response_id: str
+    allowances: tuple[Allowance, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +195,8 @@ def event_from_proto(message: pb.CompleteResponse) -> Event | None:
         return RefusalDelta(message.refusal.text)
     if kind == "started":
         s = message.started
-        return Started(s.request_id, s.model, s.upstream_response_id)
+        allowances = tuple(_allowance(a) for a in s.allowances)
+        return Started(s.request_id, s.model, s.upstream_response_id, allowances)
     if kind == "finished":
         return _finished(message.finished)
     return None
@@ -179,4 +222,14 @@ def _finished(f: pb.Finished) -> Finished:
         outcome=_OUTCOMES.get(f.outcome, Outcome.UNSPECIFIED),
         usage=usage,
         cost=cost,
+    )
+
+
+def _allowance(a: pb.Allowance) -> Allowance:
+    return Allowance(
+        subject=a.subject,
+        kind=_LIMIT_KINDS.get(a.kind, LimitKind.UNSPECIFIED),
+        limit=a.limit,
+        remaining=a.remaining,
+        resets_at=a.resets_at.ToDatetime(tzinfo=UTC) if a.HasField("resets_at") else None,
     )

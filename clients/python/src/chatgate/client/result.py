@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatgate.client.events import (
+    Allowance,
     ContentDelta,
     Cost,
     Event,
@@ -57,6 +58,8 @@ class Completion:
     usage: Usage | None
     cost: Cost | None
     finished: bool
+    allowances: tuple[Allowance, ...] = ()
+    """What each limit that applies still allowed when the call started (Started)."""
 
 
 @dataclass
@@ -110,6 +113,7 @@ class Collector:
             usage=finished.usage if finished else None,
             cost=finished.cost if finished else None,
             finished=finished is not None,
+            allowances=started.allowances if started else (),
         )
 
 
