@@ -191,14 +191,38 @@ async def test_refusal_bursts_count_rejected_rows_and_edge_counts_but_not_blocks
 ) -> None:
     acme, now = tenant(), now_()
     at = now - timedelta(minutes=2)
+    for user in ("u-a", "u-b", "u-c", "u-d"):  # many users' refusals: the caller's burst
+        add_calls(
+            db,
+            acme,
+            user,
+            at=at,
+            calls=50,
+            tokens=0,
+            caller="noisy",
+            outcome="rejected",
+            status="RESOURCE_EXHAUSTED",
+        )
+    # One user behind most of a caller's refusals: the finding is the user's.
     add_calls(
         db,
         acme,
-        "u-1",
+        "u-hammer",
         at=at,
-        calls=200,
+        calls=250,
         tokens=0,
-        caller="noisy",
+        caller="shared",
+        outcome="rejected",
+        status="RESOURCE_EXHAUSTED",
+    )
+    add_calls(
+        db,
+        acme,
+        "u-calm",
+        at=at,
+        calls=60,
+        tokens=0,
+        caller="shared",
         outcome="rejected",
         status="RESOURCE_EXHAUSTED",
     )
@@ -229,7 +253,10 @@ async def test_refusal_bursts_count_rejected_rows_and_edge_counts_but_not_blocks
         status="RESOURCE_EXHAUSTED",
     )
     found = await detector(pool, Clock(now)).run_once()
-    assert mine(found, acme) == [(f"caller {acme}/noisy", Rule.REFUSAL_BURST, Step.FLAG)]
+    assert sorted(mine(found, acme)) == [
+        (f"caller {acme}/noisy", Rule.REFUSAL_BURST, Step.FLAG),
+        (f"user {acme}/u-hammer", Rule.REFUSAL_BURST, Step.FLAG),
+    ]
 
 
 async def test_a_caller_fanning_out_to_many_new_users_is_found(

@@ -92,6 +92,18 @@ def test_refusal_bursts_at_the_threshold() -> None:
     assert found.tighten == ((LimitKind.REQUESTS_PER_MINUTE, 10),)  # 1200 an hour = 20/min; half
 
 
+def test_a_burst_mostly_of_one_user_is_that_users_not_the_callers() -> None:
+    s = DetectorSettings(refusal_burst=300)
+    (found,) = refusal_bursts([CallerCount("acme", "shared", 400, top_user="u-9", top_user_count=200)], {}, s)
+    assert found.subject == Subject(Scope.USER, "acme", "u-9")
+    assert found.observed == 200 and "200 of the 400 calls of caller shared" in found.detail
+    assert found.tighten == ((LimitKind.REQUESTS_PER_MINUTE, 20),)  # 40/min refused; half
+    (spread,) = refusal_bursts(
+        [CallerCount("acme", "shared", 400, top_user="u-9", top_user_count=199)], {}, s
+    )
+    assert spread.subject == Subject(Scope.CALLER, "acme", "shared")
+
+
 def test_fanouts_at_the_threshold() -> None:
     s = DetectorSettings(new_users=100)
     (found,) = user_fanouts([CallerCount("acme", "signup", 150), CallerCount("acme", "x", 20)], {}, s)

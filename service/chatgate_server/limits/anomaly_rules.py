@@ -13,12 +13,14 @@ Three rules, each over what Postgres already holds (limits/anomaly_store.py read
   runs at 3× their mean: the default factor (10) leaves room for that. A slow ramp
   (a fifth more every day) keeps even its busy hours at a few times its trailing mean
   and is not found; a rise that crosses 10× within a day is what a spike is.
-- **refusal_burst** (per caller of a tenant): at least ``refusal_burst`` calls refused in
-  the last five minutes — rows with outcome ``rejected`` (a limit, a policy) plus the
-  calls refused at the edge without a row (invalid requests, a taken request id), which
-  each process counts in memory and flushes per minute. Refusals for a block
-  (PERMISSION_DENIED) are left out: a blocked user retrying must not get their whole
-  caller blocked.
+- **refusal_burst** (per caller of a tenant, or the user behind most of it): at least
+  ``refusal_burst`` calls refused in the last five minutes — rows with outcome
+  ``rejected`` (a limit, a policy) plus the calls refused at the edge without a row
+  (invalid requests, a taken request id), which each process counts in memory and
+  flushes per minute. Refusals for a block (PERMISSION_DENIED) are left out: a blocked
+  user retrying must not get their whole caller blocked. For the same reason, when one
+  user made at least half of a caller's refusals, the finding (and any action) is that
+  user's, not the caller's.
 - **user_fanout** (per caller of a tenant): at least ``new_users`` user ids in the last
   hour that the tenant had not seen before that hour (not in the baseline days' roll-up,
   not earlier that day): a caller suddenly fanning out to many new identities, the shape
@@ -75,6 +77,9 @@ class CallerCount:
     tenant: str
     caller: str
     count: int
+    # Refusals: the user with the most of them, and how many (edge counts name no user).
+    top_user: str = ""
+    top_user_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,21 +147,43 @@ def usage_spikes(hours: Iterable[UserHour], s: DetectorSettings) -> list[Finding
 def refusal_bursts(
     counts: Iterable[CallerCount], hour_requests: dict[tuple[str, str], int], s: DetectorSettings
 ) -> list[Finding]:
-    """Callers with at least ``refusal_burst`` refused calls in five minutes."""
-    return [
-        Finding(
-            Subject(Scope.CALLER, c.tenant, c.caller),
-            Rule.REFUSAL_BURST,
-            "refusals",
-            c.count,
-            0.0,
-            float(s.refusal_burst),
-            f"{c.count} calls refused in the last 5 minutes (threshold {s.refusal_burst})",
-            tighten=_half_rate(hour_requests.get((c.tenant, c.caller), 0)),
+    """Callers with at least ``refusal_burst`` refused calls in five minutes — or, when one
+    user made at least half of them, that user: a service calling for many end users
+    should not be tightened or blocked for one of them."""
+    found = []
+    for c in counts:
+        if c.count < s.refusal_burst:
+            continue
+        threshold = float(s.refusal_burst)
+        if c.top_user and 2 * c.top_user_count >= c.count:
+            found.append(
+                Finding(
+                    Subject(Scope.USER, c.tenant, c.top_user),
+                    Rule.REFUSAL_BURST,
+                    "refusals",
+                    c.top_user_count,
+                    0.0,
+                    threshold,
+                    f"{c.top_user_count} of the {c.count} calls of caller {c.caller} refused in the last"
+                    f" 5 minutes (threshold {s.refusal_burst}) were this user's",
+                    # Half the rate at which it was refused, per minute.
+                    tighten=((LimitKind.REQUESTS_PER_MINUTE, max(1, c.top_user_count // 10)),),
+                )
+            )
+            continue
+        found.append(
+            Finding(
+                Subject(Scope.CALLER, c.tenant, c.caller),
+                Rule.REFUSAL_BURST,
+                "refusals",
+                c.count,
+                0.0,
+                threshold,
+                f"{c.count} calls refused in the last 5 minutes (threshold {s.refusal_burst})",
+                tighten=_half_rate(hour_requests.get((c.tenant, c.caller), 0)),
+            )
         )
-        for c in counts
-        if c.count >= s.refusal_burst
-    ]
+    return found
 
 
 def user_fanouts(

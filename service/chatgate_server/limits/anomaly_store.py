@@ -131,24 +131,29 @@ async def user_hours(conn: Conn, now: datetime, s: DetectorSettings) -> list[Use
 
 _REFUSALS = """
     WITH refused AS (
-        SELECT tenant, caller_service AS caller, count(*) AS n FROM usage_records
+        SELECT tenant, caller_service AS caller, user_id, count(*) AS n FROM usage_records
         WHERE started_at >= %(start)s AND started_at < %(end)s
           AND outcome = 'rejected' AND grpc_status <> 'PERMISSION_DENIED'
-        GROUP BY 1, 2
+        GROUP BY 1, 2, 3
         UNION ALL
-        SELECT tenant, caller, sum(calls) FROM refusal_counts
+        SELECT tenant, caller, '', sum(calls) FROM refusal_counts
         WHERE minute >= date_trunc('minute', %(start)s::timestamptz) AND minute < %(end)s
         GROUP BY 1, 2
+    ), ranked AS (
+        SELECT tenant, caller, user_id, n, sum(n) OVER (PARTITION BY tenant, caller) AS total,
+               row_number() OVER (PARTITION BY tenant, caller ORDER BY (user_id <> '') DESC, n DESC) AS rank
+        FROM refused
     )
-    SELECT tenant, caller, sum(n) FROM refused GROUP BY 1, 2 HAVING sum(n) >= %(threshold)s
+    SELECT tenant, caller, total, user_id, n FROM ranked WHERE rank = 1 AND total >= %(threshold)s
 """
 
 
 async def refusal_counts(conn: Conn, now: datetime, s: DetectorSettings) -> list[CallerCount]:
-    """Callers with at least the burst threshold of refusals in the burst window."""
+    """Callers with at least the burst threshold of refusals in the burst window, each
+    with the user who had the most of them (rows only: edge counts name no user)."""
     params = {"start": now - BURST_WINDOW, "end": now, "threshold": s.refusal_burst}
     rows = await (await conn.execute(_REFUSALS, params)).fetchall()
-    return [CallerCount(str(t), str(c), int(n)) for t, c, n in rows]
+    return [CallerCount(str(t), str(c), int(total), str(u), int(n) if u else 0) for t, c, total, u, n in rows]
 
 
 _NEW_USERS = """
