@@ -331,3 +331,28 @@ async def test_of_several_processes_one_run_per_interval_acts(pool: AsyncConnect
         assert await a.run_once() is None and await b.run_once() is None
         clock.now += timedelta(seconds=31)
         assert await b.run_once() is not None
+
+
+def test_the_policy_command_sets_and_shows_a_tenants_policy(url: str) -> None:
+    acme = tenant()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "chatgate_server", "anomalies", "policy", *args],
+            env={**os.environ, "DATABASE_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    shown = cli(acme)
+    line = next(line for line in shown.stdout.splitlines() if line.startswith(acme))
+    assert line.split() == [acme, "flag", "1d", "1h", "-"]  # no row: flag only
+    assert cli(acme, "--escalate", "tighten", "--tighten-for", "90m", "--by", "ops").returncode == 0
+    assert cli(acme, "--escalate", "block").returncode == 0  # keeps the spans set before
+    shown = cli(acme)
+    line = next(line for line in shown.stdout.splitlines() if line.startswith(acme))
+    assert line.split()[:4] == [acme, "block", "90m", "1h"]
+    refused = cli("--escalate", "block")
+    assert refused.returncode == 2 and "--escalate needs a tenant" in refused.stderr

@@ -22,7 +22,7 @@ import asyncio
 import csv
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from chatgate_server.auth.commands import duration
@@ -161,10 +161,20 @@ async def _policy(pool: Any, args: argparse.Namespace, out: TextIO) -> int:
     if args.tenant and not policies:
         policies = [store.default_policy(args.tenant)]
     rows = [
-        (p.tenant, p.escalate.value, str(p.tighten_for), str(p.block_for), p.set_by or "-") for p in policies
+        (p.tenant, p.escalate.value, _span(p.tighten_for), _span(p.block_for), p.set_by or "-")
+        for p in policies
     ]
     _table(("tenant", "escalate", "tighten_for", "block_for", "set_by"), rows, out)
     return 0
+
+
+def _span(span: timedelta) -> str:
+    """``24h``, ``90m``, ``2d``: as the options take it."""
+    seconds = int(span.total_seconds())
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _when(at: datetime) -> str:
