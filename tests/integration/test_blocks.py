@@ -280,3 +280,40 @@ async def test_the_detector_only_lengthens_a_block(migrated_database_url: str) -
         ).fetchone()
     assert rows == [("u-1", "operator", None), ("u-2", "detector", now + timedelta(hours=3))]
     assert audited == (3,)  # two operator blocks and the one detector block that changed something
+
+
+async def test_tenant_and_caller_blocks_follow_the_credential(
+    start_app: AppFactory, migrated_database_url: str
+) -> None:
+    from chatgate_server.auth.store import CallerStore
+    from tests.integration.test_auth import bearer, complete, new_token, refused, unique
+
+    acme, globex = unique("acme"), unique("globex")
+    async with AsyncConnectionPool(migrated_database_url, min_size=1, max_size=1, open=False) as pool:
+        await pool.open(wait=True, timeout=10)
+        store = CallerStore(pool)
+        billing, search, other = (
+            bearer(await new_token(store, acme, "billing")),
+            bearer(await new_token(store, acme, "search")),
+            bearer(await new_token(store, globex, "billing")),
+        )
+    app = await start_app(auth="tokens")
+    table = app.blocks
+    assert table is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        await block_now(
+            migrated_database_url, Subject(Scope.CALLER, acme, "billing"), until=None, reason="leak"
+        )
+        await table.refresh()  # no need to wait for the poll here
+        got = await refused(channel, billing)
+        assert (got.code, got.reason) == (grpc.StatusCode.PERMISSION_DENIED, "BLOCKED")
+        assert got.message == f"caller {acme}/billing is blocked until unblocked: leak"
+        await complete(channel, search)  # the tenant's other caller
+        await complete(channel, other)  # a caller of the same name in another tenant
+
+        await block_now(migrated_database_url, Subject(Scope.TENANT, acme), until=None, reason="unpaid")
+        await table.refresh()
+        for creds in (billing, search):
+            got = await refused(channel, creds)
+            assert got.reason == "BLOCKED" and got.message.startswith(f"tenant {acme} is blocked")
+        await complete(channel, other)
