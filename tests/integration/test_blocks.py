@@ -280,6 +280,8 @@ async def test_the_detector_only_lengthens_a_block(migrated_database_url: str) -
         ).fetchone()
     assert rows == [("u-1", "operator", None), ("u-2", "detector", now + timedelta(hours=3))]
     assert audited == (3,)  # two operator blocks and the one detector block that changed something
+    with psycopg.connect(migrated_database_url) as conn, pytest.raises(psycopg.errors.RaiseException):
+        conn.execute("DELETE FROM block_audit WHERE tenant = %s", (operator.tenant,))
 
 
 async def test_tenant_and_caller_blocks_follow_the_credential(

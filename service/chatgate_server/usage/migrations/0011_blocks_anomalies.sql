@@ -21,8 +21,8 @@ CREATE TABLE blocks (
     CHECK ((scope = 'tenant') = (subject = ''))
 );
 
--- Every block and unblock, never updated or deleted by chatgate: who, why, when, until
--- when, and whether an operator or the detector did it.
+-- Every block and unblock: who, why, when, until when, and whether an operator or the
+-- detector did it.
 CREATE TABLE block_audit (
     id         bigserial   PRIMARY KEY,
     at         timestamptz NOT NULL DEFAULT now(),
@@ -36,6 +36,16 @@ CREATE TABLE block_audit (
     expires_at timestamptz
 );
 CREATE INDEX block_audit_subject_idx ON block_audit (tenant, scope, subject, at);
+
+-- Append-only in the database itself, not just by convention: a block cannot be made to
+-- look as if it never happened.
+CREATE FUNCTION block_audit_is_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'block_audit is append-only';
+END
+$$;
+CREATE TRIGGER block_audit_append_only BEFORE UPDATE OR DELETE ON block_audit
+    FOR EACH STATEMENT EXECUTE FUNCTION block_audit_is_append_only();
 
 -- Every process polls this one row and reloads its block table when the number moves
 -- (as with callers and limits: cheap, and right through a transaction-mode pooler).
