@@ -39,7 +39,6 @@ from chatgate_server.deadline import Deadline
 from chatgate_server.domain import ChatMessage, CompletionRequest
 from chatgate_server.upstream.openai import OpenAIUpstream
 from chatgate_server.upstream.pool import UpstreamPool
-from chatgate_server.upstream.request_body import build_body
 from chatgate_server.upstream.transport import AsyncioBackend
 
 KEY = "sk-bench-not-a-real-key"
@@ -56,11 +55,10 @@ async def _chatgate(base: str, model: str) -> tuple[One, Callable[[], Awaitable[
     request = CompletionRequest(
         request_id="bench", model=model, messages=(ChatMessage(role="user", content="hi"),), user_id="u"
     )
-    body = build_body(request)
 
     async def one() -> float:
         t0 = time.perf_counter()
-        stream = await upstream.open(request, body, Deadline.start(None, 30))
+        stream = await upstream.open(request, Deadline.start(None, 30))
         headers = time.perf_counter() - t0
         async for _ in stream.events():
             pass

@@ -30,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench import procstat, report
 from bench.procs import ROOT, Pinning, Proc, child_env, free_port, plan_pinning, start
-from bench.scenarios import CALLER_ID_TARGETS, VARIANTS, Scenario, select, server_of
+from bench.scenarios import CALLER_ID_TARGETS, TWO_DEPLOYMENTS, VARIANTS, Scenario, select, server_of
 
 API_KEY = "sk-bench-not-a-real-key"
 
@@ -102,6 +102,8 @@ class Suite:
             **self.tracing_env(),
             **VARIANTS.get(name, {}),
         }
+        if name == TWO_DEPLOYMENTS:
+            env["CHATGATE_CONFIG"] = str(self._two_deployments())
         args = ["-m", "chatgate_server", "serve"]
         if workers is not None:
             args += ["--workers", str(workers)]
@@ -115,6 +117,12 @@ class Suite:
         target = f"127.0.0.1:{port}"
         _wait_healthy(proc, target)
         self.servers[name] = (proc, target)
+
+    def _two_deployments(self) -> Path:
+        path = self.log_dir / "chatgate-2dep.toml"
+        entry = '[[deployments]]\nname = "{}"\nkind = "openai"\nbase_url = "{}"\nkey_env = "OPENAI_API_KEY"\n'
+        path.write_text(entry.format("one", self.upstream_url) + entry.format("two", self.upstream_url))
+        return path
 
     def restart(self, name: str) -> None:
         """A fresh server process: memory per stream is then measured from a clean start."""

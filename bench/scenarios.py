@@ -21,7 +21,11 @@ from dataclasses import dataclass, replace
 VARIANTS: dict[str, dict[str, str]] = {
     "chatgate-1msg": {"CHATGATE_COALESCE_DELTAS": "false"},
     "chatgate-noauth": {"CHATGATE_AUTH": "off"},
+    # chatgate-2dep routes every call by weight across two deployments (a chatgate.toml
+    # written at start, both on the same simulator): what the router costs against one.
+    "chatgate-2dep": {},
 }
+TWO_DEPLOYMENTS = "chatgate-2dep"
 # Targets that are a chatgate server loaded differently: chatgate-ids sends a fresh
 # caller-supplied request_id on every call (chatgate reserves each in Postgres before
 # serving; with none it generates ids and skips that), against the same server.
@@ -75,7 +79,15 @@ FULL: tuple[Scenario, ...] = (
         "20 chunks per stream, concurrency 8",
         8,
         20,
-        targets=("direct", "relay", "ceiling", "chatgate-1msg", "chatgate-noauth", "chatgate"),
+        targets=(
+            "direct",
+            "relay",
+            "ceiling",
+            "chatgate-1msg",
+            "chatgate-noauth",
+            "chatgate-2dep",
+            "chatgate",
+        ),
     ),
     Scenario(
         "long",

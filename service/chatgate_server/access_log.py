@@ -104,6 +104,7 @@ def _record_fields(record: UsageRecord) -> dict[str, object]:
         "usage_source": u.source,
         "cost_usd_micros": record.cost.usd_micros,
         "attempts": record.attempts,
+        "deployment": record.deployment,
         "ttft_ms": None if record.time_to_first_token_ms is None else round(record.time_to_first_token_ms, 2),
     }
 

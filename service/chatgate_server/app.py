@@ -16,7 +16,14 @@ from chatgate_server.admission import AdmissionChain, Policy
 from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
-from chatgate_server.config import Settings
+from chatgate_server.config import ConfigError, Settings
+from chatgate_server.deployments import (
+    DeploymentsConfig,
+    DeploymentSpec,
+    deployment_prices,
+    from_settings,
+    load_config,
+)
 from chatgate_server.limits.anomaly_counts import RefusalCounter, RefusalFlusher
 from chatgate_server.limits.anomaly_detector import AnomalyDetector
 from chatgate_server.limits.anomaly_rules import Finding, Step
@@ -32,16 +39,18 @@ from chatgate_server.rpc.servicer import ChatServicer
 from chatgate_server.rpc.tls import ReloadingTls, TlsFiles
 from chatgate_server.rpc.usage_servicer import UsageServicer
 from chatgate_server.telemetry import Providers, Telemetry, providers_from_env
+from chatgate_server.upstream.assemble import build_router, close_deployments
 from chatgate_server.upstream.breaker import CircuitBreaker
-from chatgate_server.upstream.openai import OpenAIUpstream
+from chatgate_server.upstream.deployment import Deployment
 from chatgate_server.upstream.retry import RetryPolicy
+from chatgate_server.upstream.router import Router
 from chatgate_server.usage import tokens
 from chatgate_server.usage.admission import RequestIdGuard
 from chatgate_server.usage.connect import with_connect_timeout
 from chatgate_server.usage.dberrors import describe
 from chatgate_server.usage.ledger import UsageLedger
 from chatgate_server.usage.migrate import apply_migrations, database_unreachable, pending_migrations
-from chatgate_server.usage.pricing import PriceFileError, load_prices
+from chatgate_server.usage.pricing import PriceFileError, PriceTable, load_prices
 from chatgate_server.usage.reports import UsageReports, page_token_key
 from chatgate_server.usage.reservations import POOL_KWARGS, ReservationStore, configure
 from chatgate_server.usage.spool import Spool, SpoolError
@@ -54,6 +63,8 @@ log = logging.getLogger(__name__)
 CALLERS_LOAD_TIMEOUT_S = 10.0
 # The same for the block table; past it no blocks apply until it loads.
 BLOCKS_LOAD_TIMEOUT_S = 5.0
+# How often deployments dropped by a reload are checked for calls still using them.
+RETIRE_POLL_S = 0.5
 
 
 async def _bounded(what: str, step: Coroutine[Any, Any, object], timeout_s: float) -> None:
@@ -102,7 +113,13 @@ class App:
         self._guard: RequestIdGuard | None = None
         self._spool: Spool | None = None
         self.ledger_health: LedgerHealth | None = None
-        self._upstream: OpenAIUpstream | None = None
+        self.router: Router | None = None
+        # The running deployments with the specs they were made from (for reloads), and
+        # those a reload dropped, closed once no call uses them.
+        self._deployed: list[tuple[DeploymentSpec, Deployment]] = []
+        self._retiring: list[Deployment] = []
+        self._retirer: asyncio.Task[None] | None = None
+        self._reloading = asyncio.Lock()
         self.ledger: UsageLedger | None = None
         self._server: grpc.aio.Server | None = None
         self.edge: Edge | None = None
@@ -194,21 +211,15 @@ class App:
             tracer=self.telemetry.tracer,
         )
         self.ledger.start()
-        self._upstream = OpenAIUpstream(
-            s.openai_base_url,
-            s.openai_api_key,
-            connect_timeout=s.upstream_connect_timeout_s,
-            max_connections=s.upstream_max_connections,
-            coalesce_deltas=s.coalesce_deltas,
-        )
-        self.breaker = CircuitBreaker(
-            self._upstream.name,
-            failure_threshold=s.breaker_failure_threshold,
-            window_s=s.breaker_window_s,
-            failure_rate=s.breaker_failure_rate,
-            cooldown_s=s.breaker_cooldown_s,
-            max_cooldown_s=s.breaker_max_cooldown_s,
-        )
+        try:
+            config = from_settings(s)  # checked with the settings; changed since?
+        except ConfigError as exc:
+            await self.stop(0)
+            raise StartupError(str(exc)) from None
+        self.router = build_router(config, s)
+        self._deployed = list(zip(config.deployments, self.router.deployments, strict=True))
+        # With one deployment (the zero-config default), its breaker is "the" breaker.
+        self.breaker = self.router.deployments[0].breaker
         try:
             prices = load_prices(s.prices_file)
         except PriceFileError as exc:  # checked with the settings; changed since?
@@ -216,10 +227,9 @@ class App:
             raise StartupError(f"CHATGATE_PRICES_FILE: {exc}") from None
         blocks = await self._blocks(url, postgres_ok)
         self.service = service = CompletionService(
-            self._upstream,
+            self.router,
             self.ledger,
             tokens.TiktokenEstimator(),
-            breaker=self.breaker,
             retry_policy=RetryPolicy(
                 max_attempts=s.retry_max_attempts, base_s=s.retry_base_s, cap_s=s.retry_cap_s
             ),
@@ -232,6 +242,7 @@ class App:
                 policies=(BlockPolicy(blocks), *self._extra_policies),
             ),
             prices=prices,
+            deployment_prices=self._deployment_prices(config),
         )
         self._observe()
         authenticator = await self._authenticator(postgres_ok)
@@ -256,7 +267,7 @@ class App:
             chat,
             edge=self.edge,
             usage=UsageServicer(
-                UsageReports(self._report_pool), page_token_key=page_token_key(s.openai_api_key.value)
+                UsageReports(self._report_pool), page_token_key=page_token_key(config.secret_material)
             ),
             reuse_port=self._reuse_port,
             reflection=s.reflection,
@@ -281,7 +292,7 @@ class App:
             self.port,
             "mTLS" if s.tls_client_ca_file else "TLS" if s.tls else "plaintext",
             s.auth,
-            s.openai_base_url,
+            _describe(config),
         )
         return self.port
 
@@ -388,9 +399,13 @@ class App:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
-        if self._upstream is not None:
-            await _bounded("upstream client", self._upstream.aclose(), 5)
-            self._upstream = None
+        if self._retirer is not None:
+            self._retirer.cancel()
+            self._retirer = None
+        if self.router is not None:
+            retiring, self._retiring = self._retiring, []
+            await _bounded("upstream clients", close_deployments([*self.router.deployments, *retiring]), 5)
+            self.router = None
         if self.detector is not None:
             await _bounded("anomaly detector", self.detector.stop(), 5)
             self.detector = None
@@ -423,27 +438,84 @@ class App:
             await asyncio.to_thread(self._providers.shutdown)
             self._providers = None
 
+    async def reload(self) -> bool:
+        """Re-read CHATGATE_CONFIG (on SIGHUP): new calls use the new deployments and
+        routes, running calls finish on the deployment they started on, and a deployment
+        left unchanged keeps its connections, breaker and headroom. A file with a problem
+        is refused with one log line and the running configuration kept."""
+        path = self.settings.config_file
+        if path is None or self.service is None or self.router is None:
+            log.warning("reload: nothing to reload (CHATGATE_CONFIG is not set)")
+            return False
+        async with self._reloading:
+            try:
+                config = await asyncio.to_thread(load_config, path)
+            except ConfigError as exc:
+                log.error("reload refused, the running deployments and routes are kept: %s", exc)
+                return False
+            router = build_router(config, self.settings, keep=self._deployed)
+            kept = {id(d) for d in router.deployments}
+            dropped = [d for _, d in self._deployed if id(d) not in kept]
+            self._deployed = list(zip(config.deployments, router.deployments, strict=True))
+            self.router = router
+            self.breaker = router.deployments[0].breaker
+            self.service.use_router(router, self._deployment_prices(config))
+            self._retire(dropped)
+        log.info("reloaded %s: upstream %s", path, _describe(config))
+        return True
+
+    def _deployment_prices(self, config: DeploymentsConfig) -> dict[str, PriceTable]:
+        return deployment_prices(config, self.settings.prices_file)
+
+    def _retire(self, dropped: list[Deployment]) -> None:
+        """Close the adapters of deployments a reload dropped once no call uses them."""
+        self._retiring += dropped
+        if self._retiring and self._retirer is None:
+            self._retirer = asyncio.get_running_loop().create_task(self._close_retired(), name="retire")
+
+    async def _close_retired(self) -> None:
+        try:
+            while self._retiring:
+                idle = [d for d in self._retiring if d.in_flight == 0]
+                self._retiring = [d for d in self._retiring if d.in_flight > 0]
+                await close_deployments(idle)
+                if self._retiring:
+                    await asyncio.sleep(RETIRE_POLL_S)
+        finally:
+            self._retirer = None
+
+    @property
+    def retiring_deployments(self) -> int:
+        """Deployments a reload dropped whose connections are not closed yet (calls
+        that started on them are still running)."""
+        return len(self._retiring)
+
     @property
     def upstream_connections(self) -> int:
-        """Upstream connections open now, idle ones included."""
-        return self._upstream.open_connections if self._upstream is not None else 0
+        """Upstream connections open now, idle ones included, over every deployment."""
+        if self.router is None:
+            return 0
+        return sum(_connections(d) for d in self.router.deployments)
 
     def _observe(self) -> None:
         """Gauges read at each metrics export."""
-        breaker, ledger, upstream = self.breaker, self.ledger, self._upstream
-        if upstream is not None:
+        ledger = self.ledger
+        if self.router is not None:
+
+            def deployments() -> tuple[Deployment, ...]:
+                return self.router.deployments if self.router is not None else ()  # after reloads too
+
             self.telemetry.observe(
                 "chatgate.upstream.connections",
                 "{connection}",
                 "Upstream connections open, idle ones included (idle ones the server closed are reaped)",
-                lambda: [(float(upstream.open_connections), {"chatgate.upstream": upstream.name})],
+                lambda: [(float(_connections(d)), _labels(d.name)) for d in deployments()],
             )
-        if breaker is not None:
             self.telemetry.observe(
                 "chatgate.breaker.state",
                 "1",
-                "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
-                lambda: [(float(breaker.state), {"chatgate.upstream": breaker.name})],
+                "Upstream circuit breaker per deployment: 0 closed, 1 half-open, 2 open",
+                lambda: [(float(d.breaker.state), _labels(d.name)) for d in deployments()],
             )
         if ledger is not None:
             self.telemetry.observe(
@@ -477,3 +549,20 @@ class App:
                 "Usage ledger: 0 writing to Postgres, 1 spooling, 2 full (calls refused)",
                 lambda: [(float(ledger.state), {})],
             )
+
+
+def _connections(deployment: Deployment) -> int:
+    return int(getattr(deployment.upstream, "open_connections", 0))
+
+
+def _labels(deployment: str) -> dict[str, str]:
+    # chatgate.upstream kept: dashboards made for one upstream group by it.
+    return {"chatgate.deployment": deployment, "chatgate.upstream": deployment}
+
+
+def _describe(config: DeploymentsConfig) -> str:
+    """The deployments for the start-up line: names and URLs, never keys."""
+    if config.source == "environment":
+        return config.deployments[0].base_url
+    listed = ", ".join(f"{d.name} ({d.kind} {d.base_url})" for d in config.deployments)
+    return f"deployments from {config.source}: {listed}"

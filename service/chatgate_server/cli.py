@@ -1,4 +1,4 @@
-"""The ``chatgate`` command: serve, migrate, simulator, and the operator commands."""
+"""The ``chatgate`` command: serve, migrate, simulator, config check, and the operator commands."""
 
 from __future__ import annotations
 
@@ -46,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also require the usage ledger (health service chatgate.ledger) to be SERVING, "
         "i.e. usage rows reach Postgres rather than wait in the spool",
     )
+    config = sub.add_parser("config", help="work with the deployments file (chatgate.toml)")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser(
+        "check", help="check a deployments file offline: its keys, deployments, routes and key references"
+    )
+    check.add_argument("file", nargs="?", default=None, help="the file (default: $CHATGATE_CONFIG)")
     add_usage_commands(sub)
     add_usage_anomalies(sub.choices["usage"])
     add_callers_command(sub)
@@ -61,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "migrate":
             return _migrate()
+        if args.command == "config":
+            return _config_check(args.file)
         if args.command == "health":
             return _health(args.address, args.timeout, ledger=args.ledger)
         if args.command == CALLERS_COMMAND:
@@ -89,6 +97,33 @@ def _migrate() -> int:
         print(f"chatgate: migrate failed: {describe(exc, url)}", file=sys.stderr)
         return 1
     print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
+    return 0
+
+
+def _config_check(file: str | None) -> int:
+    """Load the file as start-up would (keys read from their references, never shown)
+    and say what it routes where; a problem is one line and exit status 2."""
+    import os
+    from pathlib import Path
+
+    from chatgate_server.deployments import load_config
+
+    path = file or os.environ.get("CHATGATE_CONFIG", "").strip()
+    if not path:
+        raise ConfigError("name a file, or set CHATGATE_CONFIG")
+    config = load_config(Path(path))
+    for d in config.deployments:
+        models = ", ".join(m if m == u else f"{m} -> {u}" for m, u in d.models.items())
+        key = "no key" if d.api_key is None else "key set"
+        about = f"{key}; weight {d.weight:g}; models {models}"
+        if d.prices_file:
+            about += f"; prices {d.prices_file}"
+        print(f"deployment {d.name}: {d.kind} {d.base_url} ({about})")
+    for r in config.routes:
+        order = "weighted" if r.weighted else "in order"
+        fallback = f", then {r.fallback}" if r.fallback else ""
+        print(f"route {r.name}: {r.model} on {', '.join(r.deployments)} ({order}){fallback}")
+    print(f"{path}: ok")
     return 0
 
 
@@ -133,6 +168,15 @@ async def _serve_async(settings: Settings, *, reuse_port: bool = False) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     app = App(settings, reuse_port=reuse_port)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hangup() -> None:
+        # SIGHUP re-reads CHATGATE_CONFIG; a bad file is refused and logged (App.reload).
+        task = loop.create_task(app.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await app.start()
     except StartupError as exc:
@@ -145,7 +189,7 @@ async def _serve_async(settings: Settings, *, reuse_port: bool = False) -> int:
     # From here the process only exits. Ignore further signals rather than let the
     # default action kill it once the loop drops its handlers: a supervisor forwarding
     # a second SIGTERM would otherwise see this clean exit as "killed by SIGTERM".
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
     log.info("stopped")

@@ -12,7 +12,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -49,10 +50,10 @@ from chatgate_server.errors import (
 from chatgate_server.genai_spans import AttemptTelemetry, error_type
 from chatgate_server.logs import bind_request_id
 from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
-from chatgate_server.upstream.base import Upstream, UpstreamStream
-from chatgate_server.upstream.breaker import BreakerState, CircuitBreaker, Permit
-from chatgate_server.upstream.request_body import build_body
+from chatgate_server.upstream.base import UpstreamStream
+from chatgate_server.upstream.breaker import BreakerState, CircuitBreaker
 from chatgate_server.upstream.retry import RetryDecision, RetryPolicy, with_retries
+from chatgate_server.upstream.router import RoutePlan, Router, breaker_failure
 from chatgate_server.usage.ledger import UsageSink
 from chatgate_server.usage.pricing import PriceTable, default_table
 from chatgate_server.usage.tokens import TokenEstimator
@@ -81,6 +82,8 @@ class StreamFinished:
     finish_reason: FinishReason | None
     usage: TokenUsage
     cost: Cost
+    deployment: str | None = None
+    """The deployment (chatgate.toml) that served the stream."""
 
 
 OutboundEvent = StreamStarted | ContentDelta | RefusalDelta | ToolCallDelta | StreamFinished
@@ -95,6 +98,7 @@ class _Progress:
     t0: float
     spans: AttemptTelemetry
     attempts: int = 0
+    deployment: str | None = None  # where the latest attempt went
     started: StreamStarted | None = None
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
@@ -163,31 +167,32 @@ def _outcome_of(exc: ChatgateError, progress: _Progress) -> Outcome:
 
 
 class CompletionService:
-    """Streams completions from one upstream and bills each request exactly once."""
+    """Streams completions from the router's deployments and bills each request exactly once."""
 
     def __init__(
         self,
-        upstream: Upstream,
+        router: Router,
         ledger: UsageSink,
         estimator: TokenEstimator,
         *,
-        breaker: CircuitBreaker | None = None,
         retry_policy: RetryPolicy | None = None,
         first_byte_timeout_s: float = 30.0,
         telemetry: Telemetry = NO_TELEMETRY,
         admission: AdmissionChain = NO_ADMISSION,
         prices: PriceTable | None = None,
+        deployment_prices: Mapping[str, PriceTable] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        self._upstream = upstream
+        self._router = router
+        self._deployment_prices: Mapping[str, PriceTable] = {}
+        self._listened: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+        self.use_router(router, deployment_prices)
         self._admission = admission
         self._telemetry = telemetry
         self._ledger = ledger
         self._estimator = estimator
         self._prices = prices or default_table()
-        self._breaker = breaker or CircuitBreaker(upstream.name)
-        self._breaker.add_listener(_breaker_event)
         self._retry_policy = retry_policy or RetryPolicy()
         self._first_byte_timeout_s = first_byte_timeout_s
         self._clock = clock
@@ -195,6 +200,16 @@ class CompletionService:
         self._calls: set[_Progress] = set()
         self._idle = asyncio.Event()
         self._draining = False
+
+    def use_router(self, router: Router, deployment_prices: Mapping[str, PriceTable] | None = None) -> None:
+        """New calls route by ``router`` (a reload); running calls keep their own.
+        ``deployment_prices``: the tables of deployments priced apart (by name)."""
+        for deployment in router.deployments:
+            if deployment.breaker not in self._listened:
+                self._listened.add(deployment.breaker)
+                deployment.breaker.add_listener(_breaker_event)
+        self._router = router
+        self._deployment_prices = deployment_prices or {}
 
     async def run(
         self,
@@ -215,11 +230,10 @@ class CompletionService:
         progress = _Progress(
             started_at=datetime.now(UTC),
             t0=self._clock(),
-            spans=AttemptTelemetry(self._telemetry, request, self._upstream),
+            spans=AttemptTelemetry(self._telemetry, request),
         )
         outcome = Outcome.INTERNAL_ERROR
         status = "INTERNAL"
-        permit: Permit | None = None
         admission = self._admission.start(request)
         self._calls.add(progress)
         try:
@@ -228,29 +242,20 @@ class CompletionService:
             progress.allowances = admission.allowances()
             if self._draining:
                 raise ShuttingDown("chatgate is shutting down; retry on another replica")
-            trace.get_current_span().set_attribute("chatgate.breaker.state", self._breaker.state.name.lower())
-            permit = self._breaker.acquire()
             outcome = await self._relay(request, deadline, send, progress)
             status = "OK"
-            permit.success()
         except asyncio.CancelledError:
             # The caller left — or its own deadline ran out and gRPC cancelled us.
             outcome = Outcome.DEADLINE_EXCEEDED if deadline.expired else Outcome.CANCELLED
             status = "DEADLINE_EXCEEDED" if deadline.expired else "CANCELLED"
-            if permit is not None:
-                permit.release()  # says nothing about the upstream's health
             raise
         except ChatgateError as exc:
             outcome = _outcome_of(exc, progress)
             status = exc.status_name
-            if permit is not None:
-                self._judge(permit, exc, progress)
             if progress.started is not None:
                 await self._send_final(send, self._finished(request, progress, outcome))
             raise
         finally:
-            if permit is not None:
-                permit.release()  # a no-op when reported above; else a bug ended the call
             record = self._record(request, progress, outcome, status, trace_id, span_id)
             if admission.recorded:
                 record = admission.settle(record)
@@ -318,21 +323,34 @@ class CompletionService:
             await self._idle.wait()
         return None
 
-    @staticmethod
-    def _judge(permit: Permit, exc: ChatgateError, progress: _Progress) -> None:
-        """Tell the breaker what a failed call says about the upstream (upstream/breaker.py
-        says why a stream that failed after delivering content does not count)."""
-        if isinstance(exc, UpstreamError) and exc.breaker_failure and progress.first_token_at is None:
-            permit.failure()
-        elif isinstance(exc, DeadlineExceeded) and progress.started is None:
-            permit.failure()  # the upstream never answered in time
-        else:
-            permit.release()  # caller mistakes, our key, a slow but flowing stream
-
     async def _relay(
         self, request: CompletionRequest, deadline: Deadline, send: Send, progress: _Progress
     ) -> Outcome:
-        body = build_body(request)
+        """Route the call and stream it; then tell the breaker of the deployment that
+        served it what the call said about its health."""
+        plan = self._router.plan(request.model)
+        trace.get_current_span().set_attribute("chatgate.breaker.state", plan.breaker_state.name.lower())
+        try:
+            outcome = await self._stream(request, plan, deadline, send, progress)
+        except ChatgateError as exc:
+            # Counted against the deployment only if it says the upstream cannot answer
+            # (router.breaker_failure): caller mistakes, our key, a stream that already
+            # delivered content do not.
+            plan.judged(
+                breaker_failure(
+                    exc, started=progress.started is not None, first_token=progress.first_token_at is not None
+                )
+            )
+            raise
+        except BaseException:
+            plan.release()  # cancelled (or a bug): says nothing about the upstream's health
+            raise
+        plan.succeeded()
+        return outcome
+
+    async def _stream(
+        self, request: CompletionRequest, plan: RoutePlan, deadline: Deadline, send: Send, progress: _Progress
+    ) -> Outcome:
         opened: _Opened | None = None
         error: BaseException | None = None
         try:
@@ -342,11 +360,12 @@ class CompletionService:
                     scope.reschedule(asyncio.get_running_loop().time())
                 # Retried only up to the first event: nothing has reached the caller yet.
                 opened = await with_retries(
-                    lambda: self._attempt(request, body, deadline, progress),
+                    lambda: self._attempt(request, plan, deadline, progress),
                     self._retry_policy,
                     deadline,
                     rng=self._rng,
                     on_retry=self._on_retry,
+                    failover=plan.would_move,
                 )
                 await self._handle(opened.first, request, send, progress)
                 relayed = progress.relayed
@@ -376,18 +395,24 @@ class CompletionService:
         return Outcome.COMPLETED
 
     async def _attempt(
-        self, request: CompletionRequest, body: bytes, deadline: Deadline, progress: _Progress
+        self, request: CompletionRequest, plan: RoutePlan, deadline: Deadline, progress: _Progress
     ) -> _Opened:
-        """One upstream attempt: open the stream and read its first event."""
+        """One upstream attempt on the deployment the plan picks: open the stream and read
+        its first event."""
+        leg = plan.next()  # BreakerOpen when every deployment's breaker refuses
+        deployment = leg.deployment
         progress.attempts += 1
+        progress.deployment = deployment.name
+        trace.get_current_span().set_attribute("chatgate.deployment", deployment.name)
+        asked = leg.request(request)
         stream: UpstreamStream | None = None
         events: AsyncIterator[UpstreamEvent] | None = None
-        span, span_started = progress.spans.start(request.model)
+        span, span_started = progress.spans.start(asked.model, deployment)
         try:
             # Response headers and the first event must come within the first-byte
             # timeout; a hung attempt then becomes a retry instead of eating the deadline.
             async with asyncio.timeout(min(self._first_byte_timeout_s, deadline.remaining())):
-                stream = await self._upstream.open(request, body, deadline)
+                stream = await deployment.upstream.open(asked, deadline)
                 events = stream.events()
                 first = await anext(events)
             first_at = time.monotonic()
@@ -398,6 +423,7 @@ class CompletionService:
                 error = UpstreamProtocolError("the upstream stream ended before its first chunk")
             elif isinstance(exc, TimeoutError) and not deadline.expired:
                 error = UpstreamError("the upstream did not start answering in time")
+            plan.failed(error)  # judged against this deployment if the call moves on
             if isinstance(error, asyncio.CancelledError):
                 span.set_attribute("chatgate.cancelled", True)
                 span.end()
@@ -477,13 +503,15 @@ class CompletionService:
 
     def _finished(self, request: CompletionRequest, progress: _Progress, outcome: Outcome) -> StreamFinished:
         usage = self._usage(request, progress)
-        return StreamFinished(outcome, progress.finish_reason, usage, self._cost(request, progress, outcome))
+        cost = self._cost(request, progress, outcome)
+        return StreamFinished(outcome, progress.finish_reason, usage, cost, progress.deployment)
 
     def _cost(self, request: CompletionRequest, progress: _Progress, outcome: Outcome) -> Cost:
         """Priced from the resolved model; nothing for a call the upstream refused or
         failed before producing anything (pricing.is_charged)."""
         started = progress.started
-        return self._prices.bill(
+        table = self._deployment_prices.get(progress.deployment or "", self._prices)
+        return table.bill(
             started.model if started else request.model,
             self._usage(request, progress),
             outcome=outcome,
@@ -511,6 +539,7 @@ class CompletionService:
             tenant=request.caller.tenant,
             caller_service=request.caller.service,
             credential_id=request.caller.credential_id or None,
+            deployment=progress.deployment,
             user_id=request.user_id,
             requested_model=request.model,
             resolved_model=started.model if started else None,

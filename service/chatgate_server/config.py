@@ -50,7 +50,8 @@ class Settings:
     """Everything the service reads from its environment."""
 
     openai_api_key: Secret
-    """OPENAI_API_KEY, or the contents of the file named by OPENAI_API_KEY_FILE."""
+    """OPENAI_API_KEY, or the contents of the file named by OPENAI_API_KEY_FILE; required
+    unless CHATGATE_CONFIG names the deployments (then unused, and empty when unset)."""
     openai_base_url: str
     """OPENAI_BASE_URL: the API root including /v1 (the OpenAI SDK's convention)."""
     database_url: str
@@ -145,6 +146,9 @@ class Settings:
     must present a certificate it signed (mTLS). Requires CHATGATE_TLS_CERT_FILE."""
     reflection: bool = True
     """CHATGATE_REFLECTION: serve gRPC reflection (default true; false: not registered)."""
+    config_file: Path | None = None
+    """CHATGATE_CONFIG: a TOML file (chatgate.toml) listing upstream deployments and routes
+    (deployments.py); unset, one deployment from OPENAI_BASE_URL and OPENAI_API_KEY."""
     prices_file: Path | None = None
     """CHATGATE_PRICES_FILE: the operator's price table (the shipped usage/prices.csv's format);
     its rows replace the shipped rows of every model it names. Unset: the shipped table alone."""
@@ -155,8 +159,9 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         e = os.environ if env is None else env
         cert, key, client_ca = _tls(e)
+        config_file = config_file_from_env(e)
         return cls(
-            openai_api_key=_api_key(e),
+            openai_api_key=_api_key(e, required=config_file is None),
             openai_base_url=_base_url(e),
             database_url=_required(e, "DATABASE_URL"),
             listen=_listen(e, "CHATGATE_LISTEN", "0.0.0.0:50051"),
@@ -197,6 +202,7 @@ class Settings:
             log_format=_choice(e, "CHATGATE_LOG_FORMAT", "JSON", ("JSON", "TEXT")).lower(),
             max_request_bytes=_int(e, "CHATGATE_MAX_REQUEST_BYTES", 4 * 1024 * 1024, minimum=1024),
             allowed_models=_list(e, "CHATGATE_ALLOWED_MODELS"),
+            config_file=config_file,
             prices_file=prices_file_from_env(e),
             auth=_choice(e, "CHATGATE_AUTH", "TOKENS", ("TOKENS", "OFF")).lower(),
             tls_cert_file=cert,
@@ -230,6 +236,19 @@ def prices_file_from_env(env: Mapping[str, str] | None = None) -> Path | None:
         read_operator_file(Path(raw))
     except PriceFileError as exc:
         raise ConfigError(f"CHATGATE_PRICES_FILE: {exc}") from None
+    return Path(raw)
+
+
+def config_file_from_env(env: Mapping[str, str] | None = None) -> Path | None:
+    """CHATGATE_CONFIG, checked by loading it: a bad file stops start-up with one line
+    naming the file, the key and the problem."""
+    from chatgate_server.deployments import load_config
+
+    e = os.environ if env is None else env
+    raw = e.get("CHATGATE_CONFIG", "").strip()
+    if not raw:
+        return None
+    load_config(Path(raw), e)
     return Path(raw)
 
 
@@ -294,7 +313,7 @@ def _required(env: Mapping[str, str], name: str) -> str:
     return value
 
 
-def _api_key(env: Mapping[str, str]) -> Secret:
+def _api_key(env: Mapping[str, str], *, required: bool = True) -> Secret:
     key = env.get("OPENAI_API_KEY", "").strip()
     key_file = env.get("OPENAI_API_KEY_FILE", "").strip()
     if key and key_file:
@@ -307,7 +326,9 @@ def _api_key(env: Mapping[str, str]) -> Secret:
         if not key:
             raise ConfigError("OPENAI_API_KEY_FILE names an empty file")
     if not key:
-        raise ConfigError("OPENAI_API_KEY is not set (or set OPENAI_API_KEY_FILE)")
+        if not required:
+            return Secret("")
+        raise ConfigError("OPENAI_API_KEY is not set (or set OPENAI_API_KEY_FILE, or CHATGATE_CONFIG)")
     if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
         # It goes into an HTTP header verbatim: anything else would fail every call, in
         # an HTTP library error that may quote the header. Never echo the value: it is a

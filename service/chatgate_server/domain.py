@@ -304,3 +304,5 @@ class UsageRecord:
     # The public id of the credential that proved the caller (auth/): which token or
     # certificate mapping spent this, never the secret. None with CHATGATE_AUTH=off.
     credential_id: str | None = None
+    # The deployment (chatgate.toml) of the call's last attempt; None when none was made.
+    deployment: str | None = None

@@ -17,7 +17,7 @@ from opentelemetry.util.types import AttributeValue
 from chatgate_server.domain import CompletionRequest, FinishReason, JsonSchemaFormat, TokenUsage
 from chatgate_server.errors import UpstreamError
 from chatgate_server.telemetry import Telemetry
-from chatgate_server.upstream.base import Upstream
+from chatgate_server.upstream.deployment import Deployment
 
 
 def error_type(error: BaseException) -> str:
@@ -30,15 +30,12 @@ def error_type(error: BaseException) -> str:
     return type(error).__name__
 
 
-def request_attributes(request: CompletionRequest, upstream: Upstream) -> dict[str, AttributeValue]:
-    s = request.sampling
+def deployment_attributes(deployment: Deployment) -> dict[str, AttributeValue]:
+    """Where an attempt went: the provider, its address and the deployment's name."""
+    upstream = deployment.upstream
     attrs: dict[str, AttributeValue] = {
-        "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": upstream.name,
-        "gen_ai.request.model": request.model,
-        "gen_ai.request.stream": True,
-        "openai.api.type": "chat_completions",
-        "gen_ai.output.type": "json" if request.response_format not in (None, "text") else "text",
+        "chatgate.deployment": deployment.name,
     }
     address = getattr(upstream, "server_address", None)
     port = getattr(upstream, "server_port", None)
@@ -46,6 +43,18 @@ def request_attributes(request: CompletionRequest, upstream: Upstream) -> dict[s
         attrs["server.address"] = address
     if port:
         attrs["server.port"] = port
+    return attrs
+
+
+def request_attributes(request: CompletionRequest) -> dict[str, AttributeValue]:
+    s = request.sampling
+    attrs: dict[str, AttributeValue] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": request.model,
+        "gen_ai.request.stream": True,
+        "openai.api.type": "chat_completions",
+        "gen_ai.output.type": "json" if request.response_format not in (None, "text") else "text",
+    }
     optional: dict[str, Any] = {
         "gen_ai.request.max_tokens": s.max_completion_tokens,
         "gen_ai.request.temperature": s.temperature,
@@ -65,20 +74,29 @@ def request_attributes(request: CompletionRequest, upstream: Upstream) -> dict[s
 class AttemptTelemetry:
     """Spans and metrics for one request's upstream attempts."""
 
-    __slots__ = ("_attrs", "_metric_attrs", "_telemetry")
+    __slots__ = ("_attrs", "_metric_attrs", "_request_metric_attrs", "_telemetry")
 
-    def __init__(self, telemetry: Telemetry, request: CompletionRequest, upstream: Upstream) -> None:
+    def __init__(self, telemetry: Telemetry, request: CompletionRequest) -> None:
         self._telemetry = telemetry
-        self._attrs = request_attributes(request, upstream) if telemetry.tracing else {}
-        self._metric_attrs: dict[str, AttributeValue] = {
+        self._attrs = request_attributes(request) if telemetry.tracing else {}
+        self._request_metric_attrs: dict[str, AttributeValue] = {
             "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": upstream.name,
             "gen_ai.request.model": request.model,
         }
+        self._metric_attrs = self._request_metric_attrs
 
-    def start(self, model: str) -> tuple[Span, float]:
+    def start(self, model: str, deployment: Deployment) -> tuple[Span, float]:
+        """An attempt's span; the metrics that follow carry its deployment."""
+        where = deployment_attributes(deployment)
+        self._metric_attrs = {
+            **self._request_metric_attrs,
+            "gen_ai.provider.name": where["gen_ai.provider.name"],
+            "chatgate.deployment": deployment.name,
+        }
         span = self._telemetry.tracer.start_span(
-            f"chat {model}", kind=SpanKind.CLIENT, attributes=self._attrs
+            f"chat {model}",
+            kind=SpanKind.CLIENT,
+            attributes={**self._attrs, **where} if self._attrs else where,
         )
         return span, time.monotonic()
 

@@ -26,7 +26,8 @@ The supervisor:
   print the same error N times;
 - starts the children in their own process group, so a terminal's Ctrl-C reaches
   only the supervisor, which forwards each SIGTERM/SIGINT exactly once to every child
-  (a second signal still means "cut now", as for one process); children also get
+  (a second signal still means "cut now", as for one process), and each SIGHUP (reload
+  CHATGATE_CONFIG) without stopping; children also get
   SIGTERM if the supervisor dies (``PR_SET_PDEATHSIG``);
 - exits 0 when every child exited 0 after a signal. A child that exits on its own is
   a failure: the others are stopped and the supervisor exits non-zero, leaving the
@@ -110,7 +111,7 @@ def _run(settings: Settings, workers: int) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         received.append(signum)  # forwarded by the loop below, never lost to a race
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     # Migrations are done (or checked) above; N children must not race on them.
     env = {**os.environ, "CHATGATE_MIGRATE_ON_START": "false", SUPERVISED_ENV: str(os.getpid())}
@@ -146,7 +147,8 @@ def _wait(children: list[subprocess.Popen[bytes]], received: list[int]) -> int:
     forwarded = 0
     while True:
         while forwarded < len(received):
-            stopping = True
+            # SIGHUP (reload the deployments) is passed on; any other signal stops.
+            stopping = stopping or received[forwarded] != signal.SIGHUP
             _signal_all(children, received[forwarded])
             forwarded += 1
         running = [c for c in children if c.poll() is None]

@@ -266,7 +266,7 @@ async def test_a_caller_fanning_out_to_many_new_users_is_found(
     for i in range(120):
         add_calls(db, acme, f"new-{i}", at=now - timedelta(minutes=10), caller="signup")
         # The same number of users through another caller, all of them known for days.
-        add_days(db, acme, f"old-{i}", [10], now.date())
+        add_days(db, acme, f"old-{i}", [10], (now - timedelta(hours=1)).date())  # the day before the hour
         add_calls(db, acme, f"old-{i}", at=now - timedelta(minutes=10), caller="app")
     found = await detector(pool, Clock(now)).run_once()
     assert mine(found, acme) == [(f"caller {acme}/signup", Rule.USER_FANOUT, Step.FLAG)]

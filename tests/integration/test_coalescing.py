@@ -17,7 +17,6 @@ from chatgate_server.errors import UpstreamProtocolError
 from chatgate_server.simulator import Simulator
 from chatgate_server.simulator.content import text_of
 from chatgate_server.upstream.openai import OpenAIUpstream
-from chatgate_server.upstream.request_body import build_body
 from tests.integration.conftest import TEST_API_KEY
 
 
@@ -38,7 +37,7 @@ async def upstream(simulator: Simulator, request: pytest.FixtureRequest) -> Asyn
 
 async def read_events(upstream: OpenAIUpstream, model: str) -> tuple[list[UpstreamEvent], Exception | None]:
     req = request(model)
-    stream = await upstream.open(req, build_body(req), Deadline.start(None, 10))
+    stream = await upstream.open(req, Deadline.start(None, 10))
     events: list[UpstreamEvent] = []
     try:
         async for event in stream.events():

@@ -15,7 +15,6 @@ from chatgate_server.domain import ChatMessage, CompletionRequest, ContentDelta
 from chatgate_server.simulator import Simulator
 from chatgate_server.upstream.openai import OpenAIUpstream
 from chatgate_server.upstream.pool import UpstreamPool
-from chatgate_server.upstream.request_body import build_body
 from chatgate_server.upstream.transport import AsyncioBackend
 from tests.integration.conftest import TEST_API_KEY
 
@@ -39,7 +38,7 @@ async def upstream(simulator: Simulator) -> AsyncIterator[OpenAIUpstream]:
 
 
 async def relay_all(upstream: OpenAIUpstream, req: CompletionRequest) -> str:
-    stream = await upstream.open(req, build_body(req), Deadline.start(None, 10))
+    stream = await upstream.open(req, Deadline.start(None, 10))
     text = []
     try:
         async for event in stream.events():
@@ -69,7 +68,7 @@ async def test_a_slow_reader_slows_the_upstream_down(upstream: OpenAIUpstream, s
     chunks = 100_000  # ~19 MB of SSE: far more than socket buffers and our read limit hold
     # headers_delay_ms makes the simulator send chunk by chunk, pausing when TCP pushes back.
     req = request(f"gpt-4o-mini::chunks={chunks},headers_delay_ms=1")
-    stream = await upstream.open(req, build_body(req), Deadline.start(None, 30))
+    stream = await upstream.open(req, Deadline.start(None, 30))
     events = stream.events()
     try:
         for _ in range(10):

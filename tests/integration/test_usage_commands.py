@@ -157,7 +157,7 @@ def test_usage_report_refuses_bad_arguments_in_one_line(migrated_database_url: s
     ran = chatgate("usage", "--by", "planet", url=migrated_database_url)
     assert ran.returncode == 1
     assert ran.stderr.strip().splitlines() == [
-        "chatgate: usage: --by 'planet': use tenant, user, model, day or tag:<key>"
+        "chatgate: usage: --by 'planet': use tenant, user, model, day, deployment or tag:<key>"
     ]
 
 
@@ -385,3 +385,36 @@ def test_usage_by_tag_labels_the_rows_without_it(migrated_database_url: str, ten
 
     ran = chatgate("usage", *window, "--by", "tag:feature", "--format", "csv", url=migrated_database_url)
     assert {row["tag"] for row in csv.DictReader(io.StringIO(ran.stdout))} == {"", "search"}
+
+
+def test_reprice_prices_a_deployments_rows_from_its_own_file(
+    migrated_database_url: str, tenant: str, tmp_path: Path
+) -> None:
+    when = datetime(2019, 3, 4, 5, 6, tzinfo=UTC)
+    stale = Cost(1, "1999-01-01")
+    rows = [
+        record(tenant, "u", when, model="gpt-4o-mini", cost=stale, deployment="self-hosted"),
+        record(
+            tenant, "u", when + timedelta(seconds=1), model="gpt-4o-mini", cost=stale, deployment="openai"
+        ),
+    ]
+    insert(migrated_database_url, rows)
+    free = tmp_path / "free.csv"
+    free.write_text("model,input,cached_input,output,valid_from\ngpt-4o-mini,0,,0,2010-01-01\n")
+    config = tmp_path / "chatgate.toml"
+    config.write_text(
+        '[[deployments]]\nname = "openai"\nkind = "openai"\nkey_env = "NOT_NEEDED_HERE"\n'
+        '[[deployments]]\nname = "self-hosted"\nkind = "compatible"\nbase_url = "http://127.0.0.1:9/v1"\n'
+        f'prices_file = "{free}"\n'
+    )
+    window = ["--since", when.isoformat(), "--until", (when + timedelta(minutes=1)).isoformat()]
+    ran = chatgate("usage-reprice", *window, url=migrated_database_url, CHATGATE_CONFIG=str(config))
+    assert ran.returncode == 0, ran.stderr
+    assert "changed 2" in ran.stdout and "deployments self-hosted" in ran.stdout
+    with psycopg.connect(migrated_database_url) as conn:
+        got: dict[object, object] = dict(
+            conn.execute(
+                "SELECT deployment, cost_usd_micros FROM usage_records WHERE tenant = %s", [tenant]
+            ).fetchall()
+        )
+    assert got == {"self-hosted": 0, "openai": cost_of("gpt-4o-mini", rows[1].usage).usd_micros}

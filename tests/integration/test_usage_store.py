@@ -92,6 +92,7 @@ def expected_row(r: UsageRecord) -> dict[str, Any]:
         "tenant": r.tenant,
         "caller_service": r.caller_service,
         "credential_id": r.credential_id,
+        "deployment": r.deployment,
         "user_id": r.user_id,
         "requested_model": r.requested_model,
         "resolved_model": r.resolved_model,

@@ -34,7 +34,10 @@ from chatgate_server.domain import (
     UsageReported,
 )
 from chatgate_server.errors import ChatgateError, DuplicateRequest, PermissionDenied, UpstreamRejected
+from chatgate_server.upstream.breaker import CircuitBreaker
+from chatgate_server.upstream.deployment import Deployment
 from chatgate_server.upstream.retry import RetryPolicy
+from chatgate_server.upstream.router import Router
 
 
 class FakeStream:
@@ -64,7 +67,7 @@ class FakeUpstream:
         self.opened: list[CompletionRequest] = []
         self.streams: list[FakeStream] = []
 
-    async def open(self, request: CompletionRequest, *_: object) -> FakeStream:
+    async def open(self, request: CompletionRequest, deadline: Deadline) -> FakeStream:
         self.opened.append(request)
         if self.fail is not None:
             raise self.fail
@@ -155,8 +158,9 @@ def request() -> CompletionRequest:
 
 
 def service(upstream: FakeUpstream, sink: Sink, chain: AdmissionChain) -> CompletionService:
+    only = Deployment("fake", upstream, CircuitBreaker("fake"))
     return CompletionService(
-        upstream,
+        Router([only]),
         sink,
         Estimator(),
         admission=chain,

@@ -63,6 +63,7 @@ function finished(f) {
       usdMicros: f.cost?._usdMicros === "usdMicros" ? f.cost.usdMicros : null,
       priceVersion: f.cost?.priceVersion ?? "",
     },
+    deployment: f.deployment ?? "",
   };
 }
 

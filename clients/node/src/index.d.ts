@@ -132,6 +132,8 @@ export interface FinishedEvent {
   outcome: Outcome;
   usage: Usage;
   cost: Cost;
+  /** The upstream deployment that served the stream ("" when none was reached). */
+  deployment: string;
 }
 export type ChatEvent = StartedEvent | ContentEvent | RefusalEvent | ToolCallEvent | FinishedEvent;
 

@@ -439,4 +439,5 @@ def _finished(event: StreamFinished) -> pb.Finished:
             estimate_encoding=u.estimate_encoding or "",
         ),
         cost=cost,
+        deployment=event.deployment or "",
     )

@@ -46,6 +46,7 @@ _DIMENSIONS = {
     pb.USAGE_DIMENSION_MODEL: Dimension.MODEL,
     pb.USAGE_DIMENSION_DAY: Dimension.DAY,
     pb.USAGE_DIMENSION_TAG: Dimension.TAG,
+    pb.USAGE_DIMENSION_DEPLOYMENT: Dimension.DEPLOYMENT,
 }
 _GROUP_FIELDS = {
     Dimension.TENANT: "tenant",
@@ -53,6 +54,7 @@ _GROUP_FIELDS = {
     Dimension.MODEL: "model",
     Dimension.DAY: "day",
     Dimension.TAG: "tag_value",
+    Dimension.DEPLOYMENT: "deployment",
 }
 MAX_FILTER_VALUES = 100
 MAX_TAG_FILTERS = 16

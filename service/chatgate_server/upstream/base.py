@@ -26,11 +26,14 @@ class Upstream(Protocol):
 
     @property
     def name(self) -> str:
-        """Stable name for metrics, spans and the breaker (e.g. "openai")."""
+        """The kind of provider, as ``gen_ai.provider.name`` (e.g. "openai")."""
         ...
 
-    async def open(self, request: CompletionRequest, body: bytes, deadline: Deadline) -> UpstreamStream:
+    async def open(self, request: CompletionRequest, deadline: Deadline) -> UpstreamStream:
         """Send the request; return once the response has started.
+
+        The adapter builds its own body, URL and auth header from ``request``, whose
+        ``model`` is already the name this upstream knows the model by.
 
         Raises an :class:`~chatgate_server.errors.UpstreamError` subclass when the
         upstream answers with an error or cannot be reached.

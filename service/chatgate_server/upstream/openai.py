@@ -1,8 +1,8 @@
 """The OpenAI chat-completions upstream, over httpcore and our connection pool.
 
-This is the only module that talks HTTP. It maps every httpcore exception to an
-:class:`~chatgate_server.errors.UpstreamError` in one place (``_translate``), so
-nothing above it sees a foreign exception.
+This module (with its Azure variant, ``azure.py``) is the only one that talks HTTP.
+It maps every httpcore exception to an :class:`~chatgate_server.errors.UpstreamError`
+in one place (``_translate``), so nothing above it sees a foreign exception.
 
 Timeouts: httpcore's are per phase (connect, write, pool) and per read; they are bounded
 here by the request's deadline, and the total is enforced by the caller's
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +29,8 @@ from chatgate_server.errors import UpstreamError, UpstreamProtocolError
 from chatgate_server.upstream.chunks import ChunkDecoder
 from chatgate_server.upstream.classify import classify_http_error
 from chatgate_server.upstream.coalesce import coalesce
+from chatgate_server.upstream.headroom import Headroom
+from chatgate_server.upstream.request_body import build_body
 from chatgate_server.upstream.sse import SSEDecoder
 from chatgate_server.upstream.transport import upstream_pool
 
@@ -41,16 +43,25 @@ _FINISH_BODY_S = 1.0
 
 
 class OpenAIUpstream:
-    """``POST {base_url}/chat/completions`` with ``stream: true``."""
+    """``POST {base_url}/chat/completions`` with ``stream: true``, key as ``Bearer``.
+
+    Subclasses (``azure.py``) change where a request goes and how the key is sent:
+    :meth:`_target` and :meth:`_auth_headers`. The key never leaves this object but in
+    the header to this one origin (redirects are never followed).
+    """
+
+    provider = "openai"
+    """``gen_ai.provider.name`` of this kind of upstream."""
 
     def __init__(
         self,
         base_url: str,
-        api_key: Secret,
+        api_key: Secret | None,
         *,
         connect_timeout: float = 5.0,
         max_connections: int = 1000,
         coalesce_deltas: bool = True,
+        extra_headers: Sequence[tuple[str, str]] = (),
     ) -> None:
         self._coalesce = coalesce_deltas
         parts = urlsplit(base_url)
@@ -63,24 +74,46 @@ class OpenAIUpstream:
         # its client's cookie jar, auth and redirect layers did nothing here
         # (redirects are never followed: a 3xx is an error, so our key never goes to
         # another host). bench/http_clients.py measures the difference.
-        path = f"{parts.path.rstrip('/')}/chat/completions".encode()
-        self._url = httpcore.URL(
-            scheme=parts.scheme.encode(), host=self.server_address.encode(), port=parts.port, target=path
-        )
+        self._scheme = parts.scheme.encode()
+        self._port = parts.port
+        self._base_path = parts.path.rstrip("/")
+        self._url = self._url_for(f"{self._base_path}/chat/completions")
         host = parts.netloc.rsplit("@", 1)[-1].encode()
         self._headers = [
             (b"host", host),
-            (b"authorization", f"Bearer {api_key.value}".encode()),
+            *self._auth_headers(api_key),
+            *((name.lower().encode(), value.encode()) for name, value in extra_headers),
             (b"content-type", b"application/json"),
             (b"accept", b"text/event-stream"),
         ]
         self._pool = upstream_pool(max_connections=max_connections, keepalive_expiry=30.0)
+        self.headroom = Headroom()
+        """This deployment's rate-limit headroom, from the headers of its responses."""
 
     @property
     def name(self) -> str:
-        return "openai"
+        return self.provider
 
-    async def open(self, request: CompletionRequest, body: bytes, deadline: Deadline) -> OpenAIStream:
+    def _auth_headers(self, api_key: Secret | None) -> list[tuple[bytes, bytes]]:
+        """How the key is sent (none at all for a server that takes no key)."""
+        return [] if api_key is None else [(b"authorization", f"Bearer {api_key.value}".encode())]
+
+    def _url_for(self, target: str) -> httpcore.URL:
+        return httpcore.URL(
+            scheme=self._scheme, host=self.server_address.encode(), port=self._port, target=target.encode()
+        )
+
+    def _target(self, request: CompletionRequest) -> httpcore.URL:
+        """Where ``request`` goes (the same URL for every model here)."""
+        return self._url
+
+    def _body(self, request: CompletionRequest) -> bytes:
+        """The JSON body. Built per attempt, not cached: retries are rare and the body
+        costs far less than the round trip they wait for."""
+        return build_body(request)
+
+    async def open(self, request: CompletionRequest, deadline: Deadline) -> OpenAIStream:
+        body = self._body(request)
         remaining = deadline.remaining()
         timeout = {
             "connect": min(self._connect_timeout, remaining),
@@ -94,12 +127,13 @@ class OpenAIUpstream:
             (b"x-client-request-id", request.request_id.encode()),
         ]
         http_request = httpcore.Request(
-            b"POST", self._url, headers=headers, content=body, extensions={"timeout": timeout}
+            b"POST", self._target(request), headers=headers, content=body, extensions={"timeout": timeout}
         )
         try:
             response = await self._pool.handle_async_request(http_request)
         except _TRANSPORT_ERRORS as exc:
             raise _translate(exc) from None
+        self.headroom.observe(response.headers, response.status)
         if response.status != 200:
             try:
                 await _raise_for_error(response)

@@ -5,8 +5,12 @@ service guarantees that by retrying only the open-and-first-event step). The
 schedule, per failed attempt:
 
 - not retryable (the error says so: caller mistakes, our credentials, billing,
-  request too large, ``x-should-retry: false``) → stop;
-- attempts used up → stop;
+  request too large, ``x-should-retry: false``) → stop; except that a deployment's
+  own trouble (its key, its billing) moves the call to another deployment if any;
+- attempts used up → stop (failovers to another deployment count as attempts: one
+  budget bounds retries and failovers together);
+- the next attempt goes to another deployment (``router.py``) → go at once: that
+  deployment has not just failed;
 - the upstream asked for a wait (``retry-after-ms`` / ``retry-after``) that fits in the
   time left → wait exactly that;
 - otherwise exponential backoff with full jitter: uniform(0, min(cap, base·2^(n−1)));
@@ -29,7 +33,7 @@ from typing import TypeVar
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from chatgate_server.deadline import Deadline
-from chatgate_server.errors import ChatgateError, UpstreamError
+from chatgate_server.errors import ChatgateError, UpstreamCredentialsError, UpstreamError
 
 T = TypeVar("T")
 
@@ -72,12 +76,20 @@ def decide(
     remaining_s: float,
     policy: RetryPolicy,
     rng: Callable[[], float] = random.random,
+    *,
+    failover: bool = False,
 ) -> RetryDecision:
-    """The pure decision, separated from tenacity so it can be tested with numbers."""
-    if not isinstance(error, UpstreamError) or not error.retryable:
+    """The pure decision, separated from tenacity so it can be tested with numbers.
+    ``failover``: the next attempt would go to another deployment."""
+    if not isinstance(error, UpstreamError):
+        return RetryDecision(False, 0.0, "not_retryable")
+    moves_on = failover and (error.retryable or isinstance(error, UpstreamCredentialsError))
+    if not error.retryable and not moves_on:
         return RetryDecision(False, 0.0, "not_retryable")
     if failed_attempts >= policy.max_attempts:
         return RetryDecision(False, 0.0, "attempts_exhausted")
+    if moves_on:
+        return RetryDecision(True, 0.0, "failover")
     asked = error.retry_after
     if asked is not None and asked <= policy.max_retry_after_s and asked < remaining_s:
         return RetryDecision(True, asked, "retry_after")
@@ -100,7 +112,9 @@ class RetrySchedule:
         *,
         rng: Callable[[], float] = random.random,
         on_retry: RetryListener | None = None,
+        failover: Callable[[], bool] | None = None,
     ) -> None:
+        self._failover = failover
         self._policy = policy
         self._deadline = deadline
         self._rng = rng
@@ -115,7 +129,12 @@ class RetrySchedule:
         if self._decided_attempt != state.attempt_number or self.last_decision is None:
             self._decided_attempt = state.attempt_number
             self.last_decision = decide(
-                error, state.attempt_number, self._deadline.remaining(), self._policy, self._rng
+                error,
+                state.attempt_number,
+                self._deadline.remaining(),
+                self._policy,
+                self._rng,
+                failover=self._failover is not None and self._failover(),
             )
             _log_decision(state.attempt_number, error, self.last_decision)
             if self.last_decision.retry and self._on_retry is not None:
@@ -176,8 +195,11 @@ async def with_retries(
     *,
     rng: Callable[[], float] = random.random,
     on_retry: RetryListener | None = None,
+    failover: Callable[[], bool] | None = None,
 ) -> T:
-    """Run ``attempt`` until it succeeds or the schedule says stop; re-raise the last error."""
+    """Run ``attempt`` until it succeeds or the schedule says stop; re-raise the last error.
+
+    ``failover`` says whether the next attempt would go to another deployment."""
     # Most calls succeed at once: try before building tenacity's machinery (about
     # 46 µs per call), and replay a retryable first failure into it so the schedule,
     # attempt numbers and on_retry calls are exactly as if tenacity had run it.
@@ -186,7 +208,7 @@ async def with_retries(
         return await attempt()
     except UpstreamError as exc:
         first = exc
-    schedule = RetrySchedule(policy, deadline, rng=rng, on_retry=on_retry)
+    schedule = RetrySchedule(policy, deadline, rng=rng, on_retry=on_retry, failover=failover)
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(UpstreamError),
         stop=schedule.stop,

@@ -61,7 +61,8 @@ def add_usage_commands(sub: Any) -> None:
     report.add_argument(
         "--by",
         default="",
-        help="comma-separated groupings: tenant, user, model, day, tag:<key> (e.g. --by user,model)",
+        help="comma-separated groupings: tenant, user, model, day, deployment, tag:<key> "
+        "(e.g. --by user,model)",
     )
     report.add_argument("--tenant", help="only this tenant")
     report.add_argument("--user", action="append", default=[], help="only this user (repeatable)")
@@ -175,7 +176,9 @@ def parse_by(text: str) -> tuple[tuple[Dimension, ...], str | None]:
         try:
             dim = Dimension(name)
         except ValueError:
-            raise ValueError(f"--by {part!r}: use tenant, user, model, day or tag:<key>") from None
+            raise ValueError(
+                f"--by {part!r}: use tenant, user, model, day, deployment or tag:<key>"
+            ) from None
         if dim is Dimension.TAG:
             if not key:
                 raise ValueError("--by tag needs a key: tag:<key>")
@@ -371,6 +374,18 @@ async def _retention(url: str, months: int, window: timedelta, dry_run: bool, ou
     return 0
 
 
+def _deployment_prices(prices_file: Path | None) -> dict[str, Any]:
+    """CHATGATE_CONFIG's deployments that are priced apart (their keys are not needed)."""
+    import os
+
+    from chatgate_server.deployments import deployment_prices, load_config
+
+    config = os.environ.get("CHATGATE_CONFIG", "").strip()
+    if not config:
+        return {}
+    return deployment_prices(load_config(Path(config), keys=False), prices_file)
+
+
 async def _reprice(
     url: str, since: datetime, until: datetime, dry_run: bool, prices_file: Path | None, out: TextIO
 ) -> int:
@@ -381,10 +396,13 @@ async def _reprice(
     if until <= since:
         raise ValueError("--until must be after --since")
     prices = load_prices(prices_file)
+    own = _deployment_prices(prices_file)
     async with await connect(url, autocommit=True) as conn:
-        result = await reprice(conn, since, until, dry_run=dry_run, prices=prices)
+        result = await reprice(conn, since, until, dry_run=dry_run, prices=prices, deployment_prices=own)
     verb = "would change" if dry_run else "changed"
     source = f"the shipped prices and {prices_file}" if prices_file else "the shipped prices"
+    if own:
+        source += f" (deployments {', '.join(sorted(own))}: their own prices_file)"
     versions = ", ".join(result.price_versions) or "none changed"
     print(
         f"repriced [{since.isoformat()}, {until.isoformat()}) from {source} (price versions: {versions}): "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -109,6 +110,7 @@ async def reprice(
     dry_run: bool = False,
     slice_: timedelta = timedelta(hours=1),
     prices: PriceTable | None = None,
+    deployment_prices: Mapping[str, PriceTable] | None = None,
 ) -> RepriceResult:
     """Recompute the cost of rows that started in ``[start, end)`` with ``prices`` (default
     the shipped table): each row gets the price version in force when it started, and a
@@ -119,16 +121,19 @@ async def reprice(
     the difference, in one transaction per ``slice_`` of the window (rows locked while
     it runs), so the job can be stopped and rerun at any point: a rerun finds nothing
     left to change. The model priced is the one the upstream resolved, else the one
-    requested — the same choice the request path makes. ``conn`` must be in autocommit mode.
+    requested — the same choice the request path makes; and a row served by a deployment
+    in ``deployment_prices`` (by name) is priced from that deployment's table, as it was
+    when served. ``conn`` must be in autocommit mode.
     """
     table = prices or default_table()
+    tables = deployment_prices or {}
     examined = changed = delta = 0
     versions: set[str] = set()
     t = start
     while t < end:
         upto = min(t + slice_, end)
         async with conn.transaction():
-            e, c, d = await _reprice_slice(conn, t, upto, dry_run, table, versions)
+            e, c, d = await _reprice_slice(conn, t, upto, dry_run, table, tables, versions)
         examined, changed, delta = examined + e, changed + c, delta + d
         t = upto
     return RepriceResult(examined, changed, delta, tuple(sorted(versions)))
@@ -140,6 +145,7 @@ async def _reprice_slice(
     end: datetime,
     dry_run: bool,
     table: PriceTable,
+    tables: Mapping[str, PriceTable],
     versions: set[str],
 ) -> tuple[int, int, int]:
     async with conn.cursor(row_factory=tuple_row) as cur:
@@ -147,7 +153,7 @@ async def _reprice_slice(
             sql.SQL(
                 "SELECT request_id, started_at, tenant, user_id, requested_model, resolved_model,"
                 " input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, usage_source,"
-                " cost_usd_micros, price_version, cost_basis, outcome, upstream_response_id"
+                " cost_usd_micros, price_version, cost_basis, outcome, upstream_response_id, deployment"
                 " FROM usage_records WHERE started_at >= %s AND started_at < %s{}"
             ).format(sql.SQL("" if dry_run else " FOR UPDATE")),
             [start, end],
@@ -178,12 +184,13 @@ async def _reprice_slice(
         basis,
         outcome,
         response_id,
+        deployment,
     ) in rows:
         usage = TokenUsage(
             input_tokens=i, output_tokens=o, cached_input_tokens=c, reasoning_tokens=r, source=source
         )
         responded = resolved is not None or response_id is not None or source == "reported"
-        cost = table.bill(
+        cost = tables.get(deployment or "", table).bill(
             resolved or requested, usage, outcome=Outcome(outcome), responded=responded, at=started_at
         )
         new = cost.usd_micros

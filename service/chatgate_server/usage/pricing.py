@@ -254,10 +254,14 @@ def shipped_rows() -> tuple[PriceRow, ...]:
     return tuple(parse_price_file(text, "prices.csv"))
 
 
-def load_prices(operator_file: Path | None = None) -> PriceTable:
-    """The shipped table, with the operator's file (CHATGATE_PRICES_FILE) over it."""
+def load_prices(operator_file: Path | None = None, deployment_file: Path | None = None) -> PriceTable:
+    """The shipped table, with the operator's file (CHATGATE_PRICES_FILE) over it, and a
+    deployment's own file (chatgate.toml ``prices_file``) over both."""
     own = read_operator_file(operator_file) if operator_file is not None else []
-    return PriceTable(merge(shipped_rows(), own))
+    rows = merge(shipped_rows(), own)
+    if deployment_file is not None:
+        rows = merge(rows, read_operator_file(deployment_file))
+    return PriceTable(rows)
 
 
 @cache

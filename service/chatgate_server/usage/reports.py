@@ -53,6 +53,7 @@ class Dimension(enum.StrEnum):
     MODEL = "model"  # the requested model, as callers name it
     DAY = "day"  # UTC
     TAG = "tag"  # the value of one tag key ("" for rows without it)
+    DEPLOYMENT = "deployment"  # the upstream deployment that served it ("" for none)
 
 
 # Column of the unified source for each dimension.
@@ -62,6 +63,7 @@ _KEY_COLUMN: dict[Dimension, LiteralString] = {
     Dimension.MODEL: "model",
     Dimension.DAY: "day",
     Dimension.TAG: "tag",
+    Dimension.DEPLOYMENT: "deployment",
 }
 
 _SUMS: tuple[LiteralString, ...] = (
@@ -292,7 +294,8 @@ def _records(query: UsageQuery, a: str, b: str, params: dict[str, Any]) -> sql.C
         params["tag_key"] = query.tag_key
     return sql.SQL(
         "SELECT tenant, user_id, requested_model AS model, (started_at AT TIME ZONE 'UTC')::date AS day,"
-        " {tag} AS tag, 1::bigint AS requests, input_tokens, output_tokens, cached_input_tokens,"
+        " {tag} AS tag, coalesce(deployment, '') AS deployment, 1::bigint AS requests,"
+        " input_tokens, output_tokens, cached_input_tokens,"
         " reasoning_tokens, total_tokens, coalesce(cost_usd_micros, 0) AS cost_usd_micros,"
         " (cost_usd_micros IS NULL)::int::bigint AS unpriced_requests"
         " FROM usage_records WHERE started_at >= {a} AND started_at < {b}{filters}{tags}"
@@ -307,7 +310,8 @@ def _records(query: UsageQuery, a: str, b: str, params: dict[str, Any]) -> sql.C
 
 def _rollup(query: UsageQuery, params: dict[str, Any]) -> sql.Composable:
     return sql.SQL(
-        "SELECT tenant, user_id, model, day, '' AS tag, requests, input_tokens, output_tokens,"
+        "SELECT tenant, user_id, model, day, '' AS tag, '' AS deployment, requests,"
+        " input_tokens, output_tokens,"
         " cached_input_tokens, reasoning_tokens, total_tokens, cost_usd_micros, unpriced_requests"
         " FROM usage_daily WHERE day >= %(day_lo)s AND day < %(day_hi)s{filters}"
     ).format(filters=_filters(query, "model", params))
@@ -315,7 +319,8 @@ def _rollup(query: UsageQuery, params: dict[str, Any]) -> sql.Composable:
 
 def _source(query: UsageQuery, end: datetime, params: dict[str, Any]) -> sql.Composable:
     params["start"], params["end"] = query.start, end
-    if query.tag_key or query.tags:
+    if query.tag_key or query.tags or Dimension.DEPLOYMENT in query.group_by:
+        # The daily rollup keeps neither tags nor deployments: rows only.
         return _records(query, "start", "end", params)
     lo, hi = _split(query.start, end)
     if lo >= hi:

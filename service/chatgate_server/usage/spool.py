@@ -108,6 +108,7 @@ def record_to_json(r: UsageRecord) -> dict[str, Any]:
         "tags": dict(r.tags),
         "request_fingerprint": r.request_fingerprint,
         "credential_id": r.credential_id,
+        "deployment": r.deployment,
     }
 
 
@@ -153,6 +154,7 @@ def record_from_json(d: Mapping[str, Any]) -> UsageRecord:
         tags=dict(d["tags"]),
         request_fingerprint=d.get("request_fingerprint"),
         credential_id=d.get("credential_id"),
+        deployment=d.get("deployment"),
     )
 
 

@@ -173,6 +173,8 @@ class Finished:
     outcome: Outcome
     usage: Usage
     cost: Cost
+    deployment: str = ""
+    """The upstream deployment that served the stream ("" when none was reached)."""
 
 
 Event = Started | ContentDelta | RefusalDelta | ToolCallDelta | Finished
@@ -222,6 +224,7 @@ def _finished(f: pb.Finished) -> Finished:
         outcome=_OUTCOMES.get(f.outcome, Outcome.UNSPECIFIED),
         usage=usage,
         cost=cost,
+        deployment=f.deployment,
     )
 
 

@@ -1046,10 +1046,16 @@ class Finished(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     """Why the model stopped."""
     outcome: Global___Outcome.ValueType
     """How the stream ended from chatgate's side."""
+    deployment: _builtins.str
+    """The upstream deployment that served the stream, as the operator named it
+    in chatgate.toml ("openai" for the single deployment configured by
+    environment variables). Empty when no attempt reached a deployment.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Tokens used."""
@@ -1065,10 +1071,11 @@ class Finished(_message.Message):
         outcome: Global___Outcome.ValueType = ...,
         usage: Global___Usage | None = ...,
         cost: Global___Cost | None = ...,
+        deployment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "finish_reason", b"finish_reason", "outcome", b"outcome", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "deployment", b"deployment", "finish_reason", b"finish_reason", "outcome", b"outcome", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -45,6 +45,10 @@ class _UsageDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageD
     """The UTC day the call started."""
     USAGE_DIMENSION_TAG: _UsageDimension.ValueType  # 5
     """The value of the tag named by `tag_key` ("" for calls without it)."""
+    USAGE_DIMENSION_DEPLOYMENT: _UsageDimension.ValueType  # 6
+    """The upstream deployment that served the call ("" for calls that reached
+    none). Read from the rows, not the daily rollup: slower over long windows.
+    """
 
 class UsageDimension(_UsageDimension, metaclass=_UsageDimensionEnumTypeWrapper):
     """UsageDimension is what usage can be grouped by."""
@@ -61,6 +65,10 @@ USAGE_DIMENSION_DAY: UsageDimension.ValueType  # 4
 """The UTC day the call started."""
 USAGE_DIMENSION_TAG: UsageDimension.ValueType  # 5
 """The value of the tag named by `tag_key` ("" for calls without it)."""
+USAGE_DIMENSION_DEPLOYMENT: UsageDimension.ValueType  # 6
+"""The upstream deployment that served the call ("" for calls that reached
+none). Read from the rows, not the daily rollup: slower over long windows.
+"""
 Global___UsageDimension: _TypeAlias = UsageDimension  # noqa: Y015
 
 @_typing.final
@@ -219,6 +227,7 @@ class UsageGroup(_message.Message):
     DAY_FIELD_NUMBER: _builtins.int
     TAG_VALUE_FIELD_NUMBER: _builtins.int
     TOTALS_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """The tenant, when grouped by tenant."""
     user_id: _builtins.str
@@ -229,6 +238,8 @@ class UsageGroup(_message.Message):
     """The UTC day as YYYY-MM-DD, when grouped by day."""
     tag_value: _builtins.str
     """The tag's value, when grouped by tag ("" when calls lack the tag)."""
+    deployment: _builtins.str
+    """The upstream deployment, when grouped by deployment."""
     @_builtins.property
     def totals(self) -> Global___UsageTotals:
         """The group's sums."""
@@ -242,10 +253,11 @@ class UsageGroup(_message.Message):
         day: _builtins.str = ...,
         tag_value: _builtins.str = ...,
         totals: Global___UsageTotals | None = ...,
+        deployment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "model", b"model", "tag_value", b"tag_value", "tenant", b"tenant", "totals", b"totals", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "deployment", b"deployment", "model", b"model", "tag_value", b"tag_value", "tenant", b"tenant", "totals", b"totals", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
