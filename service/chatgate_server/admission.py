@@ -20,6 +20,8 @@ Which refusals leave a usage row (decided here, once):
 - **Policies** come after. A call they refuse *does* leave a row — outcome ``rejected``,
   its status, no tokens, cost 0 with basis ``not_charged`` — so refusals show up in usage
   reports and abuse detection, per tenant, caller and user.
+  Blocks (limits/blocks.py) are the first policy: a blocked tenant, caller or user is
+  refused before any limit is reserved, and its refusals are visible in the usage.
 - Refusals before admission — an unauthenticated call, a request that fails validation,
   the edge's concurrency and size limits — leave no row: they have no trustworthy
   subject or no well-formed request. They leave an access log line.

@@ -24,6 +24,11 @@ from chatgate_server.deployments import (
     from_settings,
     load_config,
 )
+from chatgate_server.limits.anomaly_counts import RefusalCounter, RefusalFlusher
+from chatgate_server.limits.anomaly_detector import AnomalyDetector
+from chatgate_server.limits.anomaly_rules import Finding, Step
+from chatgate_server.limits.anomaly_store import add_refusal_counts
+from chatgate_server.limits.blocks import BlockPolicy, BlockTable
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.edge import Edge, EdgeLimits
@@ -56,6 +61,8 @@ log = logging.getLogger(__name__)
 # How long start-up waits for the first load of the caller table; past it chatgate
 # serves anyway and refuses authenticated calls (CALLERS_UNAVAILABLE) until it loads.
 CALLERS_LOAD_TIMEOUT_S = 10.0
+# The same for the block table; past it no blocks apply until it loads.
+BLOCKS_LOAD_TIMEOUT_S = 5.0
 # How often deployments dropped by a reload are checked for calls still using them.
 RETIRE_POLL_S = 0.5
 # The grace gRPC itself gets at shutdown: longer than any drain, which ends the calls.
@@ -123,6 +130,11 @@ class App:
         self._health: health.aio.HealthServicer | None = None
         self.breaker: CircuitBreaker | None = None
         self.service: CompletionService | None = None
+        self._limits_pool: AsyncConnectionPool | None = None
+        self.blocks: BlockTable | None = None
+        self.refusals = RefusalCounter()
+        self._refusal_flusher: RefusalFlusher | None = None
+        self.detector: AnomalyDetector | None = None
 
     async def start(self) -> int:
         """Open resources and start serving; returns the bound port."""
@@ -221,6 +233,7 @@ class App:
         except PriceFileError as exc:  # checked with the settings; changed since?
             await self.stop(0)
             raise StartupError(f"CHATGATE_PRICES_FILE: {exc}") from None
+        blocks = await self._blocks(url, postgres_ok)
         self.service = service = CompletionService(
             self.router,
             self.ledger,
@@ -230,9 +243,12 @@ class App:
             ),
             first_byte_timeout_s=s.upstream_first_byte_timeout_s,
             telemetry=self.telemetry,
-            # Preconditions first: their refusals leave no usage row; the policies' do
-            # (admission.py).
-            admission=AdmissionChain(preconditions=(self.ledger, self._guard), policies=self._extra_policies),
+            # Preconditions' refusals leave no usage row, the policies' do (admission.py).
+            # Blocks come first of the policies; extra policies (tests only) after them.
+            admission=AdmissionChain(
+                preconditions=(self.ledger, self._guard),
+                policies=(BlockPolicy(blocks), *self._extra_policies),
+            ),
             prices=prices,
             deployment_prices=self._deployment_prices(config),
         )
@@ -253,6 +269,7 @@ class App:
             ),
             self.telemetry,
             authenticator,
+            refusals=self.refusals,
         )
         self._server, self._health = build_server(
             chat,
@@ -271,6 +288,7 @@ class App:
             await self.stop(0)
             raise
         await self._server.start()
+        self._start_detector()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(CHAT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         # Liveness: never moved by the ledger (rpc/health_probe.py says why).
@@ -287,6 +305,42 @@ class App:
             _describe(config),
         )
         return self.port
+
+    async def _blocks(self, url: str, postgres_ok: bool) -> BlockTable:
+        """The block table (limits/blocks.py), loaded before serving, on a small pool it
+        shares with the abuse detector and the refusal counts."""
+        self._limits_pool = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=3,
+            open=False,
+            timeout=5,
+            reconnect_timeout=self.settings.ledger_retry_cap_s,
+            kwargs=session_kwargs(self.settings.database_transaction_pooling),
+        )
+        await self._limits_pool.open(wait=False)
+        self.blocks = BlockTable(self._limits_pool)
+        await self.blocks.start(BLOCKS_LOAD_TIMEOUT_S if postgres_ok else 1.0)
+        return self.blocks
+
+    def _start_detector(self) -> None:
+        """The refusal counts' writer and, unless turned off, the abuse detector."""
+        pool, settings = self._limits_pool, self.settings.anomaly
+        assert pool is not None
+
+        async def write(counts: Any) -> None:
+            await add_refusal_counts(pool, counts)
+
+        self._refusal_flusher = RefusalFlusher(self.refusals, write, every_s=settings.flush_s)
+        self._refusal_flusher.start()
+        if settings.enabled:
+            self.detector = AnomalyDetector(pool, settings, on_finding=self._count_finding)
+            self.detector.start()
+
+    def _count_finding(self, finding: Finding, step: Step) -> None:
+        self.telemetry.anomalies.add(
+            1, {"chatgate.anomaly.rule": finding.rule.value, "chatgate.anomaly.action": step.value}
+        )
 
     async def _authenticator(self, postgres_ok: bool) -> Authenticator:
         """Who may call: the caller table (its own small pool, so a burst of usage writes
@@ -409,6 +463,18 @@ class App:
             retiring, self._retiring = self._retiring, []
             await _bounded("upstream clients", close_deployments([*self.router.deployments, *retiring]), 5)
             self.router = None
+        if self.detector is not None:
+            await _bounded("anomaly detector", self.detector.stop(), 5)
+            self.detector = None
+        if self._refusal_flusher is not None:
+            await _bounded("refusal counts", self._refusal_flusher.stop(), 5)
+            self._refusal_flusher = None
+        if self.blocks is not None:
+            await _bounded("block table", self.blocks.stop(), 5)
+            self.blocks = None
+        if self._limits_pool is not None:
+            await self._limits_pool.close()
+            self._limits_pool = None
         if self.callers is not None:
             await _bounded("caller table", self.callers.stop(), 5)
             self.callers = None

@@ -1,4 +1,4 @@
-"""The ``chatgate`` command: serve, migrate, simulator, config check."""
+"""The ``chatgate`` command: serve, migrate, simulator, config check, and the operator commands."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ from typing import TYPE_CHECKING
 
 from chatgate_server.auth.commands import CALLERS_COMMAND, add_callers_command, run_callers_command
 from chatgate_server.config import ConfigError, Settings, database_url_from_env
+from chatgate_server.limits.anomaly_commands import (
+    ANOMALY_COMMANDS,
+    add_anomaly_commands,
+    add_usage_anomalies,
+    run_anomaly_command,
+    wants_usage_anomalies,
+)
+from chatgate_server.limits.blocks_commands import BLOCK_COMMANDS, add_block_commands, run_block_command
 from chatgate_server.logs import configure_logging
 from chatgate_server.usage.commands import USAGE_COMMANDS, add_usage_commands, run_usage_command
 
@@ -62,7 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--pid", type=int, default=1, help="the server's (or supervisor's) process id (default 1)"
     )
     add_usage_commands(sub)
+    add_usage_anomalies(sub.choices["usage"])
     add_callers_command(sub)
+    add_block_commands(sub)
+    add_anomaly_commands(sub)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "simulator":
@@ -81,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _prestop(args.pid, args.wait_seconds)
         if args.command == CALLERS_COMMAND:
             return run_callers_command(args)
+        if args.command in BLOCK_COMMANDS:
+            return run_block_command(args)
+        if args.command in ANOMALY_COMMANDS or wants_usage_anomalies(args):
+            return run_anomaly_command(args)
         if args.command in USAGE_COMMANDS:
             return run_usage_command(args)
         return _serve(args.workers)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from chatgate_server.limits.anomaly_settings import AnomalySettingError, DetectorSettings
+
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
@@ -159,12 +161,14 @@ class Settings:
     client connection gets a GOAWAY, so HTTP/2 clients reconnect and rebalance over the
     replicas (default 300; 0: never)."""
     max_connection_age_grace_s: float = 70.0
+    """CHATGATE_MAX_CONNECTION_AGE_GRACE_SECONDS: how long the streams running on a connection
+    past its age may still finish (default: the deadline cap + 10 s, so none is cut)."""
     database_transaction_pooling: bool = False
     """CHATGATE_DATABASE_TRANSACTION_POOLING: DATABASE_URL points at a transaction-mode pooler
     (PgBouncer ``pool_mode=transaction``): no server-side prepared statements and no session
     settings on any connection (default false)."""
-    """CHATGATE_MAX_CONNECTION_AGE_GRACE_SECONDS: how long the streams running on a connection
-    past its age may still finish (default: the deadline cap + 10 s, so none is cut)."""
+    anomaly: DetectorSettings = field(default_factory=DetectorSettings)
+    """CHATGATE_ANOMALY_*: the abuse detector's knobs (limits/anomaly_settings.py)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -224,11 +228,19 @@ class Settings:
             max_connection_age_s=_connection_age(e),
             max_connection_age_grace_s=_connection_age_grace(e),
             database_transaction_pooling=_flag(e, "CHATGATE_DATABASE_TRANSACTION_POOLING", False),
+            anomaly=_anomaly(e),
         )
 
     @property
     def tls(self) -> bool:
         return self.tls_cert_file is not None
+
+
+def _anomaly(env: Mapping[str, str]) -> DetectorSettings:
+    try:
+        return DetectorSettings.from_env(env)
+    except AnomalySettingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def prices_file_from_env(env: Mapping[str, str] | None = None) -> Path | None:

@@ -143,6 +143,13 @@ class Telemetry:
             description="Calls refused because their credential is missing, invalid, revoked or expired,"
             " by chatgate.reason",
         )
+        # The abuse detector's findings (limits/anomaly_detector.py): a rise says a user,
+        # caller or tenant is using far more, or failing far more, than usual.
+        self.anomalies = meter.create_counter(
+            "chatgate.anomalies",
+            unit="{finding}",
+            description="Abuse detector findings, by chatgate.anomaly.rule and chatgate.anomaly.action",
+        )
         self._meter = meter
 
     def count_unpriced(self, model: str) -> None:

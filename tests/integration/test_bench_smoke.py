@@ -41,8 +41,10 @@ def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
 
     report = json.loads((tmp_path / "latest.json").read_text())
     short = report["scenarios"]["short"]["results"]
-    # chatgate authenticates every call (the load sends a token); chatgate-noauth does not.
-    assert set(short) == {"direct", "relay", "ceiling", "chatgate-1msg", "chatgate-noauth", "chatgate"}
+    # chatgate authenticates every call (the load sends a token); chatgate-noauth does not;
+    # chatgate-2dep routes each call across two deployments.
+    expected = {"direct", "relay", "ceiling", "chatgate-1msg", "chatgate-noauth", "chatgate", "chatgate-2dep"}
+    assert set(short) == expected
     for target, r in short.items():
         assert r["streams"] > 0, target
         assert r["chunks"] == 20 * r["streams"], target

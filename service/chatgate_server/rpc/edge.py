@@ -124,9 +124,13 @@ class Edge(grpc.aio.ServerInterceptor):
         limits: EdgeLimits,
         telemetry: Telemetry = NO_TELEMETRY,
         authenticator: Authenticator | None = None,
+        refusals: Callable[[Caller, str, str], None] | None = None,
     ) -> None:
-        """``authenticator`` defaults to none at all: every call anonymous (CHATGATE_AUTH=off)."""
+        """``authenticator`` defaults to none at all: every call anonymous (CHATGATE_AUTH=off).
+        ``refusals`` is told (caller, status name, reason) of each call of a known caller
+        refused without a usage row (the abuse detector's counts: limits/anomaly_counts.py)."""
         self.limits = self._limits = limits
+        self._refusals = refusals
         self._telemetry = telemetry
         self._auth = authenticator or Authenticator(None, telemetry=telemetry)
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -232,6 +236,9 @@ class Edge(grpc.aio.ServerInterceptor):
                 if release is not None:
                     release()
                 set_rpc_status(span, code, reason)
+                # A refusal with a usage row is counted from the row, by the detector.
+                if reason is not None and self._refusals and line.caller and line.record is None:
+                    self._refusals(line.caller, code.name, reason)
                 access_log.close_line(line, line_token, code.name, reason)
                 if caller_token is not None:
                     _caller.reset(caller_token)

@@ -1,0 +1,126 @@
+"""The detector's rules on aggregates: what is a finding, what is not, and the steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatgate_server.domain import LimitKind
+from chatgate_server.limits.anomaly_rules import (
+    CallerCount,
+    Rule,
+    Step,
+    UserHour,
+    refusal_bursts,
+    step_for,
+    usage_spikes,
+    user_fanouts,
+)
+from chatgate_server.limits.anomaly_settings import DetectorSettings
+from chatgate_server.limits.blocks_records import Scope, Subject
+
+S = DetectorSettings(spike_factor=10, baseline_days=7, token_floor=20_000, spend_floor_micros=1_000_000)
+DAY = 240_000  # tokens a day: 10 000 an hour on average
+
+
+def hour(
+    tokens: int, baseline_per_day: int = DAY, spend: int = 0, baseline_spend_per_day: int = 0
+) -> UserHour:
+    return UserHour("acme", "u-1", "billing", tokens, spend, 7 * baseline_per_day, 7 * baseline_spend_per_day)
+
+
+def test_a_user_at_their_usual_busy_hour_is_not_a_finding() -> None:
+    # 30 000 tokens: three times the mean hour (a working day's busy hour), above the floor.
+    assert usage_spikes([hour(30_000)], S) == []
+
+
+def test_a_spike_far_above_the_users_own_baseline_is_a_finding() -> None:
+    (found,) = usage_spikes([hour(500_000)], S)
+    assert found.subject == Subject(Scope.USER, "acme", "u-1")
+    assert (found.rule, found.measure, found.observed) == (Rule.USAGE_SPIKE, "tokens", 500_000)
+    assert found.usual == pytest.approx(10_000)
+    assert found.threshold == pytest.approx(100_000)
+    assert "500,000 tokens in the last hour, usually 10,000 tokens an hour" in found.detail
+    assert "caller billing" in found.detail
+    # Tightening: half the usual day.
+    assert dict(found.tighten)[LimitKind.TOKENS_PER_DAY] == DAY // 2
+
+
+def test_just_above_k_times_the_baseline_is_a_finding_and_just_below_is_not() -> None:
+    assert usage_spikes([hour(100_000)], S) == []
+    assert len(usage_spikes([hour(100_001)], S)) == 1
+
+
+def test_a_slow_ramp_is_not_a_finding() -> None:
+    # Usage grows by a fifth every day for the 7 baseline days and keeps growing today;
+    # the current hour is twice today's mean hour. The trailing mean follows the ramp,
+    # so the hour is about 4x its mean hour: well under the factor of 10.
+    days = [round(DAY * 1.2**i) for i in range(7)]
+    today_hourly = DAY * 1.2**7 / 24
+    ramp = UserHour("acme", "u-ramp", "billing", round(2 * today_hourly), 0, sum(days), 0)
+    assert usage_spikes([ramp], S) == []
+    assert ramp.tokens / (sum(days) / (7 * 24)) < S.spike_factor
+
+
+def test_a_user_first_seen_two_days_ago_has_a_two_day_baseline_not_a_diluted_week() -> None:
+    recent = UserHour("acme", "u-2d", "billing", 90_000, 0, 2 * DAY, 0, baseline_days=2)
+    assert usage_spikes([recent], S) == []  # 9x their mean hour: not a spike
+    (found,) = usage_spikes([UserHour("acme", "u-2d", "billing", 150_000, 0, 2 * DAY, 0, baseline_days=2)], S)
+    assert found.usual == pytest.approx(10_000) and "(over 2 days)" in found.detail
+
+
+def test_a_new_user_below_the_floor_is_not_a_finding_above_it_is() -> None:
+    assert usage_spikes([hour(19_000, baseline_per_day=0)], S) == []
+    (found,) = usage_spikes([hour(25_000, baseline_per_day=0)], S)
+    assert found.usual == 0 and found.threshold == S.token_floor
+    # Tightening a user without a baseline slows them to the floor, never to zero.
+    assert dict(found.tighten)[LimitKind.TOKENS_PER_DAY] == S.token_floor
+
+
+def test_spend_spikes_count_and_the_stronger_signal_is_reported() -> None:
+    h = hour(30_000, spend=50_000_000, baseline_spend_per_day=2_400_000)  # $50 vs $0.10/hour usual
+    (found,) = usage_spikes([h], S)
+    assert found.measure == "spend_usd_micros"
+    assert "$50.00 in the last hour, usually $0.10 an hour" in found.detail
+
+
+def test_refusal_bursts_at_the_threshold() -> None:
+    s = DetectorSettings(refusal_burst=300)
+    counts = [CallerCount("acme", "billing", 300), CallerCount("acme", "search", 299)]
+    (found,) = refusal_bursts(counts, {("acme", "billing"): 1200}, s)
+    assert found.subject == Subject(Scope.CALLER, "acme", "billing")
+    assert found.rule is Rule.REFUSAL_BURST
+    assert found.tighten == ((LimitKind.REQUESTS_PER_MINUTE, 10),)  # 1200 an hour = 20/min; half
+
+
+def test_a_burst_mostly_of_one_user_is_that_users_not_the_callers() -> None:
+    s = DetectorSettings(refusal_burst=300)
+    (found,) = refusal_bursts([CallerCount("acme", "shared", 400, top_user="u-9", top_user_count=200)], {}, s)
+    assert found.subject == Subject(Scope.USER, "acme", "u-9")
+    assert found.observed == 200 and "200 of the 400 calls of caller shared" in found.detail
+    assert found.tighten == ((LimitKind.REQUESTS_PER_MINUTE, 20),)  # 40/min refused; half
+    (spread,) = refusal_bursts(
+        [CallerCount("acme", "shared", 400, top_user="u-9", top_user_count=199)], {}, s
+    )
+    assert spread.subject == Subject(Scope.CALLER, "acme", "shared")
+
+
+def test_fanouts_at_the_threshold() -> None:
+    s = DetectorSettings(new_users=100)
+    (found,) = user_fanouts([CallerCount("acme", "signup", 150), CallerCount("acme", "x", 20)], {}, s)
+    assert (found.subject.name, found.rule, found.observed) == ("signup", Rule.USER_FANOUT, 150)
+    assert found.tighten == ((LimitKind.REQUESTS_PER_MINUTE, 1),)
+
+
+@pytest.mark.parametrize(
+    ("ceiling", "acted_before", "step"),
+    [
+        (Step.FLAG, False, Step.FLAG),
+        (Step.FLAG, True, Step.FLAG),
+        (Step.TIGHTEN, False, Step.TIGHTEN),
+        (Step.TIGHTEN, True, Step.TIGHTEN),
+        (Step.BLOCK, False, Step.TIGHTEN),  # first, tighten
+        (Step.BLOCK, True, Step.BLOCK),  # found again after an action: block
+    ],
+)
+def test_escalation_steps(ceiling: Step, acted_before: bool, step: Step) -> None:
+    assert step_for(ceiling, acted_before) is step
