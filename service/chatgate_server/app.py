@@ -65,6 +65,8 @@ CALLERS_LOAD_TIMEOUT_S = 10.0
 BLOCKS_LOAD_TIMEOUT_S = 5.0
 # How often deployments dropped by a reload are checked for calls still using them.
 RETIRE_POLL_S = 0.5
+# The readiness hold while the caller table has never loaded (rpc/ledger_health.py).
+CALLERS_HOLD = "callers"
 # The grace gRPC itself gets at shutdown: longer than any drain, which ends the calls.
 _UNTIL_DRAINED_S = 24 * 3600.0
 
@@ -112,6 +114,7 @@ class App:
         self._reservation_pool: AsyncConnectionPool | None = None
         self._callers_pool: AsyncConnectionPool | None = None
         self.callers: CallerTable | None = None
+        self._readiness: asyncio.Task[None] | None = None
         self._guard: RequestIdGuard | None = None
         self._spool: Spool | None = None
         self.ledger_health: LedgerHealth | None = None
@@ -289,13 +292,20 @@ class App:
             raise
         await self._server.start()
         self._start_detector()
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set(CHAT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        # Not ready while the caller table has never loaded: every call would be refused.
+        holds = (CALLERS_HOLD,) if self.callers is not None and not self.callers.loaded else ()
+        ready = (
+            health_pb2.HealthCheckResponse.NOT_SERVING if holds else health_pb2.HealthCheckResponse.SERVING
+        )
+        await self._health.set("", ready)
+        await self._health.set(CHAT_SERVICE, ready)
         # Liveness: never moved by the ledger (rpc/health_probe.py says why).
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self.ledger_health = LedgerHealth(self._health, ("", CHAT_SERVICE))
+        self.ledger_health = LedgerHealth(self._health, ("", CHAT_SERVICE), holds=holds)
         self.ledger.add_listener(self.ledger_health)
         self.ledger_health(self.ledger.state)
+        if holds:
+            self._readiness = asyncio.create_task(self._ready_once_callers_load(), name="readiness")
         log.info(
             "chatgate serving on %s:%d (%s, authentication %s), upstream %s",
             s.listen.host,
@@ -341,6 +351,12 @@ class App:
         self.telemetry.anomalies.add(
             1, {"chatgate.anomaly.rule": finding.rule.value, "chatgate.anomaly.action": step.value}
         )
+
+    async def _ready_once_callers_load(self) -> None:
+        assert self.callers is not None and self.ledger_health is not None
+        await self.callers.wait_loaded()
+        log.info("caller table loaded: serving")
+        self.ledger_health.release(CALLERS_HOLD)
 
     async def _authenticator(self, postgres_ok: bool) -> Authenticator:
         """Who may call: the caller table (its own small pool, so a burst of usage writes
@@ -475,6 +491,9 @@ class App:
         if self._limits_pool is not None:
             await self._limits_pool.close()
             self._limits_pool = None
+        if self._readiness is not None:
+            self._readiness.cancel()
+            self._readiness = None
         if self.callers is not None:
             await _bounded("caller table", self.callers.stop(), 5)
             self.callers = None

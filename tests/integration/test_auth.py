@@ -34,10 +34,12 @@ from chatgate_server.app import App
 from chatgate_server.auth import tokens
 from chatgate_server.auth.records import OPERATOR_ROLE
 from chatgate_server.auth.store import CallerStore, NewCaller
+from chatgate_server.rpc.health_probe import LIVENESS_SERVICE
 from chatgate_server.simulator import Simulator
 from chatgate_server.telemetry import NO_TELEMETRY
 from tests.certs import Authority, Issued
 from tests.integration.conftest import TEST_API_KEY, AppFactory, make_settings
+from tests.integration.pgproxy import running_proxy
 from tests.integration.test_tracing import Captured
 from tests.integration.test_workers import free_port, serving
 
@@ -572,7 +574,41 @@ async def refuses_as_callers_unavailable(app: App, token: str) -> None:
         got = await refused(ch, bearer(token))
         health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert (got.code, got.reason) == (grpc.StatusCode.UNAVAILABLE, "CALLERS_UNAVAILABLE")
-    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    # Not ready (balancers send calls elsewhere), but alive: a restart brings no Postgres.
+    assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await health_status(app, LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def health_status(app: App, name: str = "") -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        reply = await health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=name), timeout=5
+        )
+    return int(reply.status)
+
+
+async def test_a_replica_turns_ready_once_its_callers_load(
+    simulator: Simulator, store: CallerStore, migrated_database_url: str
+) -> None:
+    token = await new_token(store, unique("acme"))
+    async with running_proxy(migrated_database_url) as proxy:
+        proxy.cut()  # Postgres gone at start-up
+        settings = make_settings(proxy.url_for(migrated_database_url), simulator.base_url, auth="tokens")
+        app = App(settings, telemetry=NO_TELEMETRY)
+        await app.start()
+        try:
+            await refuses_as_callers_unavailable(app, token)
+            proxy.restore()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+                watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+                async for update in watch:  # NOT_SERVING, then SERVING once the table loads
+                    if update.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                watch.cancel()
+                assert app.callers is not None and app.callers.loaded
+                assert (await complete(ch, bearer(token)))[-1].WhichOneof("event") == "finished"
+        finally:
+            await app.stop(0)
 
 
 async def test_authentication_off_is_a_warning_at_start_and_on_the_first_health_check(

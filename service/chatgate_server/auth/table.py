@@ -51,6 +51,7 @@ class CallerTable:
         self._callers: dict[str, Caller] = {}
         self._version: int | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loaded = asyncio.Event()
 
     def verify_token(self, text: str) -> Caller:
         """The caller a bearer token proves; raises an ``Unauthenticated`` subclass."""
@@ -88,6 +89,10 @@ class CallerTable:
     def loaded(self) -> bool:
         return self._by_id is not None
 
+    async def wait_loaded(self) -> None:
+        """Return once the table has loaded (at once if it has)."""
+        await self._loaded.wait()
+
     async def refresh(self) -> bool:
         """Reload if the database's version moved; True if it reloaded."""
         version = await self._store.version()
@@ -99,6 +104,7 @@ class CallerTable:
         self._by_id = {c.public_id: c for c in credentials}
         self._by_identity = {c.cert_identity: c for c in credentials if c.cert_identity is not None}
         self._version = version
+        self._loaded.set()
         return True
 
     async def start(self, load_timeout_s: float | None = None) -> bool:
