@@ -11,7 +11,8 @@ server cheaper per token exactly when it is loaded, instead of falling further b
 Only what a caller assembles by concatenation is merged: adjacent content deltas,
 adjacent refusal deltas, and adjacent argument fragments of the same tool call (a
 later fragment that starts a call, i.e. carries an id or a name, is never folded
-into an earlier one). Everything else keeps its place and order.
+into an earlier one). Everything else keeps its place and order; the log-probabilities
+of merged content deltas are joined in order with their text.
 """
 
 from __future__ import annotations
@@ -26,21 +27,20 @@ def coalesce(events: list[UpstreamEvent]) -> list[UpstreamEvent]:
     if len(events) < 2:
         return events
     merged: list[UpstreamEvent] = []
-    head: UpstreamEvent | None = None  # the first event of the run being built
-    run: list[str] = []  # its texts (or argument fragments)
+    run: list[UpstreamEvent] = []  # the run of mergeable deltas being built
     for event in events:
-        if head is not None and _continues(head, event):
-            run.append(_text(event))
+        if run and _continues(run[0], event):
+            run.append(event)
             continue
-        if head is not None:
-            merged.append(_joined(head, run))
-            head = None
+        if run:
+            merged.append(_joined(run))
+            run = []
         if type(event) in _MERGEABLE:
-            head, run = event, [_text(event)]
+            run.append(event)
         else:
             merged.append(event)
-    if head is not None:
-        merged.append(_joined(head, run))
+    if run:
+        merged.append(_joined(run))
     return merged
 
 
@@ -56,18 +56,17 @@ def _continues(head: UpstreamEvent, event: UpstreamEvent) -> bool:
     return True
 
 
-def _text(event: UpstreamEvent) -> str:
-    if isinstance(event, ToolCallDelta):
-        return event.arguments
-    assert isinstance(event, ContentDelta | RefusalDelta)
-    return event.text
-
-
-def _joined(head: UpstreamEvent, run: list[str]) -> UpstreamEvent:
+def _joined(run: list[UpstreamEvent]) -> UpstreamEvent:
+    head = run[0]
     if len(run) == 1:
         return head
     if isinstance(head, ToolCallDelta):
-        return ToolCallDelta(head.index, head.id, head.name, "".join(run))
+        return ToolCallDelta(
+            head.index, head.id, head.name, "".join(e.arguments for e in run if isinstance(e, ToolCallDelta))
+        )
     if isinstance(head, RefusalDelta):
-        return RefusalDelta("".join(run))
-    return ContentDelta("".join(run))
+        return RefusalDelta("".join(e.text for e in run if isinstance(e, RefusalDelta)))
+    deltas = [e for e in run if isinstance(e, ContentDelta)]
+    # Log-probabilities (when asked for) stay with their text: one list, in order.
+    logprobs = tuple(t for e in deltas for t in e.logprobs)
+    return ContentDelta("".join(e.text for e in deltas), logprobs)
