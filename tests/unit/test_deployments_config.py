@@ -175,6 +175,7 @@ def test_the_readmes_worked_example_loads(tmp_path: Path) -> None:
     example = example.replace("/etc/chatgate/self-hosted-prices.csv", str(prices))
     config = load_config(write(tmp_path, example), {"OPENAI_API_KEY": "sk-x", "AZURE_EAST_KEY": "az-y"})
     assert [d.name for d in config.deployments] == ["openai-main", "azure-east", "local-vllm"]
+    assert [d.accepts for d in config.deployments][1:] == [set(FEATURES) - {"service_tier"}, {"logprobs"}]
     assert [(r.name, r.model, r.weighted) for r in config.routes] == [
         ("fast", "gpt-4o-mini", False),
         ("gpt-4o", "gpt-4o", True),
