@@ -20,6 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from chatgate.v1 import chat_pb2 as pb
+from chatgate_server.simulator import Simulator
 from tests.integration import test_routing
 from tests.integration.test_routing import M, Sims, StartRouted, deployment, route
 
@@ -165,3 +166,50 @@ async def test_the_tier_that_served_the_call_is_in_the_usage_row(
     # "auto" is served in the project's default tier, and the upstream says so; a call
     # that names no tier goes to the first deployment, whose chunks name none.
     assert rows() == [("full", "default"), ("full", "flex"), ("plain", None)]
+
+
+async def test_an_azure_deployment_takes_the_options_but_service_tier_unless_listed(
+    start_routed: StartRouted,
+) -> None:
+    """Against the simulator in Azure mode: the options reach the deployment's URL with the
+    api-key header; service_tier (not in Azure's default accepts) is refused by a route of
+    Azure deployments only, and served once a deployment lists it."""
+    async with (
+        Simulator(flavor="azure", deployments={"mini-prod": M}) as plain,
+        Simulator(flavor="azure", deployments={"mini-prio": M}) as priority,
+    ):
+        _, stub = await start_routed(
+            deployment(
+                "azure",
+                plain.root_url,
+                {"m": "mini-prod", "az": "mini-prod"},
+                kind="azure",
+                api_version="2024-10-21",
+            ),
+            deployment(
+                "azure-prio",
+                priority.root_url,
+                {"m": "mini-prio"},
+                kind="azure",
+                api_version="2024-10-21",
+                accepts=["service_tier", "logprobs"],
+            ),
+            route("m", "azure", "azure-prio"),
+            route("az", "azure"),
+        )
+        events = [
+            e async for e in stub.Complete(ask("m", reasoning_effort=pb.REASONING_EFFORT_HIGH), timeout=10)
+        ]
+        assert events[-1].finished.deployment == "azure"
+        [seen] = plain.requests
+        assert seen.deployment == "mini-prod" and seen.body["reasoning_effort"] == "high"
+        events = [e async for e in stub.Complete(ask("m", service_tier=pb.SERVICE_TIER_PRIORITY), timeout=10)]
+        assert events[-1].finished.deployment == "azure-prio"
+        assert priority.requests[0].body["service_tier"] == "priority"
+        try:
+            [e async for e in stub.Complete(ask("az", service_tier=pb.SERVICE_TIER_PRIORITY), timeout=10)]
+            raise AssertionError("no deployment of az accepts service_tier")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "no deployment serving model az accepts service_tier" in (exc.details() or "")
+        assert (len(plain.requests), len(priority.requests)) == (1, 1)
