@@ -118,14 +118,13 @@ class ChunkDecoder:
             delta = choice.get("delta")
             if delta:
                 content = delta.get("content")
-                logprobs = choice.get("logprobs")
-                if logprobs:
-                    # Asked for (CompleteRequest.logprobs): they ride with their text.
-                    tokens = _logprobs(logprobs.get("content"))
-                    if content or tokens:
-                        events.append(ContentDelta(_str(content) if content else "", tokens))
-                elif content:
-                    events.append(ContentDelta(_str(content)))
+                if content:
+                    logprobs = choice.get("logprobs")
+                    if logprobs:
+                        # Asked for (CompleteRequest.logprobs): they ride with their text.
+                        events.append(ContentDelta(_str(content), _logprobs(logprobs.get("content"))))
+                    else:
+                        events.append(ContentDelta(_str(content)))
                 refusal = delta.get("refusal")
                 if refusal:
                     events.append(RefusalDelta(_str(refusal)))

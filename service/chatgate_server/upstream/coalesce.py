@@ -17,7 +17,7 @@ of merged content deltas are joined in order with their text.
 
 from __future__ import annotations
 
-from chatgate_server.domain import ContentDelta, RefusalDelta, ToolCallDelta, UpstreamEvent
+from chatgate_server.domain import ContentDelta, RefusalDelta, TokenLogprob, ToolCallDelta, UpstreamEvent
 
 __all__ = ["coalesce"]
 
@@ -27,20 +27,26 @@ def coalesce(events: list[UpstreamEvent]) -> list[UpstreamEvent]:
     if len(events) < 2:
         return events
     merged: list[UpstreamEvent] = []
-    run: list[UpstreamEvent] = []  # the run of mergeable deltas being built
+    head: UpstreamEvent | None = None  # the first event of the run being built
+    run: list[str] = []  # its texts (or argument fragments)
+    # A content run's log-probabilities: asked for, they come with every token's text.
+    logprobs: list[TokenLogprob] | None = None
     for event in events:
-        if run and _continues(run[0], event):
-            run.append(event)
+        if head is not None and _continues(head, event):
+            run.append(_text(event))
+            if logprobs is not None:
+                logprobs.extend(event.logprobs)  # type: ignore[union-attr]
             continue
-        if run:
-            merged.append(_joined(run))
-            run = []
+        if head is not None:
+            merged.append(_joined(head, run, logprobs))
+            head = None
         if type(event) in _MERGEABLE:
-            run.append(event)
+            head, run = event, [_text(event)]
+            logprobs = list(event.logprobs) if type(event) is ContentDelta and event.logprobs else None
         else:
             merged.append(event)
-    if run:
-        merged.append(_joined(run))
+    if head is not None:
+        merged.append(_joined(head, run, logprobs))
     return merged
 
 
@@ -56,17 +62,18 @@ def _continues(head: UpstreamEvent, event: UpstreamEvent) -> bool:
     return True
 
 
-def _joined(run: list[UpstreamEvent]) -> UpstreamEvent:
-    head = run[0]
+def _text(event: UpstreamEvent) -> str:
+    if isinstance(event, ToolCallDelta):
+        return event.arguments
+    assert isinstance(event, ContentDelta | RefusalDelta)
+    return event.text
+
+
+def _joined(head: UpstreamEvent, run: list[str], logprobs: list[TokenLogprob] | None) -> UpstreamEvent:
     if len(run) == 1:
         return head
     if isinstance(head, ToolCallDelta):
-        return ToolCallDelta(
-            head.index, head.id, head.name, "".join(e.arguments for e in run if isinstance(e, ToolCallDelta))
-        )
+        return ToolCallDelta(head.index, head.id, head.name, "".join(run))
     if isinstance(head, RefusalDelta):
-        return RefusalDelta("".join(e.text for e in run if isinstance(e, RefusalDelta)))
-    deltas = [e for e in run if isinstance(e, ContentDelta)]
-    # Log-probabilities (when asked for) stay with their text: one list, in order.
-    logprobs = tuple(t for e in deltas for t in e.logprobs)
-    return ContentDelta("".join(e.text for e in deltas), logprobs)
+        return RefusalDelta("".join(run))
+    return ContentDelta("".join(run), tuple(logprobs) if logprobs else ())
