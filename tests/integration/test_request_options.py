@@ -213,3 +213,25 @@ async def test_an_azure_deployment_takes_the_options_but_service_tier_unless_lis
             assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "no deployment serving model az accepts service_tier" in (exc.details() or "")
         assert (len(plain.requests), len(priority.requests)) == (1, 1)
+
+
+async def test_a_bad_option_value_is_invalid_argument_before_any_upstream_call(
+    sims: Sims, start_routed: StartRouted
+) -> None:
+    _, stub, plain, full = await two_deployments(sims, start_routed)
+    bad = ask("m", prompt_cache_key="k" * 65, top_logprobs=3, verbosity=9)
+    try:
+        [e async for e in stub.Complete(bad, timeout=10)]
+        raise AssertionError("the request is invalid")
+    except grpc.aio.AioRpcError as exc:
+        refused = exc
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(refused)
+    assert status is not None
+    fields = set()
+    for detail in status.details:
+        request = error_details_pb2.BadRequest()
+        if detail.Unpack(request):
+            fields = {v.field for v in request.field_violations}
+    assert fields == {"prompt_cache_key", "top_logprobs", "verbosity"}
+    assert (len(plain.requests), len(full.requests)) == (0, 0)
