@@ -126,6 +126,7 @@ def _config_check(file: str | None) -> int:
     from pathlib import Path
 
     from chatgate_server.deployments import load_config
+    from chatgate_server.domain import FEATURES
 
     path = file or os.environ.get("CHATGATE_CONFIG", "").strip()
     if not path:
@@ -137,6 +138,7 @@ def _config_check(file: str | None) -> int:
         about = f"{key}; weight {d.weight:g}; models {models}"
         if d.prices_file:
             about += f"; prices {d.prices_file}"
+        about += f"; accepts {', '.join(f for f in FEATURES if f in d.accepts) or 'no extra options'}"
         print(f"deployment {d.name}: {d.kind} {d.base_url} ({about})")
     for r in config.routes:
         order = "weighted" if r.weighted else "in order"

@@ -112,6 +112,7 @@ class _Progress:
     shutdown_cut: bool = False
     estimate: TokenUsage | None = None
     allowances: tuple[Allowance, ...] = ()
+    service_tier: str | None = None  # the tier the upstream says serves the call
 
     def cut_for_shutdown(self) -> None:
         self.shutdown_cut = True
@@ -328,7 +329,7 @@ class CompletionService:
     ) -> Outcome:
         """Route the call and stream it; then tell the breaker of the deployment that
         served it what the call said about its health."""
-        plan = self._router.plan(request.model)
+        plan = self._router.plan(request.model, request.features)
         trace.get_current_span().set_attribute("chatgate.breaker.state", plan.breaker_state.name.lower())
         try:
             outcome = await self._stream(request, plan, deadline, send, progress)
@@ -441,6 +442,8 @@ class CompletionService:
             opened.span.set_attribute("chatgate.cancelled", True)
             error = None
         started = progress.started
+        if progress.service_tier is not None:
+            opened.span.set_attribute("openai.response.service_tier", progress.service_tier)
         progress.spans.streamed(
             opened.span,
             opened.span_started,
@@ -481,6 +484,7 @@ class CompletionService:
             progress.started = StreamStarted(
                 request.request_id, event.model, event.response_id, progress.allowances
             )
+            progress.service_tier = event.service_tier
             await send(progress.started)
         elif isinstance(event, Finish):
             progress.finish_reason = event.reason
@@ -560,4 +564,5 @@ class CompletionService:
             trace_id=trace_id,
             span_id=span_id,
             tags=dict(request.tags),
+            service_tier=progress.service_tier,
         )

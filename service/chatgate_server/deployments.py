@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from chatgate_server.config import DEFAULT_OPENAI_BASE_URL, ConfigError, Secret, Settings
+from chatgate_server.domain import FEATURES, Feature
 
 if TYPE_CHECKING:
     from chatgate_server.usage.pricing import PriceTable
@@ -33,6 +34,17 @@ KINDS: tuple[Kind, ...] = ("openai", "azure", "compatible")
 
 # The name of the one deployment made from the environment.
 ENV_DEPLOYMENT = "openai"
+
+# The request options a deployment of each kind accepts unless its ``accepts`` says
+# otherwise. OpenAI: all. Azure: all but service_tier (its priority processing is a
+# preview enabled per deployment, and it has no flex tier: list service_tier in
+# ``accepts`` for a deployment that has it). A compatible server: none, since vLLM,
+# Ollama and kin each take a different subset; list what yours honours.
+DEFAULT_ACCEPTS: Mapping[Kind, frozenset[Feature]] = {
+    "openai": frozenset(FEATURES),
+    "azure": frozenset(FEATURES) - {"service_tier"},
+    "compatible": frozenset(),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +69,9 @@ class DeploymentSpec:
     prices_file: Path | None = None
     """Prices for calls this deployment serves (CHATGATE_PRICES_FILE's format), over the
     shipped table and CHATGATE_PRICES_FILE: e.g. Azure's prices, or 0 for a self-hosted model."""
+    accepts: frozenset[Feature] = frozenset(FEATURES)
+    """The request options (domain.FEATURES) this deployment is sent; a call setting
+    another one goes elsewhere (``accepts`` in the file; DEFAULT_ACCEPTS by kind)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +130,7 @@ _DEPLOYMENT_KEYS = frozenset(
         "max_connections",
         "headers",
         "prices_file",
+        "accepts",
     }
 )
 _ROUTE_KEYS = frozenset({"name", "model", "deployments", "strategy", "fallback"})
@@ -210,6 +226,7 @@ def _deployment(item: Any, at: str, env: Mapping[str, str], keys: bool) -> Deplo
         max_connections=_count(item, "max_connections", at),
         headers=_headers(item.get("headers", {}), f"{at}.headers"),
         prices_file=_prices_file(item, at),
+        accepts=_accepts(item, kind, at),
     )
 
 
@@ -286,6 +303,18 @@ def deployment_prices(config: DeploymentsConfig, operator_file: Path | None) -> 
     from chatgate_server.usage.pricing import load_prices
 
     return {d.name: load_prices(operator_file, d.prices_file) for d in config.deployments if d.prices_file}
+
+
+def _accepts(item: dict[str, Any], kind: Kind, at: str) -> frozenset[Feature]:
+    value = item.get("accepts")
+    if value is None:
+        return DEFAULT_ACCEPTS[kind]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Problem(f"{at}.accepts", f"a list of request options: {', '.join(FEATURES)}")
+    unknown = [v for v in value if v not in FEATURES]
+    if unknown:
+        raise _Problem(f"{at}.accepts", f"{unknown[0]!r} is not one of {', '.join(FEATURES)}")
+    return frozenset(v for v in FEATURES if v in value)
 
 
 def _api_version(item: dict[str, Any], kind: str, at: str) -> str | None:

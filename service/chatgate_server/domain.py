@@ -17,6 +17,19 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 ImageDetail = Literal["auto", "low", "high"]
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
 UsageSource = Literal["reported", "estimated"]
+# The values are OpenAI's (openai-python's ReasoningEffort and chat completion params).
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+Verbosity = Literal["low", "medium", "high"]
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
+Feature = Literal["reasoning_effort", "verbosity", "service_tier", "prompt_cache_key", "logprobs"]
+"""A request option that only some deployments accept (chatgate.toml ``accepts``)."""
+FEATURES: tuple[Feature, ...] = (
+    "reasoning_effort",
+    "verbosity",
+    "service_tier",
+    "prompt_cache_key",
+    "logprobs",
+)
 
 
 # --- the request -------------------------------------------------------------------
@@ -132,6 +145,12 @@ class SamplingOptions:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    verbosity: Verbosity | None = None
+    logprobs: bool = False
+    """Return each answer token's log-probability (ContentDelta.logprobs)."""
+    top_logprobs: int | None = None
+    """With logprobs: how many of the likeliest tokens per position (0-20)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +189,37 @@ class CompletionRequest:
     # True when the caller supplied request_id (an idempotency key); False when chatgate
     # generated it. Only supplied ids can be reused, so only they are checked at admission.
     request_id_from_caller: bool = False
+    service_tier: ServiceTier | None = None
+    prompt_cache_key: str | None = None
+
+    @property
+    def features(self) -> frozenset[Feature]:
+        """The options this request sets that only some deployments accept: the router
+        sends it only to deployments that accept every one of them."""
+        s = self.sampling
+        if (
+            s.reasoning_effort is None
+            and s.verbosity is None
+            and not s.logprobs
+            and self.service_tier is None
+            and self.prompt_cache_key is None
+        ):
+            return _NO_FEATURES  # nearly every call: nothing to filter on
+        used: list[Feature] = []
+        if s.reasoning_effort is not None:
+            used.append("reasoning_effort")
+        if s.verbosity is not None:
+            used.append("verbosity")
+        if self.service_tier is not None:
+            used.append("service_tier")
+        if self.prompt_cache_key is not None:
+            used.append("prompt_cache_key")
+        if s.logprobs or s.top_logprobs is not None:
+            used.append("logprobs")
+        return frozenset(used)
+
+
+_NO_FEATURES: frozenset[Feature] = frozenset()
 
 
 # --- what the upstream sends back ----------------------------------------------------
@@ -194,17 +244,39 @@ class TokenUsage:
 
 @dataclass(frozen=True, slots=True)
 class ResponseStarted:
-    """The first chunk arrived: the upstream's response id and resolved model."""
+    """The first chunk arrived: the upstream's response id and resolved model (and the
+    processing tier that serves it, when the upstream says)."""
 
     response_id: str
     model: str
+    service_tier: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One of the likeliest tokens at a position of the answer."""
+
+    token: str
+    logprob: float
+    token_bytes: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One answer token and how likely the model found it (with logprobs asked for)."""
+
+    token: str
+    logprob: float
+    token_bytes: bytes | None = None
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ContentDelta:
-    """A piece of answer text."""
+    """A piece of answer text; ``logprobs``: its tokens' log-probabilities, when asked for."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,3 +378,6 @@ class UsageRecord:
     credential_id: str | None = None
     # The deployment (chatgate.toml) of the call's last attempt; None when none was made.
     deployment: str | None = None
+    # The processing tier the upstream reports it served the call in (the chunks'
+    # service_tier: "default", "flex", "priority"…); None when it said nothing.
+    service_tier: str | None = None

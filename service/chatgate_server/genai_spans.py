@@ -62,6 +62,10 @@ def request_attributes(request: CompletionRequest) -> dict[str, AttributeValue]:
         "gen_ai.request.frequency_penalty": s.frequency_penalty,
         "gen_ai.request.presence_penalty": s.presence_penalty,
         "gen_ai.request.seed": s.seed,
+        "openai.request.service_tier": request.service_tier,
+        # No semantic convention names these yet.
+        "chatgate.request.reasoning_effort": s.reasoning_effort,
+        "chatgate.request.verbosity": s.verbosity,
     }
     attrs.update({k: v for k, v in optional.items() if v is not None})
     if s.stop:

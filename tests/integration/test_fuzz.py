@@ -172,9 +172,30 @@ FIELDS = (
     "tools",
     "tool_choice",
     "response_format",
+    "options",
 )
 names = st.from_regex(r"[a-z_]{1,12}", fullmatch=True)
 unit = st.floats(0, 1)
+
+
+@st.composite
+def valid_options(draw: st.DrawFn) -> dict[str, Any]:
+    """The newer models' options, each set or not (this one deployment accepts them all)."""
+    options = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "reasoning_effort": st.integers(0, 7),
+                "verbosity": st.integers(0, 3),
+                "service_tier": st.integers(0, 5),
+                "prompt_cache_key": st.text(st.characters(categories=("L", "N")), max_size=64),
+                "logprobs": st.just(True),
+            },
+        )
+    )
+    if options.get("logprobs") and draw(st.booleans()):
+        options["top_logprobs"] = draw(st.integers(0, 20))
+    return options
 
 
 def _field_strategies(valid: bool) -> dict[str, st.SearchStrategy[Any]]:
@@ -213,6 +234,8 @@ def _field_strategies(valid: bool) -> dict[str, st.SearchStrategy[Any]]:
             ),
             "tool_choice": st.sampled_from([None, pb.TOOL_CHOICE_MODE_AUTO, pb.TOOL_CHOICE_MODE_NONE]),
             "response_format": st.sampled_from([None, "text", "json_object"]),
+            # The newer models' options (the one deployment here accepts them all).
+            "options": valid_options(),
         }
     return {
         # "::" is the simulator's own control channel (fault scenarios), not chatgate's surface.
@@ -236,6 +259,17 @@ def _field_strategies(valid: bool) -> dict[str, st.SearchStrategy[Any]]:
         "tools": st.lists(tools(), min_size=1, max_size=3),
         "tool_choice": st.one_of(enums, short),
         "response_format": st.one_of(st.sampled_from(["text", "json_object"]), structs()),
+        "options": st.fixed_dictionaries(
+            {},
+            optional={
+                "reasoning_effort": enums,
+                "verbosity": enums,
+                "service_tier": enums,
+                "prompt_cache_key": texts,
+                "logprobs": st.booleans(),
+                "top_logprobs": int32,
+            },
+        ),
     }
 
 
@@ -259,6 +293,7 @@ def complete_requests(draw: st.DrawFn) -> pb.CompleteRequest:
         tools=v["tools"],
         max_completion_tokens=v["max_completion_tokens"],
         **v["sampling"],
+        **v["options"],
     )
     choice = v["tool_choice"]
     if isinstance(choice, str):

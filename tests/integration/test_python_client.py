@@ -210,6 +210,34 @@ async def test_request_helpers_reach_the_upstream_as_openai_expects(
     }
 
 
+async def test_newer_model_options_reach_the_upstream_and_logprobs_come_back(
+    client: AsyncClient, simulator: Simulator
+) -> None:
+    completion = await client.collect(
+        build_request(
+            "gpt-4o-mini",
+            "hello",
+            user_id="user-1",
+            reasoning_effort="xhigh",
+            verbosity="low",
+            service_tier="flex",
+            prompt_cache_key="greetings",
+            logprobs=True,
+            top_logprobs=2,
+        )
+    )
+    body = simulator.requests[-1].body
+    sent = ("reasoning_effort", "verbosity", "service_tier", "prompt_cache_key", "logprobs", "top_logprobs")
+    assert [body[k] for k in sent] == ["xhigh", "low", "flex", "greetings", True, 2]
+    assert completion.text and "".join(t.token for t in completion.logprobs) == completion.text
+    first = completion.logprobs[0]
+    assert first.token_bytes == first.token.encode() and first.logprob < 0
+    assert [a.token for a in first.top_logprobs] == [first.token, " alt1"]
+    plain = await client.collect(request("gpt-4o-mini"))
+    assert plain.logprobs == ()
+    assert not {"reasoning_effort", "service_tier", "logprobs"} & set(simulator.requests[-1].body)
+
+
 # --- deadlines ---------------------------------------------------------------------
 
 

@@ -94,7 +94,13 @@ async def test_success_span_tree_and_attributes(
     app, channel = await started(start_app, captured)
     async with channel:
         code = await call(
-            channel, "gpt-4o-mini::chunks=7", temperature=0.5, max_completion_tokens=100, seed=3
+            channel,
+            "gpt-4o-mini::chunks=7",
+            temperature=0.5,
+            max_completion_tokens=100,
+            seed=3,
+            service_tier=pb.SERVICE_TIER_AUTO,
+            reasoning_effort=pb.REASONING_EFFORT_LOW,
         )
     assert code == grpc.StatusCode.OK
 
@@ -121,6 +127,10 @@ async def test_success_span_tree_and_attributes(
     assert a["gen_ai.request.temperature"] == 0.5
     assert a["gen_ai.request.max_tokens"] == 100
     assert a["gen_ai.request.seed"] == 3
+    assert a["openai.request.service_tier"] == "auto"
+    assert a["openai.response.service_tier"] == "default"  # the tier that served it
+    assert a["chatgate.request.reasoning_effort"] == "low"
+    assert "chatgate.request.verbosity" not in a  # unset options are left out
     assert a["server.address"] == "127.0.0.1"
     assert a["server.port"] == simulator.port
     assert a["gen_ai.response.model"] == "gpt-4o-mini-2024-07-18"

@@ -81,6 +81,7 @@ def make_record(tenant: str, **overrides: Any) -> UsageRecord:
         trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
         tags={"team": "search", "feature": "summaries"},
         credential_id="abcdefghijklmnop",
+        service_tier="flex",
     )
     return replace(record, **overrides)
 
@@ -93,6 +94,7 @@ def expected_row(r: UsageRecord) -> dict[str, Any]:
         "caller_service": r.caller_service,
         "credential_id": r.credential_id,
         "deployment": r.deployment,
+        "service_tier": r.service_tier,
         "user_id": r.user_id,
         "requested_model": r.requested_model,
         "resolved_model": r.resolved_model,

@@ -15,8 +15,10 @@ from chatgate_server.domain import (
     Finish,
     RefusalDelta,
     ResponseStarted,
+    TokenLogprob,
     TokenUsage,
     ToolCallDelta,
+    TopLogprob,
     UpstreamEvent,
     UsageReported,
 )
@@ -350,9 +352,11 @@ def test_unknown_fields_are_ignored() -> None:
             ],
         }
     )
+    # service_tier and logprobs are read (the row records the one, the caller gets the
+    # other); the rest is ignored.
     assert ChunkDecoder().decode(noisy) == [
-        ResponseStarted("chatcmpl-1", "gpt-4o-2024-08-06"),
-        ContentDelta("hi"),
+        ResponseStarted("chatcmpl-1", "gpt-4o-2024-08-06", "default"),
+        ContentDelta("hi", (TokenLogprob("hi", -0.1, b"hi"),)),
     ]
 
 
@@ -557,3 +561,74 @@ def test_an_oversized_response_id_or_model_never_reaches_the_caller(field: str) 
     assert "sk_live" not in caught.value.message
     chunk[field] = "x" * MAX_ID_CHARS
     assert ChunkDecoder().decode(json.dumps(chunk))
+
+
+# --- log-probabilities and the service tier ------------------------------------------------------
+
+
+def _chunk(choice: dict[str, Any], **top: Any) -> str:
+    return json.dumps({"id": "chatcmpl-1", "model": "gpt-4o", "choices": [choice], **top})
+
+
+def test_logprobs_ride_with_their_text_alternatives_included() -> None:
+    decoder = ChunkDecoder()
+    decoder.decode(_chunk({"index": 0, "delta": {"role": "assistant", "content": ""}}))
+    logprobs = {
+        "content": [
+            {
+                "token": " caf",
+                "logprob": -0.25,
+                "bytes": [32, 99, 97, 102],
+                "top_logprobs": [
+                    {"token": " caf", "logprob": -0.25, "bytes": [32, 99, 97, 102]},
+                    {"token": " tea", "logprob": -2, "bytes": None},
+                ],
+            },
+            {"token": "\\xc3", "logprob": -9999.0, "bytes": [195], "top_logprobs": []},
+        ],
+        "refusal": None,
+    }
+    events = decoder.decode(_chunk({"index": 0, "delta": {"content": " caf\u00c3"}, "logprobs": logprobs}))
+    assert events == [
+        ContentDelta(
+            " caf\u00c3",
+            (
+                TokenLogprob(
+                    " caf", -0.25, b" caf", (TopLogprob(" caf", -0.25, b" caf"), TopLogprob(" tea", -2.0))
+                ),
+                TokenLogprob("\\xc3", -9999.0, b"\xc3"),
+            ),
+        )
+    ]
+
+
+def test_null_or_empty_logprobs_leave_a_plain_delta() -> None:
+    decoder = ChunkDecoder()
+    nothing: tuple[object, ...] = (None, {"content": None, "refusal": None}, {"content": []})
+    for logprobs in nothing:
+        events = decoder.decode(_chunk({"index": 0, "delta": {"content": "hi"}, "logprobs": logprobs}))
+        assert events[-1] == ContentDelta("hi")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        {"token": 5, "logprob": -1.0},
+        {"token": "a", "logprob": "-1"},
+        {"token": "a", "logprob": -1.0, "bytes": 7},
+        {"token": "a", "logprob": -1.0, "bytes": [300]},
+        {"token": "a", "logprob": -1.0, "top_logprobs": [{"token": "b", "logprob": None}]},
+    ],
+)
+def test_malformed_logprobs_are_a_protocol_error(token: dict[str, Any]) -> None:
+    chunk = _chunk({"index": 0, "delta": {"content": "a"}, "logprobs": {"content": [token]}})
+    with pytest.raises(UpstreamProtocolError):
+        ChunkDecoder().decode(chunk)
+
+
+def test_the_service_tier_comes_with_the_first_chunk_and_a_strange_one_is_dropped() -> None:
+    first = ChunkDecoder().decode(_chunk({"index": 0, "delta": {}}, service_tier="flex"))
+    assert first[0] == ResponseStarted("chatcmpl-1", "gpt-4o", "flex")
+    for strange in (7, "x" * 100, None):
+        started = ChunkDecoder().decode(_chunk({"index": 0, "delta": {}}, service_tier=strange))[0]
+        assert started == ResponseStarted("chatcmpl-1", "gpt-4o", None)

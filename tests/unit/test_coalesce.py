@@ -9,6 +9,7 @@ from chatgate_server.domain import (
     Finish,
     RefusalDelta,
     ResponseStarted,
+    TokenLogprob,
     TokenUsage,
     ToolCallDelta,
     UpstreamEvent,
@@ -119,3 +120,14 @@ def test_exactly_two_deltas_become_one() -> None:
     # The smallest batch that can merge: a caller gets one message, not two.
     events: list[UpstreamEvent] = [ContentDelta("Hel"), ContentDelta("lo")]
     assert coalesce(events) == [ContentDelta("Hello")]
+
+
+def test_merged_content_keeps_every_token_log_probability_in_order() -> None:
+    a, b, c = TokenLogprob("Hel", -0.1), TokenLogprob("lo", -0.2), TokenLogprob("!", -0.3)
+    events: list[UpstreamEvent] = [
+        ContentDelta("Hel", (a,)),
+        ContentDelta("lo", (b,)),
+        ContentDelta("!", (c,)),
+    ]
+    assert coalesce(events) == [ContentDelta("Hello!", (a, b, c))]
+    assert coalesce([ContentDelta("a"), ContentDelta("b")]) == [ContentDelta("ab")]

@@ -9,6 +9,7 @@ import pytest
 from chatgate_server.cli import main
 from chatgate_server.config import ConfigError, Settings
 from chatgate_server.deployments import load_config
+from chatgate_server.domain import FEATURES
 
 ENV = {"OPENAI_KEY": "sk-one", "AZURE_KEY": "az-two"}
 
@@ -92,6 +93,11 @@ def test_a_full_file_loads(tmp_path: Path) -> None:
         (("weight = 3", "weight = 0"), "(openai-main).weight: must be a number above 0"),
         (('name = "local"', 'name = "openai-main"'), "deployments[2].name: 'openai-main' is used twice"),
         (("[routes.fast]", "[router.fast]"), "router: unknown key"),
+        (
+            ("weight = 3", 'accepts = ["logprobs", "seed"]'),
+            "(openai-main).accepts: 'seed' is not one of reasoning_effort,",
+        ),
+        (("weight = 3", 'accepts = "logprobs"'), "(openai-main).accepts: a list of request options"),
     ],
 )
 def test_each_mistake_is_one_line_naming_file_and_key(
@@ -105,6 +111,20 @@ def test_each_mistake_is_one_line_naming_file_and_key(
     message = str(refused.value)
     assert message.startswith(f"{path}: ") and where in message and "\n" not in message
     assert "sk-inline" not in message and "sk-one" not in message
+
+
+def test_each_kind_accepts_its_default_request_options_unless_told(tmp_path: Path) -> None:
+    openai, azure, local = load_config(write(tmp_path, GOOD), ENV).deployments
+    assert openai.accepts == set(FEATURES)
+    # Azure's priority processing is a per-deployment preview, and it has no flex tier.
+    assert azure.accepts == set(FEATURES) - {"service_tier"}
+    assert local.accepts == frozenset()  # a compatible server: only what it is said to take
+    told = GOOD.replace('models = ["llama3.1"]', 'models = ["llama3.1"]\naccepts = ["logprobs"]')
+    told = told.replace(
+        "max_concurrent_streams = 200", 'max_concurrent_streams = 200\naccepts = ["service_tier"]'
+    )
+    _, azure, local = load_config(write(tmp_path, told), ENV).deployments
+    assert azure.accepts == {"service_tier"} and local.accepts == {"logprobs"}
 
 
 def test_a_route_to_a_deployment_that_does_not_serve_its_model_is_refused(tmp_path: Path) -> None:
@@ -136,6 +156,8 @@ def test_config_check_prints_the_routes_and_never_a_key(
     assert main(["config", "check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "route fast: gpt-4o-mini on azure-east, openai-main (weighted), then gpt-4o" in out
+    assert "accepts reasoning_effort, verbosity, prompt_cache_key, logprobs)" in out  # azure-east
+    assert "models llama3.1; accepts no extra options)" in out  # local
     assert "sk-one" not in out and "az-two" not in out
     monkeypatch.delenv("AZURE_KEY")
     assert main(["config", "check", str(path)]) == 2
@@ -153,6 +175,7 @@ def test_the_readmes_worked_example_loads(tmp_path: Path) -> None:
     example = example.replace("/etc/chatgate/self-hosted-prices.csv", str(prices))
     config = load_config(write(tmp_path, example), {"OPENAI_API_KEY": "sk-x", "AZURE_EAST_KEY": "az-y"})
     assert [d.name for d in config.deployments] == ["openai-main", "azure-east", "local-vllm"]
+    assert [d.accepts for d in config.deployments][1:] == [set(FEATURES) - {"service_tier"}, {"logprobs"}]
     assert [(r.name, r.model, r.weighted) for r in config.routes] == [
         ("fast", "gpt-4o-mini", False),
         ("gpt-4o", "gpt-4o", True),

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from chatgate_server.deadline import Deadline
-from chatgate_server.domain import ChatMessage, CompletionRequest
+from chatgate_server.domain import ChatMessage, CompletionRequest, Feature
 from chatgate_server.errors import (
     BreakerOpen,
     InvalidRequest,
@@ -149,6 +149,45 @@ def test_an_unserved_model_is_an_invalid_request() -> None:
     a = deployment("a", Clock(), models={"gpt-4o": "gpt-4o"})
     with pytest.raises(InvalidRequest):
         Router([a]).plan("gpt-5")
+
+
+def test_a_call_setting_an_option_goes_only_to_deployments_that_accept_it() -> None:
+    clock = Clock()
+    plain = deployment("plain", clock, accepts=frozenset())
+    full = deployment("full", clock)  # accepts every option by default
+    reasoning = deployment("reasoning", clock, accepts=frozenset({"reasoning_effort"}))
+    router = Router([plain, full, reasoning], {"m": Route("m", "gpt-4o", (plain, reasoning, full))})
+    assert [c.deployment.name for c in router.plan("m").candidates] == ["plain", "reasoning", "full"]
+    needs: frozenset[Feature] = frozenset({"reasoning_effort"})
+    assert [c.deployment.name for c in router.plan("m", needs).candidates] == ["reasoning", "full"]
+    needs = frozenset({"reasoning_effort", "logprobs"})
+    assert [c.deployment.name for c in router.plan("m", needs).candidates] == ["full"]
+
+
+def test_when_no_deployment_of_the_route_accepts_an_option_the_field_is_named() -> None:
+    clock = Clock()
+    plain = deployment("plain", clock, accepts=frozenset())
+    reasoning = deployment("reasoning", clock, accepts=frozenset({"reasoning_effort"}))
+    logprobs = deployment("logprobs", clock, accepts=frozenset({"logprobs"}))
+    router = Router(
+        [plain, reasoning, logprobs],
+        {
+            "m": Route("m", "gpt-4o", (plain, reasoning)),
+            "both": Route("both", "gpt-4o", (reasoning, logprobs)),
+        },
+    )
+    with pytest.raises(InvalidRequest) as refused:
+        router.plan("m", frozenset({"logprobs", "verbosity", "reasoning_effort"}))
+    assert [(v.field, v.description) for v in refused.value.violations] == [
+        ("verbosity", "no deployment serving model m accepts verbosity"),
+        ("logprobs", "no deployment serving model m accepts logprobs"),
+    ]
+    # Each accepted somewhere, but no one deployment takes both.
+    with pytest.raises(InvalidRequest) as refused:
+        router.plan("both", frozenset({"logprobs", "reasoning_effort"}))
+    assert {v.description for v in refused.value.violations} == {
+        "no deployment serving model both accepts reasoning_effort, logprobs together"
+    }
 
 
 def test_weights_share_the_first_place() -> None:

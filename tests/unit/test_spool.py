@@ -53,6 +53,7 @@ def record(n: int = 0, **overrides: object) -> UsageRecord:
         tags={"feature": "x", "quote": '"'},
         request_fingerprint="00" * 16,
         credential_id="abcdefghijklmnop",
+        service_tier="priority",
     )
     return replace(r, **overrides)  # type: ignore[arg-type]
 

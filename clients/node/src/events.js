@@ -16,7 +16,7 @@ export function toEvent(message) {
       return { type: "started", requestId, model, upstreamResponseId, allowances: (allowances ?? []).map(allowance) };
     }
     case "content":
-      return { type: "content", text: message.content.text };
+      return { type: "content", text: message.content.text, logprobs: (message.content.logprobs ?? []).map(tokenLogprob) };
     case "refusal":
       return { type: "refusal", text: message.refusal.text };
     case "toolCall": {
@@ -41,6 +41,16 @@ function allowance(a) {
     remaining: a.remaining,
     resetsAt: resets ? new Date(resets.seconds * 1000 + Math.floor(resets.nanos / 1e6)) : null,
   };
+}
+
+// One answer token and its log-probability (requests with logprobs: true). Token bytes
+// arrive as a Buffer; empty when the upstream gave none.
+function tokenLogprob(t) {
+  return { ...topLogprob(t), topLogprobs: (t.topLogprobs ?? []).map(topLogprob) };
+}
+
+function topLogprob(t) {
+  return { token: t.token, logprob: t.logprob, tokenBytes: t.tokenBytes ?? Buffer.alloc(0) };
 }
 
 function finished(f) {
@@ -73,12 +83,16 @@ export class Collector {
   #started = null;
   #finished = null;
   #text = [];
+  #logprobs = [];
   #refusal = [];
   #calls = new Map();
 
   add(event) {
     this.events += 1;
-    if (event.type === "content") this.#text.push(event.text);
+    if (event.type === "content") {
+      this.#text.push(event.text);
+      this.#logprobs.push(...event.logprobs);
+    }
     else if (event.type === "refusal") this.#refusal.push(event.text);
     else if (event.type === "toolCall") {
       const call = this.#calls.get(event.index) ?? { id: "", name: "", fragments: [] };
@@ -100,6 +114,7 @@ export class Collector {
       upstreamResponseId: s?.upstreamResponseId ?? "",
       allowances: s?.allowances ?? [],
       text: this.#text.join(""),
+      logprobs: this.#logprobs,
       refusal: this.#refusal.join(""),
       toolCalls: [...this.#calls.entries()].sort(([a], [b]) => a - b).map(([index, c]) => toolCall(index, c)),
       finishReason: f?.finishReason ?? "unspecified",

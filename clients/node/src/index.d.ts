@@ -54,6 +54,51 @@ export interface CompleteRequest {
   toolChoice?: { mode: "TOOL_CHOICE_MODE_AUTO" | "TOOL_CHOICE_MODE_NONE" | "TOOL_CHOICE_MODE_REQUIRED" } | { functionName: string };
   parallelToolCalls?: boolean;
   responseFormat?: { text: {} } | { jsonObject: {} } | { jsonSchema: { name: string; description?: string; schema?: Struct; strict?: boolean } };
+  /**
+   * The options below go only to deployments that accept them; when none serving the
+   * model does, the call fails with INVALID_ARGUMENT naming the option.
+   * How much a reasoning model (GPT-5, o-series) thinks; not every model takes every value.
+   */
+  reasoningEffort?: ReasoningEffort;
+  /** How long and detailed the answer is (GPT-5). */
+  verbosity?: Verbosity;
+  /** The upstream processing tier; the row records the tier that served the call. */
+  serviceTier?: ServiceTier;
+  /** Groups requests sharing a long prompt prefix for the upstream's prompt cache (at most 64 characters). */
+  promptCacheKey?: string;
+  /** Log-probabilities of the answer's tokens in each content event (`logprobs`). */
+  logprobs?: boolean;
+  /** With logprobs: the likeliest tokens per position, 0 to 20. */
+  topLogprobs?: number;
+}
+
+export type ReasoningEffort =
+  | "REASONING_EFFORT_NONE"
+  | "REASONING_EFFORT_MINIMAL"
+  | "REASONING_EFFORT_LOW"
+  | "REASONING_EFFORT_MEDIUM"
+  | "REASONING_EFFORT_HIGH"
+  | "REASONING_EFFORT_XHIGH"
+  | "REASONING_EFFORT_MAX";
+export type Verbosity = "VERBOSITY_LOW" | "VERBOSITY_MEDIUM" | "VERBOSITY_HIGH";
+export type ServiceTier =
+  | "SERVICE_TIER_AUTO"
+  | "SERVICE_TIER_DEFAULT"
+  | "SERVICE_TIER_FLEX"
+  | "SERVICE_TIER_SCALE"
+  | "SERVICE_TIER_PRIORITY";
+
+/** One of the likeliest tokens at a position of the answer. */
+export interface TopLogprob {
+  token: string;
+  /** Natural-log probability. */
+  logprob: number;
+  /** The token's UTF-8 bytes (maybe part of a character); empty when the upstream gave none. */
+  tokenBytes: Uint8Array;
+}
+/** One token of the answer and its log-probability, with the likeliest tokens there. */
+export interface TokenLogprob extends TopLogprob {
+  topLogprobs: TopLogprob[];
 }
 
 export type FinishReason = "unspecified" | "stop" | "length" | "tool_calls" | "content_filter" | "function_call";
@@ -112,6 +157,8 @@ export interface StartedEvent {
 export interface ContentEvent {
   type: "content";
   text: string;
+  /** The tokens of `text` with their log-probabilities; empty unless the request set logprobs. */
+  logprobs: TokenLogprob[];
 }
 export interface RefusalEvent {
   type: "refusal";
@@ -155,6 +202,8 @@ export interface Completion {
   /** What each limit still allowed when the call started. */
   allowances: Allowance[];
   text: string;
+  /** Each token of `text` with its log-probability, when the request set logprobs. */
+  logprobs: TokenLogprob[];
   refusal: string;
   toolCalls: ToolCall[];
   finishReason: FinishReason;

@@ -95,6 +95,30 @@ describe("complete()", () => {
 });
 
 describe("collect()", () => {
+  it("sends the newer model options and returns the answer's log-probabilities", async () => {
+    const completion = await client.collect(
+      request("gpt-4o-mini::chunks=4", {
+        reasoningEffort: "REASONING_EFFORT_MINIMAL",
+        verbosity: "VERBOSITY_LOW",
+        serviceTier: "SERVICE_TIER_DEFAULT",
+        promptCacheKey: "node-cache",
+        logprobs: true,
+        topLogprobs: 2,
+      }),
+    );
+    assert.equal(completion.logprobs.map((t) => t.token).join(""), completion.text);
+    assert.equal(completion.logprobs.length, 4);
+    const [first] = completion.logprobs;
+    assert.ok(first.logprob < 0);
+    assert.equal(Buffer.from(first.tokenBytes).toString("utf8"), first.token);
+    assert.deepEqual(
+      first.topLogprobs.map((t) => t.token),
+      [first.token, " alt1"],
+    );
+    const plain = await client.collect(request("gpt-4o-mini::chunks=2"));
+    assert.deepEqual(plain.logprobs, []);
+  });
+
   it("returns the text, usage and request id", async () => {
     const completion = await client.collect(request("gpt-4o-mini::chunks=4", { tags: { feature: "node-test" } }));
     assert.equal(completion.text, simulatorText(4));

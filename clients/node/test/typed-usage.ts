@@ -11,6 +11,7 @@ import {
   type ErrorReason,
   type LimitKind,
   type LimitReason,
+  type TokenLogprob,
 } from "@chatgate/client";
 
 export async function example(): Promise<string> {
@@ -31,6 +32,19 @@ export async function example(): Promise<string> {
     const done: Completion = await client.collect({ model: "m", userId: "u", messages: [user("hi")] }, { timeoutMs: 1 });
     text += done.toolCalls.map((c) => c.arguments).join("");
     text += done.allowances.map((a) => a.subject).join("");
+    const reasoned = await client.collect({
+      model: "gpt-5",
+      userId: "u",
+      messages: [user("hi")],
+      reasoningEffort: "REASONING_EFFORT_LOW",
+      verbosity: "VERBOSITY_HIGH",
+      serviceTier: "SERVICE_TIER_FLEX",
+      promptCacheKey: "k",
+      logprobs: true,
+      topLogprobs: 3,
+    });
+    const tokens: TokenLogprob[] = reasoned.logprobs;
+    text += tokens.map((t) => `${t.token}${t.logprob}${t.tokenBytes.length}${t.topLogprobs[0]?.token}`).join("");
   } catch (error) {
     if (error instanceof ChatgateError && error.retryable) text += String(error.retryDelayMs ?? 0) + error.reason;
     // Every reason has a name the compiler checks (a typo in a key fails tsc).

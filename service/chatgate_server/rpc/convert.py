@@ -30,15 +30,19 @@ from chatgate_server.domain import (
     JsonSchemaFormat,
     LimitKind,
     NamedToolChoice,
+    ReasoningEffort,
     RefusalDelta,
     ResponseFormat,
     Role,
     SamplingOptions,
+    ServiceTier,
     TextPart,
+    TokenLogprob,
     ToolCall,
     ToolCallDelta,
     ToolChoice,
     ToolSpec,
+    Verbosity,
 )
 from chatgate_server.errors import FieldViolation, InvalidRequest, PermissionDenied
 
@@ -58,6 +62,27 @@ _TOOL_MODES: dict[int, ToolChoice] = {
     pb.TOOL_CHOICE_MODE_AUTO: "auto",
     pb.TOOL_CHOICE_MODE_NONE: "none",
     pb.TOOL_CHOICE_MODE_REQUIRED: "required",
+}
+_REASONING_EFFORTS: dict[int, ReasoningEffort] = {
+    pb.REASONING_EFFORT_NONE: "none",
+    pb.REASONING_EFFORT_MINIMAL: "minimal",
+    pb.REASONING_EFFORT_LOW: "low",
+    pb.REASONING_EFFORT_MEDIUM: "medium",
+    pb.REASONING_EFFORT_HIGH: "high",
+    pb.REASONING_EFFORT_XHIGH: "xhigh",
+    pb.REASONING_EFFORT_MAX: "max",
+}
+_VERBOSITIES: dict[int, Verbosity] = {
+    pb.VERBOSITY_LOW: "low",
+    pb.VERBOSITY_MEDIUM: "medium",
+    pb.VERBOSITY_HIGH: "high",
+}
+_SERVICE_TIERS: dict[int, ServiceTier] = {
+    pb.SERVICE_TIER_AUTO: "auto",
+    pb.SERVICE_TIER_DEFAULT: "default",
+    pb.SERVICE_TIER_FLEX: "flex",
+    pb.SERVICE_TIER_SCALE: "scale",
+    pb.SERVICE_TIER_PRIORITY: "priority",
 }
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -84,6 +109,9 @@ MAX_MODEL_CHARS = 256
 MAX_USER_ID_CHARS = 256
 MAX_TAG_KEY_CHARS = 64
 MAX_TAG_VALUE_CHARS = 256
+# OpenAI refuses a longer prompt_cache_key (string_above_max_length); so does Azure.
+MAX_PROMPT_CACHE_KEY_CHARS = 64
+MAX_TOP_LOGPROBS = 20
 # Where a bad number in a Struct is, as a JSON pointer, capped for the violation.
 _MAX_POINTER_CHARS = 120
 
@@ -158,6 +186,8 @@ def to_domain(
     tools = tuple(_tool(t, f"tools[{i}]", bad) for i, t in enumerate(msg.tools))
     tool_choice = _tool_choice(msg, bad)
     response_format = _response_format(msg, bad)
+    service_tier = _enum(msg.service_tier, _SERVICE_TIERS, "service_tier", "SERVICE_TIER_", bad)
+    prompt_cache_key = _prompt_cache_key(msg.prompt_cache_key, bad)
     if v:
         raise InvalidRequest(v)
     _check_caller_may_use(caller, msg.model.strip())
@@ -174,7 +204,28 @@ def to_domain(
         tool_choice=tool_choice,
         parallel_tool_calls=msg.parallel_tool_calls if msg.HasField("parallel_tool_calls") else None,
         response_format=response_format,
+        service_tier=service_tier,
+        prompt_cache_key=prompt_cache_key,
     )
+
+
+def _enum(value: int, names: dict[int, Any], field: str, prefix: str, bad: Any) -> Any:
+    """An option enum's value (None when unspecified); a violation for a number this
+    server does not know (a newer client's value)."""
+    if value == 0:
+        return None
+    name = names.get(value)
+    if name is None:
+        bad(field, f"must be one of {', '.join(prefix + n.upper() for n in names.values())}")
+    return name
+
+
+def _prompt_cache_key(key: str, bad: Any) -> str | None:
+    if not key:
+        return None
+    if len(key) > MAX_PROMPT_CACHE_KEY_CHARS or not key.isprintable():
+        bad("prompt_cache_key", f"at most {MAX_PROMPT_CACHE_KEY_CHARS} printable characters")
+    return key
 
 
 def _message(m: pb.Message, path: str, bad: Any) -> ChatMessage:
@@ -252,6 +303,12 @@ def _sampling(msg: pb.CompleteRequest, bad: Any) -> SamplingOptions:
         bad("stop", f"at most {MAX_STOP} sequences")
     if any(not s for s in msg.stop):
         bad("stop", "sequences must not be empty")
+    top_logprobs = opt("top_logprobs")
+    if top_logprobs is not None:
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            bad("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
+        elif not msg.logprobs:
+            bad("top_logprobs", "needs logprobs set to true")
     return SamplingOptions(
         temperature=temperature,
         top_p=top_p,
@@ -260,6 +317,12 @@ def _sampling(msg: pb.CompleteRequest, bad: Any) -> SamplingOptions:
         seed=opt("seed"),
         presence_penalty=presence,
         frequency_penalty=frequency,
+        reasoning_effort=_enum(
+            msg.reasoning_effort, _REASONING_EFFORTS, "reasoning_effort", "REASONING_EFFORT_", bad
+        ),
+        verbosity=_enum(msg.verbosity, _VERBOSITIES, "verbosity", "VERBOSITY_", bad),
+        logprobs=msg.logprobs,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -365,6 +428,8 @@ def _pointer(parent: str, key: str) -> str:
 
 _Response = pb.CompleteResponse
 _Content = pb.ContentDelta
+_TokenLogprob = pb.TokenLogprob
+_TopLogprob = pb.TopLogprob
 _Refusal = pb.RefusalDelta
 _ToolCall = pb.ToolCallDelta
 
@@ -373,6 +438,8 @@ def to_proto(event: OutboundEvent) -> pb.CompleteResponse:
     """One outbound event as a CompleteResponse."""
     # Content deltas are nearly every message: test for them first.
     if type(event) is ContentDelta:
+        if event.logprobs:
+            return _Response(content=_Content(text=event.text, logprobs=_logprobs(event.logprobs)))
         return _Response(content=_Content(text=event.text))
     if type(event) is ToolCallDelta:
         return _Response(
@@ -397,6 +464,20 @@ def to_proto(event: OutboundEvent) -> pb.CompleteResponse:
     if type(event) is StreamFinished:
         return _Response(finished=_finished(event))
     raise TypeError(f"not an outbound event: {type(event).__name__}")
+
+
+def _logprobs(logprobs: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [
+        _TokenLogprob(
+            token=t.token,
+            logprob=t.logprob,
+            token_bytes=t.token_bytes or b"",
+            top_logprobs=[
+                _TopLogprob(token=a.token, logprob=a.logprob, token_bytes=a.token_bytes or b"") for a in t.top
+            ],
+        )
+        for t in logprobs
+    ]
 
 
 _LIMIT_KINDS = {

@@ -41,6 +41,7 @@ from .stream import (
     Event,
     completion_body,
     event_prefix,
+    served_tier,
     stream_events,
     usage_event,
 )
@@ -308,10 +309,13 @@ class SimulatorApp:
     ) -> Plan:
         scenario, style = chat.scenario, self.flavor.style
         prefix = event_prefix(
-            f"chatcmpl-sim-{getrandbits(96):024x}", int(time.time()), resolve_model(chat.model)
+            f"chatcmpl-sim-{getrandbits(96):024x}",
+            int(time.time()),
+            resolve_model(chat.model),
+            served_tier(chat.body),
         )
         events: list[Event] = [(PROMPT_FILTER_EVENT, False)] if style.azure else []
-        events += stream_events(reply, prefix, style)
+        events += stream_events(reply, prefix, style, logprobs=_logprobs_asked(chat.body))
         options = chat.body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is True and not scenario.no_usage:
             usage = usage_event(prefix, chat.prompt_tokens, reply.completion_tokens)
@@ -354,6 +358,14 @@ class SimulatorApp:
             elif scenario.disconnect_after is not None:
                 plan.end, plan.status, plan.head = "disconnect", None, b""
         return plan
+
+
+def _logprobs_asked(body: dict[str, Any]) -> int | None:
+    """With ``logprobs: true``: how many alternatives per token (``top_logprobs``, else 0)."""
+    if body.get("logprobs") is not True:
+        return None
+    top = body.get("top_logprobs")
+    return top if isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= 20 else 0
 
 
 def _context_error(body: dict[str, Any], prompt: int, window: int) -> ErrorResponse | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from .content import FIRST_WORD, WORDS, Reply, ToolCall, text_of
+from .content import FIRST_WORD, WORDS, Reply, ToolCall, text_of, word_piece
 
 SYSTEM_FINGERPRINT = "fp_simulator"
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -63,9 +63,10 @@ class ChunkStyle:
         *,
         content: bool = False,
         results: Mapping[str, Any] | None = None,
+        logprobs: Mapping[str, Any] | None = None,
     ) -> bytes:
         """The chunk's ``"choices": [...]}`` and the event's blank line."""
-        base = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        base = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         choice = self.choice(base, content=content, results=results)
         return b'"choices":[' + orjson.dumps(choice) + b"]}\n\n"
 
@@ -94,17 +95,49 @@ PROMPT_FILTER_EVENT = (
 )
 
 
-def event_prefix(completion_id: str, created: int, model: str) -> bytes:
-    """The part every chunk of one response shares, up to ``"choices"``."""
+def event_prefix(completion_id: str, created: int, model: str, service_tier: str | None = None) -> bytes:
+    """The part every chunk of one response shares, up to ``"choices"`` (with the tier
+    that serves it when the request asked for one, as OpenAI reports it then)."""
+    tier = b'"service_tier":%s,' % orjson.dumps(service_tier) if service_tier else b""
     return (
-        b'data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
+        b'data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,%s'
         b'"system_fingerprint":"%s",'
-        % (completion_id.encode(), created, orjson.dumps(model), SYSTEM_FINGERPRINT.encode())
+        % (completion_id.encode(), created, orjson.dumps(model), tier, SYSTEM_FINGERPRINT.encode())
     )
 
 
-def stream_events(reply: Reply, prefix: bytes, style: ChunkStyle = OPENAI_STYLE) -> list[Event]:
-    """The events from the role chunk to the finish chunk (no usage, no ``[DONE]``)."""
+# What a request's service_tier is served as: "auto" means the project's default tier.
+SERVED_TIERS: Mapping[str, str] = {"auto": "default", "fast": "priority"}
+
+
+def served_tier(body: Mapping[str, Any]) -> str | None:
+    """The tier a request that names one is served in (and says so in its chunks)."""
+    tier = body.get("service_tier")
+    return SERVED_TIERS.get(tier, tier) if isinstance(tier, str) and tier else None
+
+
+def token_logprobs(piece: str, position: int, top: int) -> dict[str, Any]:
+    """A content chunk's ``logprobs``: its one token with a made-up but steady
+    log-probability, and ``top`` alternatives (the token itself first)."""
+    logprob = -0.05 * (position % 7 + 1)
+    alternatives = [{"token": piece, "logprob": logprob, "bytes": list(piece.encode())}]
+    alternatives += [
+        {"token": f" alt{k}", "logprob": logprob - k, "bytes": list(f" alt{k}".encode())}
+        for k in range(1, top)
+    ]
+    token = {**alternatives[0], "top_logprobs": alternatives[:top]}
+    return {"content": [token], "refusal": None}
+
+
+def stream_events(
+    reply: Reply, prefix: bytes, style: ChunkStyle = OPENAI_STYLE, *, logprobs: int | None = None
+) -> list[Event]:
+    """The events from the role chunk to the finish chunk (no usage, no ``[DONE]``).
+
+    ``logprobs``: the request asked for log-probabilities with that many alternatives
+    (``top_logprobs``, 0 when unset): each text chunk carries its token's."""
+    if logprobs is not None and not reply.tool_calls and not reply.refusal:
+        return _text_events_with_logprobs(reply, prefix, style, logprobs)
     if reply.tool_calls:
         events = _tool_events(reply, prefix, style)
     elif reply.refusal:
@@ -119,6 +152,19 @@ def stream_events(reply: Reply, prefix: bytes, style: ChunkStyle = OPENAI_STYLE)
             events.append((prefix + style.first_tail, True))
             tails, count = style.word_tails, len(style.word_tails)
             events += [(prefix + tails[i % count], True) for i in range(1, reply.words)]
+    finish = style.finish_tails.get(reply.finish_reason) or style.tail({}, reply.finish_reason)
+    events.append((prefix + finish, False))
+    return events
+
+
+def _text_events_with_logprobs(reply: Reply, prefix: bytes, style: ChunkStyle, top: int) -> list[Event]:
+    pieces = list(reply.text) if reply.text else [word_piece(i) for i in range(reply.words)]
+    empty: dict[str, Any] = {"content": [], "refusal": None}
+    events: list[Event] = [(prefix + style.tail({"role": "assistant", "content": ""}, logprobs=empty), False)]
+    events += [
+        (prefix + style.tail({"content": piece}, content=True, logprobs=token_logprobs(piece, i, top)), True)
+        for i, piece in enumerate(pieces)
+    ]
     finish = style.finish_tails.get(reply.finish_reason) or style.tail({}, reply.finish_reason)
     events.append((prefix + finish, False))
     return events

@@ -64,6 +64,7 @@ def _deployment(spec: DeploymentSpec, s: Settings) -> Deployment:
         models=dict(spec.models),
         weight=spec.weight,
         max_concurrent_streams=spec.max_concurrent_streams,
+        accepts=spec.accepts,
     )
 
 

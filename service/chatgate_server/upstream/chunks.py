@@ -19,8 +19,10 @@ from chatgate_server.domain import (
     FinishReason,
     RefusalDelta,
     ResponseStarted,
+    TokenLogprob,
     TokenUsage,
     ToolCallDelta,
+    TopLogprob,
     UpstreamEvent,
     UsageReported,
 )
@@ -42,6 +44,8 @@ _EMPTY: dict[str, Any] = {}
 # The response id and model go to the caller (the started event) and into the usage
 # row: upstream text, so bounded. Real ones are under 64 characters.
 MAX_ID_CHARS = 256
+# The service tier goes into the usage row; real ones are a word ("default", "flex").
+MAX_TIER_CHARS = 32
 
 
 class ChunkDecoder:
@@ -104,7 +108,10 @@ class ChunkDecoder:
                 if len(response_id) > MAX_ID_CHARS or len(model) > MAX_ID_CHARS:
                     raise UpstreamProtocolError("upstream chunk has an oversized id or model")
                 self._started = True
-                events.append(ResponseStarted(response_id, model))
+                tier = chunk.get("service_tier")
+                if type(tier) is not str or len(tier) > MAX_TIER_CHARS:
+                    tier = None  # only recorded: a strange one is dropped, never fatal
+                events.append(ResponseStarted(response_id, model, tier))
         for choice in choices:
             if choice.get("index", 0) != 0:
                 continue
@@ -112,7 +119,12 @@ class ChunkDecoder:
             if delta:
                 content = delta.get("content")
                 if content:
-                    events.append(ContentDelta(_str(content)))
+                    logprobs = choice.get("logprobs")
+                    if logprobs:
+                        # Asked for (CompleteRequest.logprobs): they ride with their text.
+                        events.append(ContentDelta(_str(content), _logprobs(logprobs.get("content"))))
+                    else:
+                        events.append(ContentDelta(_str(content)))
                 refusal = delta.get("refusal")
                 if refusal:
                     events.append(RefusalDelta(_str(refusal)))
@@ -145,6 +157,42 @@ def _tool_call_delta(call: Any) -> ToolCallDelta:
         _str(name) if name else None,
         _str(arguments) if arguments else "",
     )
+
+
+def _logprobs(tokens: Any) -> tuple[TokenLogprob, ...]:
+    """A choice's ``logprobs.content``: the tokens of this chunk's text (None or missing:
+    none; refusal log-probabilities are not relayed)."""
+    if not tokens:
+        return ()
+    return tuple(
+        TokenLogprob(
+            _str(t.get("token")),
+            _number(t.get("logprob")),
+            _bytes(t.get("bytes")),
+            tuple(
+                TopLogprob(_str(a.get("token")), _number(a.get("logprob")), _bytes(a.get("bytes")))
+                for a in t.get("top_logprobs") or ()
+            ),
+        )
+        for t in tokens
+    )
+
+
+def _number(value: Any) -> float:
+    if type(value) is float or type(value) is int:
+        return float(value)
+    raise UpstreamProtocolError("upstream logprob is not a number")
+
+
+def _bytes(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if type(value) is list:  # not bytes(5): five zero bytes
+        try:
+            return bytes(value)  # a list of integers 0-255
+        except (TypeError, ValueError):
+            pass
+    raise UpstreamProtocolError("upstream token bytes are not a list of bytes")
 
 
 def _str(value: Any) -> str:

@@ -11,12 +11,13 @@ server cheaper per token exactly when it is loaded, instead of falling further b
 Only what a caller assembles by concatenation is merged: adjacent content deltas,
 adjacent refusal deltas, and adjacent argument fragments of the same tool call (a
 later fragment that starts a call, i.e. carries an id or a name, is never folded
-into an earlier one). Everything else keeps its place and order.
+into an earlier one). Everything else keeps its place and order; the log-probabilities
+of merged content deltas are joined in order with their text.
 """
 
 from __future__ import annotations
 
-from chatgate_server.domain import ContentDelta, RefusalDelta, ToolCallDelta, UpstreamEvent
+from chatgate_server.domain import ContentDelta, RefusalDelta, TokenLogprob, ToolCallDelta, UpstreamEvent
 
 __all__ = ["coalesce"]
 
@@ -28,19 +29,24 @@ def coalesce(events: list[UpstreamEvent]) -> list[UpstreamEvent]:
     merged: list[UpstreamEvent] = []
     head: UpstreamEvent | None = None  # the first event of the run being built
     run: list[str] = []  # its texts (or argument fragments)
+    # A content run's log-probabilities: asked for, they come with every token's text.
+    logprobs: list[TokenLogprob] | None = None
     for event in events:
         if head is not None and _continues(head, event):
             run.append(_text(event))
+            if logprobs is not None:
+                logprobs.extend(event.logprobs)  # type: ignore[union-attr]
             continue
         if head is not None:
-            merged.append(_joined(head, run))
+            merged.append(_joined(head, run, logprobs))
             head = None
         if type(event) in _MERGEABLE:
             head, run = event, [_text(event)]
+            logprobs = list(event.logprobs) if type(event) is ContentDelta and event.logprobs else None
         else:
             merged.append(event)
     if head is not None:
-        merged.append(_joined(head, run))
+        merged.append(_joined(head, run, logprobs))
     return merged
 
 
@@ -63,11 +69,11 @@ def _text(event: UpstreamEvent) -> str:
     return event.text
 
 
-def _joined(head: UpstreamEvent, run: list[str]) -> UpstreamEvent:
+def _joined(head: UpstreamEvent, run: list[str], logprobs: list[TokenLogprob] | None) -> UpstreamEvent:
     if len(run) == 1:
         return head
     if isinstance(head, ToolCallDelta):
         return ToolCallDelta(head.index, head.id, head.name, "".join(run))
     if isinstance(head, RefusalDelta):
         return RefusalDelta("".join(run))
-    return ContentDelta("".join(run))
+    return ContentDelta("".join(run), tuple(logprobs) if logprobs else ())

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from chatgate_server.domain import CompletionRequest
+from chatgate_server.domain import FEATURES, CompletionRequest, Feature
 from chatgate_server.upstream.base import Upstream
 from chatgate_server.upstream.breaker import CircuitBreaker
 from chatgate_server.upstream.headroom import Headroom
@@ -39,6 +39,9 @@ class Deployment:
     """Attempts running here now (counted by the router)."""
     headroom: Headroom = field(default_factory=Headroom)
     """Rate limit left, as the adapter read it from the upstream's responses."""
+    accepts: frozenset[Feature] = frozenset(FEATURES)
+    """The request options it may be sent (chatgate.toml ``accepts``): the router passes
+    it over for a call that sets any other."""
 
     def serves(self, model: str) -> bool:
         return model in self.models or ANY_MODEL in self.models

@@ -38,6 +38,14 @@ def build_body(request: CompletionRequest) -> bytes:
         "presence_penalty": s.presence_penalty,
         "frequency_penalty": s.frequency_penalty,
         "parallel_tool_calls": request.parallel_tool_calls,
+        # Only deployments that accept these are asked (the router filters on
+        # request.features), so the body carries whatever the caller set.
+        "reasoning_effort": s.reasoning_effort,
+        "verbosity": s.verbosity,
+        "service_tier": request.service_tier,
+        "prompt_cache_key": request.prompt_cache_key,
+        "logprobs": s.logprobs or None,
+        "top_logprobs": s.top_logprobs,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     if s.stop:

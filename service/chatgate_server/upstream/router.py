@@ -26,7 +26,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from chatgate_server.domain import CompletionRequest
+from chatgate_server.domain import FEATURES, CompletionRequest, Feature
 from chatgate_server.errors import (
     BreakerOpen,
     ChatgateError,
@@ -98,11 +98,18 @@ class Router:
         self.routes = dict(routes or {})
         self._rng = rng
 
-    def plan(self, model: str) -> RoutePlan:
-        """The candidates for a call asking for ``model``; InvalidRequest when none serve it."""
+    def plan(self, model: str, needs: frozenset[Feature] = frozenset()) -> RoutePlan:
+        """The candidates for a call asking for ``model`` that accept every request option
+        in ``needs`` (the request's features); InvalidRequest when none serve the model,
+        or none of those that do accept the options (a violation on each option)."""
         candidates = self._candidates(model, seen=set())
         if not candidates:
             raise InvalidRequest([FieldViolation("model", "no deployment of this service serves this model")])
+        if needs:
+            able = [c for c in candidates if needs <= c.deployment.accepts]
+            if not able:
+                raise InvalidRequest(_unaccepted(model, needs, candidates))
+            candidates = able
         return RoutePlan(candidates)
 
     def _candidates(self, model: str, seen: set[str]) -> list[Candidate]:
@@ -256,6 +263,19 @@ class RoutePlan:
         if self._current is not None:
             self._current[1].error = None
             self._leave()
+
+
+def _unaccepted(model: str, needs: frozenset[Feature], candidates: list[Candidate]) -> list[FieldViolation]:
+    """Why no candidate can take the call: each option none of them accepts, or (when each
+    is accepted somewhere) the options no one deployment accepts together."""
+    asked = [f for f in FEATURES if f in needs]
+    alone = [f for f in asked if not any(f in c.deployment.accepts for c in candidates)]
+    if alone:
+        return [FieldViolation(f, f"no deployment serving model {model} accepts {f}") for f in alone]
+    together = ", ".join(asked)
+    return [
+        FieldViolation(f, f"no deployment serving model {model} accepts {together} together") for f in asked
+    ]
 
 
 def breaker_failure(exc: ChatgateError, started: bool, first_token: bool) -> bool:

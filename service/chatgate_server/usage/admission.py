@@ -89,6 +89,15 @@ class Reservations(Protocol):
 
 # What identifies a request's content: everything but the id itself.
 _NOT_CONTENT = frozenset({"request_id", "request_id_from_caller"})
+# Fields added after fingerprints were first stored (issue 16's request options), hashed
+# only when set: an id reserved before an upgrade, retried after it, still matches.
+_LATER_FIELDS = frozenset(
+    {"reasoning_effort", "verbosity", "logprobs", "top_logprobs", "service_tier", "prompt_cache_key"}
+)
+
+
+def _set_only(content: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in content.items() if k not in _LATER_FIELDS or (v is not None and v is not False)}
 
 
 def _plain(value: object) -> object:
@@ -103,9 +112,15 @@ def fingerprint(request: CompletionRequest) -> str:
     Canonical: the same request built twice hashes the same; any field that changes
     what the upstream is asked or whom it is billed to changes the hash.
     """
-    content = {
-        f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name not in _NOT_CONTENT
-    }
+    content = _set_only(
+        {f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name not in _NOT_CONTENT}
+    )
+    sampling = request.sampling
+    # orjson writes a dataclass's fields in their declared order (OPT_SORT_KEYS does not
+    # reorder them), as the fingerprints stored so far have them: keep that order.
+    content["sampling"] = orjson.Fragment(
+        orjson.dumps(_set_only({f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)}))
+    )
     # Whom it is billed to, not how the caller proved itself: a retry with a rotated
     # token (another credential id) is the same request. The same two keys as before
     # callers authenticated, so earlier fingerprints still match.

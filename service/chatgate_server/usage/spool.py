@@ -107,6 +107,7 @@ def record_to_json(r: UsageRecord) -> dict[str, Any]:
         "span_id": r.span_id,
         "tags": dict(r.tags),
         "request_fingerprint": r.request_fingerprint,
+        "service_tier": r.service_tier,
         "credential_id": r.credential_id,
         "deployment": r.deployment,
     }
@@ -153,6 +154,7 @@ def record_from_json(d: Mapping[str, Any]) -> UsageRecord:
         span_id=d.get("span_id"),
         tags=dict(d["tags"]),
         request_fingerprint=d.get("request_fingerprint"),
+        service_tier=d.get("service_tier"),
         credential_id=d.get("credential_id"),
         deployment=d.get("deployment"),
     )

@@ -113,6 +113,7 @@ _COLUMNS: tuple[_Column, ...] = (
     _Column("trace_id", "text[]", lambda r: fields.opt_text(r.trace_id, fields.CODE_BYTES)),
     _Column("tags", "jsonb[]", lambda r: _tags(r.tags)),
     _Column("request_fingerprint", "bytea[]", lambda r: _fingerprint(r.request_fingerprint)),
+    _Column("service_tier", "text[]", lambda r: fields.opt_text(r.service_tier, fields.CODE_BYTES)),
 )
 
 # The token and cost columns summed into usage_daily.

@@ -121,10 +121,33 @@ class Started:
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One of the likeliest tokens at a position of the answer."""
+
+    token: str
+    logprob: float
+    token_bytes: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One token of the answer and its natural-log probability (requests with
+    ``logprobs``). ``token_bytes`` is its UTF-8 bytes, which may be part of a character
+    (b"" when the upstream gave none); ``top_logprobs`` the likeliest tokens there."""
+
+    token: str
+    logprob: float
+    token_bytes: bytes = b""
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ContentDelta:
-    """A piece of the answer's text; concatenate them in order."""
+    """A piece of the answer's text; concatenate them in order. ``logprobs``: its
+    tokens' log-probabilities when the request asked for them (else empty)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +212,10 @@ def event_from_proto(message: pb.CompleteResponse) -> Event | None:
     """
     kind = message.WhichOneof("event")
     if kind == "content":
-        return ContentDelta(message.content.text)
+        content = message.content
+        if content.logprobs:
+            return ContentDelta(content.text, tuple(_token_logprob(t) for t in content.logprobs))
+        return ContentDelta(content.text)
     if kind == "tool_call":
         d = message.tool_call
         return ToolCallDelta(d.index, d.id, d.name, d.arguments_fragment)
@@ -202,6 +228,11 @@ def event_from_proto(message: pb.CompleteResponse) -> Event | None:
     if kind == "finished":
         return _finished(message.finished)
     return None
+
+
+def _token_logprob(t: pb.TokenLogprob) -> TokenLogprob:
+    top = tuple(TopLogprob(a.token, a.logprob, a.token_bytes) for a in t.top_logprobs)
+    return TokenLogprob(t.token, t.logprob, t.token_bytes, top)
 
 
 def _finished(f: pb.Finished) -> Finished:

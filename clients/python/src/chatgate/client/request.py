@@ -16,6 +16,9 @@ from chatgate.client.result import ToolCall
 from chatgate.v1 import chat_pb2 as pb
 
 ToolChoiceMode = Literal["auto", "none", "required"]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+Verbosity = Literal["low", "medium", "high"]
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
 
 _TOOL_CHOICE_MODES: dict[str, pb.ToolChoiceMode.ValueType] = {
     "auto": pb.TOOL_CHOICE_MODE_AUTO,
@@ -103,6 +106,12 @@ def build_request(
     tool_choice: ToolChoiceMode | pb.ToolChoice | None = None,
     parallel_tool_calls: bool | None = None,
     response_format: pb.ResponseFormat | None = None,
+    reasoning_effort: ReasoningEffort | None = None,
+    verbosity: Verbosity | None = None,
+    service_tier: ServiceTier | None = None,
+    prompt_cache_key: str = "",
+    logprobs: bool = False,
+    top_logprobs: int | None = None,
 ) -> pb.CompleteRequest:
     """A ``CompleteRequest``; the proto's field comments document every argument.
 
@@ -110,6 +119,11 @@ def build_request(
     billed (required by the server); ``tags`` are cost-allocation labels stored with
     the usage row; ``request_id`` is your idempotency key (generated when empty).
     ``None`` leaves an option unset, so the model's default applies.
+
+    ``reasoning_effort``, ``verbosity``, ``service_tier``, ``prompt_cache_key`` and
+    ``logprobs`` (with ``top_logprobs``, 0-20) go only to deployments that accept them;
+    when none serving the model does, the call fails with INVALID_ARGUMENT naming the
+    option (docs/CALLING.md). Log-probabilities come back in ``ContentDelta.logprobs``.
     """
     request = pb.CompleteRequest(
         model=model,
@@ -141,7 +155,30 @@ def build_request(
         request.tool_choice.CopyFrom(tool_choice)
     if response_format is not None:
         request.response_format.CopyFrom(response_format)
+    _set_options(request, reasoning_effort, verbosity, service_tier, prompt_cache_key, logprobs, top_logprobs)
     return request
+
+
+def _set_options(
+    request: pb.CompleteRequest,
+    reasoning_effort: ReasoningEffort | None,
+    verbosity: Verbosity | None,
+    service_tier: ServiceTier | None,
+    prompt_cache_key: str,
+    logprobs: bool,
+    top_logprobs: int | None,
+) -> None:
+    # The enums' names are the values upper-cased: "xhigh" → REASONING_EFFORT_XHIGH.
+    if reasoning_effort is not None:
+        request.reasoning_effort = pb.ReasoningEffort.Value(f"REASONING_EFFORT_{reasoning_effort.upper()}")
+    if verbosity is not None:
+        request.verbosity = pb.Verbosity.Value(f"VERBOSITY_{verbosity.upper()}")
+    if service_tier is not None:
+        request.service_tier = pb.ServiceTier.Value(f"SERVICE_TIER_{service_tier.upper()}")
+    request.prompt_cache_key = prompt_cache_key
+    request.logprobs = logprobs
+    if top_logprobs is not None:
+        request.top_logprobs = top_logprobs
 
 
 def force_tool(name: str) -> pb.ToolChoice:

@@ -16,6 +16,7 @@ from chatgate.client.events import (
     Outcome,
     RefusalDelta,
     Started,
+    TokenLogprob,
     ToolCallDelta,
     Usage,
 )
@@ -60,6 +61,8 @@ class Completion:
     finished: bool
     allowances: tuple[Allowance, ...] = ()
     """What each limit that applies still allowed when the call started (Started)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Each token of ``text`` with its log-probability, when the request asked for them."""
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Collector:
         self.events = 0
         self._started: Started | None = None
         self._text: list[str] = []
+        self._logprobs: list[TokenLogprob] = []
         self._refusal: list[str] = []
         self._calls: dict[int, _PendingCall] = {}
         self._finished: Finished | None = None
@@ -85,6 +89,7 @@ class Collector:
         self.events += 1
         if isinstance(event, ContentDelta):
             self._text.append(event.text)
+            self._logprobs.extend(event.logprobs)
         elif isinstance(event, ToolCallDelta):
             call = self._calls.setdefault(event.index, _PendingCall())
             # id and name arrive on a call's first piece; later pieces leave them empty.
@@ -114,6 +119,7 @@ class Collector:
             cost=finished.cost if finished else None,
             finished=finished is not None,
             allowances=started.allowances if started else (),
+            logprobs=tuple(self._logprobs),
         )
 
 

@@ -26,6 +26,114 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ReasoningEffort:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReasoningEffortEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasoningEffort.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REASONING_EFFORT_UNSPECIFIED: _ReasoningEffort.ValueType  # 0
+    """The model's default."""
+    REASONING_EFFORT_NONE: _ReasoningEffort.ValueType  # 1
+    """No reasoning (gpt-5.1 and later)."""
+    REASONING_EFFORT_MINIMAL: _ReasoningEffort.ValueType  # 2
+    """As little as the model allows (gpt-5)."""
+    REASONING_EFFORT_LOW: _ReasoningEffort.ValueType  # 3
+    """Low."""
+    REASONING_EFFORT_MEDIUM: _ReasoningEffort.ValueType  # 4
+    """Medium."""
+    REASONING_EFFORT_HIGH: _ReasoningEffort.ValueType  # 5
+    """High."""
+    REASONING_EFFORT_XHIGH: _ReasoningEffort.ValueType  # 6
+    """Extra high (newer models only)."""
+    REASONING_EFFORT_MAX: _ReasoningEffort.ValueType  # 7
+    """The most the model allows (newer models only)."""
+
+class ReasoningEffort(_ReasoningEffort, metaclass=_ReasoningEffortEnumTypeWrapper):
+    """ReasoningEffort is how much a reasoning model thinks before it answers."""
+
+REASONING_EFFORT_UNSPECIFIED: ReasoningEffort.ValueType  # 0
+"""The model's default."""
+REASONING_EFFORT_NONE: ReasoningEffort.ValueType  # 1
+"""No reasoning (gpt-5.1 and later)."""
+REASONING_EFFORT_MINIMAL: ReasoningEffort.ValueType  # 2
+"""As little as the model allows (gpt-5)."""
+REASONING_EFFORT_LOW: ReasoningEffort.ValueType  # 3
+"""Low."""
+REASONING_EFFORT_MEDIUM: ReasoningEffort.ValueType  # 4
+"""Medium."""
+REASONING_EFFORT_HIGH: ReasoningEffort.ValueType  # 5
+"""High."""
+REASONING_EFFORT_XHIGH: ReasoningEffort.ValueType  # 6
+"""Extra high (newer models only)."""
+REASONING_EFFORT_MAX: ReasoningEffort.ValueType  # 7
+"""The most the model allows (newer models only)."""
+Global___ReasoningEffort: _TypeAlias = ReasoningEffort  # noqa: Y015
+
+class _Verbosity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VerbosityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Verbosity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERBOSITY_UNSPECIFIED: _Verbosity.ValueType  # 0
+    """The model's default."""
+    VERBOSITY_LOW: _Verbosity.ValueType  # 1
+    """Concise."""
+    VERBOSITY_MEDIUM: _Verbosity.ValueType  # 2
+    """Medium."""
+    VERBOSITY_HIGH: _Verbosity.ValueType  # 3
+    """Detailed."""
+
+class Verbosity(_Verbosity, metaclass=_VerbosityEnumTypeWrapper):
+    """Verbosity is how long and detailed an answer is."""
+
+VERBOSITY_UNSPECIFIED: Verbosity.ValueType  # 0
+"""The model's default."""
+VERBOSITY_LOW: Verbosity.ValueType  # 1
+"""Concise."""
+VERBOSITY_MEDIUM: Verbosity.ValueType  # 2
+"""Medium."""
+VERBOSITY_HIGH: Verbosity.ValueType  # 3
+"""Detailed."""
+Global___Verbosity: _TypeAlias = Verbosity  # noqa: Y015
+
+class _ServiceTier:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServiceTierEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServiceTier.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVICE_TIER_UNSPECIFIED: _ServiceTier.ValueType  # 0
+    """The upstream project's default."""
+    SERVICE_TIER_AUTO: _ServiceTier.ValueType  # 1
+    """The tier the upstream project is configured for."""
+    SERVICE_TIER_DEFAULT: _ServiceTier.ValueType  # 2
+    """Standard pricing and performance."""
+    SERVICE_TIER_FLEX: _ServiceTier.ValueType  # 3
+    """Flex processing: cheaper, slower, may be refused when busy."""
+    SERVICE_TIER_SCALE: _ServiceTier.ValueType  # 4
+    """Scale tier (reserved capacity)."""
+    SERVICE_TIER_PRIORITY: _ServiceTier.ValueType  # 5
+    """Priority processing: faster, dearer."""
+
+class ServiceTier(_ServiceTier, metaclass=_ServiceTierEnumTypeWrapper):
+    """ServiceTier is the upstream processing tier a call asks for."""
+
+SERVICE_TIER_UNSPECIFIED: ServiceTier.ValueType  # 0
+"""The upstream project's default."""
+SERVICE_TIER_AUTO: ServiceTier.ValueType  # 1
+"""The tier the upstream project is configured for."""
+SERVICE_TIER_DEFAULT: ServiceTier.ValueType  # 2
+"""Standard pricing and performance."""
+SERVICE_TIER_FLEX: ServiceTier.ValueType  # 3
+"""Flex processing: cheaper, slower, may be refused when busy."""
+SERVICE_TIER_SCALE: ServiceTier.ValueType  # 4
+"""Scale tier (reserved capacity)."""
+SERVICE_TIER_PRIORITY: ServiceTier.ValueType  # 5
+"""Priority processing: faster, dearer."""
+Global___ServiceTier: _TypeAlias = ServiceTier  # noqa: Y015
+
 class _Role:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -316,6 +424,12 @@ class CompleteRequest(_message.Message):
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    REASONING_EFFORT_FIELD_NUMBER: _builtins.int
+    VERBOSITY_FIELD_NUMBER: _builtins.int
+    SERVICE_TIER_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model to use, e.g. "gpt-4o-mini". Required; at most 256 characters
     (fine-tuned model ids included).
@@ -347,6 +461,40 @@ class CompleteRequest(_message.Message):
     parallel_tool_calls: _builtins.bool
     """Whether the model may call several tools in one turn. Unset means the
     upstream default.
+    """
+    reasoning_effort: Global___ReasoningEffort.ValueType
+    """The options below reach only the deployments that accept them (each
+    deployment's `accepts` in chatgate.toml). A call that sets one is routed to
+    those deployments alone, and refused with INVALID_ARGUMENT (a violation on
+    the field: "no deployment serving model X accepts reasoning_effort") when
+    none of the deployments serving its model does. Whether a model honours a
+    value is the upstream's to say: a value the model rejects comes back as
+    INVALID_ARGUMENT (UPSTREAM_REJECTED_REQUEST).
+
+    How much a reasoning model (GPT-5 and o-series) thinks before it answers.
+    Unset means the model's default. Not every model takes every value.
+    """
+    verbosity: Global___Verbosity.ValueType
+    """How long and detailed the answer is (GPT-5). Unset means the model's
+    default (medium).
+    """
+    service_tier: Global___ServiceTier.ValueType
+    """The upstream processing tier (price and latency). Unset means the upstream
+    project's default. Costs are billed at chatgate's price table whatever the
+    tier; the tier that served the call is recorded with the usage row.
+    """
+    prompt_cache_key: _builtins.str
+    """Groups requests that share a long prompt prefix so the upstream's prompt
+    cache finds them (OpenAI's `prompt_cache_key`). At most 64 printable
+    characters. A routing hint only: a cache hit still needs the same prefix.
+    """
+    logprobs: _builtins.bool
+    """Return the log-probability of each answer token in the content deltas
+    (`ContentDelta.logprobs`). Reasoning models do not offer it.
+    """
+    top_logprobs: _builtins.int
+    """With `logprobs`: how many of the most likely tokens to return at each
+    position, 0 to 20.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
@@ -396,10 +544,16 @@ class CompleteRequest(_message.Message):
         tool_choice: Global___ToolChoice | None = ...,
         parallel_tool_calls: _builtins.bool | None = ...,
         response_format: Global___ResponseFormat | None = ...,
+        reasoning_effort: Global___ReasoningEffort.ValueType = ...,
+        verbosity: Global___Verbosity.ValueType = ...,
+        service_tier: Global___ServiceTier.ValueType = ...,
+        prompt_cache_key: _builtins.str = ...,
+        logprobs: _builtins.bool = ...,
+        top_logprobs: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_completion_tokens", b"_max_completion_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "max_completion_tokens", b"max_completion_tokens", "parallel_tool_calls", b"parallel_tool_calls", "presence_penalty", b"presence_penalty", "response_format", b"response_format", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_completion_tokens", b"_max_completion_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "max_completion_tokens", b"max_completion_tokens", "parallel_tool_calls", b"parallel_tool_calls", "presence_penalty", b"presence_penalty", "response_format", b"response_format", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_completion_tokens", b"_max_completion_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "max_completion_tokens", b"max_completion_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "presence_penalty", b"presence_penalty", "request_id", b"request_id", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_completion_tokens", b"_max_completion_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "presence_penalty", b"presence_penalty", "prompt_cache_key", b"prompt_cache_key", "reasoning_effort", b"reasoning_effort", "request_id", b"request_id", "response_format", b"response_format", "seed", b"seed", "service_tier", b"service_tier", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "user_id", b"user_id", "verbosity", b"verbosity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__frequency_penalty: _TypeAlias = _typing.Literal["frequency_penalty"]  # noqa: Y015
     _WhichOneofArgType__frequency_penalty: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty"]  # noqa: Y015
@@ -413,6 +567,8 @@ class CompleteRequest(_message.Message):
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_logprobs: _TypeAlias = _typing.Literal["top_logprobs"]  # noqa: Y015
+    _WhichOneofArgType__top_logprobs: _TypeAlias = _typing.Literal["_top_logprobs", b"_top_logprobs"]  # noqa: Y015
     _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
     _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
     @_typing.overload
@@ -427,6 +583,8 @@ class CompleteRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_logprobs) -> _WhichOneofReturnType__top_logprobs | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
 
@@ -886,20 +1044,98 @@ class ContentDelta(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The text piece."""
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
+        """With `CompleteRequest.logprobs`: the tokens of this piece, in order, with
+        their log-probabilities. Empty otherwise (and when the upstream sent none).
+        """
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
+        logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ContentDelta: _TypeAlias = ContentDelta  # noqa: Y015
+
+@_typing.final
+class TokenLogprob(_message.Message):
+    """TokenLogprob is how likely the model found one token of its answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    TOKEN_BYTES_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The token."""
+    logprob: _builtins.float
+    """Its natural-log probability (OpenAI reports -9999 for "very unlikely")."""
+    token_bytes: _builtins.bytes
+    """The token's UTF-8 bytes: a token can hold part of a character, so join the
+    bytes of neighbouring tokens to rebuild it. Empty when the upstream gave none.
+    """
+    @_builtins.property
+    def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
+        """The most likely tokens at this position, most likely first (at most
+        `top_logprobs`; possibly fewer).
+        """
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        logprob: _builtins.float = ...,
+        token_bytes: _builtins.bytes = ...,
+        top_logprobs: _abc.Iterable[Global___TopLogprob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "token_bytes", b"token_bytes", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenLogprob: _TypeAlias = TokenLogprob  # noqa: Y015
+
+@_typing.final
+class TopLogprob(_message.Message):
+    """TopLogprob is one of the most likely tokens at a position."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    TOKEN_BYTES_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The token."""
+    logprob: _builtins.float
+    """Its natural-log probability."""
+    token_bytes: _builtins.bytes
+    """The token's UTF-8 bytes; empty when the upstream gave none."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        logprob: _builtins.float = ...,
+        token_bytes: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "token_bytes", b"token_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopLogprob: _TypeAlias = TopLogprob  # noqa: Y015
 
 @_typing.final
 class RefusalDelta(_message.Message):
