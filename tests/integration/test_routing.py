@@ -1,8 +1,10 @@
 """Several deployments behind one chatgate: failover, breakers, weights, keys, the deadline.
 
-Each deployment is its own simulator (or a recording server where the test must see
-the key or the URL). A deployment's model map carries the simulator scenario, so one
-caller-facing model can fail on one deployment and succeed on another.
+Each deployment is its own simulator, OpenAI or Azure flavor; each simulator records
+the path, api-version and key (by name) it saw, so a test proves a key never crosses
+deployments. A recording server stands in only for a compatible server without a key,
+which the simulator refuses. A deployment's model map carries the simulator scenario,
+so one caller-facing model can fail on one deployment and succeed on another.
 """
 
 from __future__ import annotations
@@ -30,22 +32,24 @@ from chatgate.v1 import chat_pb2 as pb
 from chatgate.v1 import chat_pb2_grpc, usage_pb2, usage_pb2_grpc
 from chatgate_server.app import App, StartupError
 from chatgate_server.simulator import Simulator
+from chatgate_server.simulator.testing import keys_seen
 from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
 from tests.integration.conftest import TEST_API_KEY, make_settings
 from tests.integration.recording_upstream import RecordingUpstream
 from tests.integration.test_faults import FAST_RETRIES, call
 from tests.integration.test_tracing import Captured
 
-Sims = Callable[[int], Awaitable[list[Simulator]]]
+Sims = Callable[..., Awaitable[list[Simulator]]]
 
 
 @pytest.fixture
 async def sims() -> AsyncIterator[Sims]:
     started: list[Simulator] = []
 
-    async def start(n: int) -> list[Simulator]:
+    async def start(n: int, **options: Any) -> list[Simulator]:
+        """``n`` simulators made with ``options`` (e.g. ``flavor="azure"``, ``keys={...}``)."""
         for _ in range(n):
-            sim = Simulator()
+            sim = Simulator(**options)
             await sim.start(host="127.0.0.1", port=0)
             started.append(sim)
         return started[-n:]
@@ -245,43 +249,6 @@ async def test_weights_share_the_calls(sims: Sims, start_routed: StartRouted) ->
     assert 0.62 <= share <= 0.88, share  # 0.75 expected; 200 draws stay within ±0.13 but 1 in 10^4
 
 
-async def test_each_deployment_gets_its_own_key_and_azure_its_url_and_header(
-    start_routed: StartRouted, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level("DEBUG")
-    servers = [RecordingUpstream() for _ in range(2)]
-    for server in servers:
-        await server.start()
-    openai, azure = servers
-    try:
-        _, stub = await start_routed(
-            deployment("openai", f"{openai.root_url}/v1", {"m": M}, key_file=key_file("sk-openai-ONE")),
-            deployment(
-                "azure",
-                azure.root_url,
-                {"m": "my-mini"},
-                kind="azure",
-                api_version="2024-10-21",
-                key_file=key_file("azure-key-TWO"),
-            ),
-            route("m", "openai", "azure"),
-            '[[routes]]\nname = "az"\nmodel = "m"\ndeployments = ["azure"]\n',
-        )
-        assert (await call(stub, "m")).code == grpc.StatusCode.OK
-        assert (await call(stub, "az")).code == grpc.StatusCode.OK
-    finally:
-        for server in servers:
-            await server.stop()
-    [to_openai] = openai.seen
-    assert to_openai.target == "/v1/chat/completions"
-    assert to_openai.headers["authorization"] == "Bearer sk-openai-ONE" and "api-key" not in to_openai.headers
-    [to_azure] = azure.seen
-    assert to_azure.target == "/openai/deployments/my-mini/chat/completions?api-version=2024-10-21"
-    assert to_azure.headers["api-key"] == "azure-key-TWO" and "authorization" not in to_azure.headers
-    assert "sk-openai-ONE" not in caplog.text and "azure-key-TWO" not in caplog.text
-    assert "(openai " in caplog.text  # the start-up line names the deployments, not their keys
-
-
 async def test_a_bad_config_file_stops_start_up_with_one_line(migrated_database_url: str) -> None:
     path = Path(tempfile.mkdtemp(prefix="chatgate-config-")) / "chatgate.toml"
     path.write_text('[[deployments]]\nname = "a"\nkind = "openai"\nkey_file = "/nonexistent/key"\n')
@@ -376,52 +343,40 @@ async def test_spans_and_metrics_name_each_attempts_deployment(sims: Sims, start
     assert {p.attributes["chatgate.deployment"] for p in states} == {"east", "west"}
 
 
-async def test_azure_v1_form_and_a_compatible_server_without_a_key(start_routed: StartRouted) -> None:
-    servers = [RecordingUpstream() for _ in range(2)]
-    for server in servers:
-        await server.start()
-    azure, local = servers
+async def test_a_compatible_server_without_a_key_gets_no_credential_header(start_routed: StartRouted) -> None:
+    # A recording server, not the simulator: the simulator refuses a call without a key.
+    local = RecordingUpstream()
+    await local.start()
     try:
         _, stub = await start_routed(
-            deployment("azure", azure.root_url, {"m": "gpt-4o-mini"}, kind="azure", api_version="v1"),
             deployment("local", f"{local.root_url}/v1", {"l": "llama"}, kind="compatible", key_file=None),
         )
-        assert (await call(stub, "m")).code == grpc.StatusCode.OK
         assert (await call(stub, "l")).code == grpc.StatusCode.OK
     finally:
-        for server in servers:
-            await server.stop()
-    [to_azure] = azure.seen
-    assert to_azure.target == "/openai/v1/chat/completions" and to_azure.body["model"] == "gpt-4o-mini"
-    assert to_azure.headers["api-key"] == TEST_API_KEY
+        await local.stop()
     [to_local] = local.seen
     assert to_local.target == "/v1/chat/completions" and to_local.body["model"] == "llama"
     assert "authorization" not in to_local.headers and "api-key" not in to_local.headers
 
 
-async def test_calls_steer_away_from_a_deployment_as_its_headroom_falls(start_routed: StartRouted) -> None:
-    servers = [RecordingUpstream() for _ in range(2)]
-    for server in servers:
-        await server.start()
-    a, b = servers
-    try:
-        _, stub = await start_routed(
-            deployment("a", f"{a.root_url}/v1", {"m": M}),
-            deployment("b", f"{b.root_url}/v1", {"m": M}),
-            route("m", "a", "b"),
-        )
-        a.headers = {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "50"}
-        for _ in range(3):
-            assert (await call(stub, "m")).code == grpc.StatusCode.OK
-        assert (len(a.seen), len(b.seen)) == (3, 0)  # half left: a stays first
-        a.headers = {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "2"}
-        assert (await call(stub, "m")).code == grpc.StatusCode.OK  # a answers, and says it is nearly out
-        for _ in range(3):
-            assert (await call(stub, "m")).code == grpc.StatusCode.OK
-        assert (len(a.seen), len(b.seen)) == (4, 3)  # steered to b before a ever said 429
-    finally:
-        for server in servers:
-            await server.stop()
+async def test_calls_steer_away_from_a_deployment_as_its_headroom_falls(
+    sims: Sims, start_routed: StartRouted
+) -> None:
+    openai, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(
+        openai_part(openai), azure_part(azure, CLASSIC), route("m", "openai", "azure")
+    )
+    # 100 requests an hour: each call takes one, nothing refills meanwhile.
+    openai.set_headroom(limit_requests=100, remaining_requests=50, window_s=3600)
+    for _ in range(3):
+        assert (await call(stub, "m")).code == grpc.StatusCode.OK
+    assert (len(openai.requests), len(azure.requests)) == (3, 0)  # half left: openai stays first
+    openai.set_headroom(remaining_requests=4)
+    assert (await call(stub, "m")).code == grpc.StatusCode.OK  # answers, and says 3 % is left
+    for _ in range(3):
+        assert (await call(stub, "m")).code == grpc.StatusCode.OK
+    assert (len(openai.requests), len(azure.requests)) == (4, 3)  # steered away before any 429
+    assert all(r.status == 200 for r in openai.requests)
 
 
 async def test_a_429_cools_its_deployment_down(sims: Sims, start_routed: StartRouted) -> None:
@@ -541,3 +496,119 @@ async def test_a_deployment_with_its_own_prices_bills_its_calls_by_them(
             break
         await asyncio.sleep(0.05)
     assert rows == {"paid": costs["paid"], "free": 0}
+
+
+# --- OpenAI and Azure side by side: the simulator's Azure flavor as a deployment ---------
+
+OPENAI_KEY = "sk-openai-ONE"
+AZURE_KEY = "azure-key-TWO"
+CLASSIC = "2024-10-21"
+
+
+async def openai_and_azure(sims: Sims) -> tuple[Simulator, Simulator]:
+    """An OpenAI-flavor simulator and an Azure resource with the deployment ``chat``;
+    each accepts only its own key, and its records name the key it saw."""
+    [openai] = await sims(1, keys={"openai": OPENAI_KEY})
+    [azure] = await sims(1, flavor="azure", deployments={"chat": M}, keys={"azure": AZURE_KEY})
+    return openai, azure
+
+
+def openai_part(sim: Simulator, model: str = M, name: str = "openai") -> str:
+    return deployment(name, sim.base_url, {"m": model}, key_file=key_file(OPENAI_KEY))
+
+
+def azure_part(sim: Simulator, api_version: str, azure_name: str = "chat", name: str = "azure") -> str:
+    """An Azure deployment of ``sim``: ``m`` is its deployment ``azure_name`` (a scenario
+    suffix such as ``chat::status=500`` makes it fail)."""
+    return deployment(
+        name,
+        sim.azure_endpoint,
+        {"m": azure_name},
+        kind="azure",
+        api_version=api_version,
+        key_file=key_file(AZURE_KEY),
+    )
+
+
+async def test_openai_and_azure_each_get_their_own_key_url_and_header(
+    sims: Sims, start_routed: StartRouted, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    openai, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(
+        openai_part(openai),
+        azure_part(azure, CLASSIC),
+        azure_part(azure, "v1", name="azure-v1"),
+        route("m", "openai"),
+        '[[routes]]\nname = "az"\nmodel = "m"\ndeployments = ["azure"]\n',
+        '[[routes]]\nname = "az1"\nmodel = "m"\ndeployments = ["azure-v1"]\n',
+    )
+    for model, served_by in (("m", "openai"), ("az", "azure"), ("az1", "azure-v1")):
+        result = await call(stub, model)
+        assert result.code == grpc.StatusCode.OK and result.text, model
+        # Azure's opening chunk (prompt filter results, no choices) is not an event.
+        assert result.kinds[0] == "started" and result.events[-1].finished.deployment == served_by
+        assert result.events[-1].finished.usage.output_tokens > 0
+    [to_openai] = openai.requests
+    assert (to_openai.path, to_openai.auth_scheme) == ("/v1/chat/completions", "bearer")
+    assert [(r.path, r.deployment, r.api_version, r.auth_scheme) for r in azure.requests] == [
+        ("/openai/deployments/chat/chat/completions", "chat", CLASSIC, "api-key"),
+        ("/openai/v1/chat/completions", "chat", None, "api-key"),
+    ]
+    assert keys_seen(openai.requests) == {"openai"} and keys_seen(azure.requests) == {"azure"}
+    assert OPENAI_KEY not in caplog.text and AZURE_KEY not in caplog.text
+
+
+@pytest.mark.parametrize("api_version", [CLASSIC, "v1"])
+@pytest.mark.parametrize("fault", ["status=500", "rate_limit,retry_after_ms=5000"])
+@pytest.mark.parametrize("failing", ["openai", "azure"])
+async def test_a_failure_moves_the_call_between_openai_and_azure(
+    sims: Sims, start_routed: StartRouted, api_version: str, fault: str, failing: str
+) -> None:
+    openai, azure = await openai_and_azure(sims)
+    order = ("openai", "azure") if failing == "openai" else ("azure", "openai")
+    _, stub = await start_routed(
+        openai_part(openai, f"{M}::{fault}" if failing == "openai" else M),
+        azure_part(azure, api_version, f"chat::{fault}" if failing == "azure" else "chat"),
+        route("m", *order),
+    )
+    result = await call(stub, "m")
+    assert result.code == grpc.StatusCode.OK and result.text
+    assert result.elapsed < 3.0  # a 429 moves on at once, not after its retry-after
+    assert result.events[-1].finished.deployment == order[1]
+    assert (len(openai.requests), len(azure.requests)) == (1, 1)
+    failed = 500 if fault == "status=500" else 429
+    statuses = {"openai": openai.requests[0].status, "azure": azure.requests[0].status}
+    assert statuses == {failing: failed, order[1]: 200}
+    # The call moved, its key did not: each endpoint saw its own deployment's key only.
+    assert keys_seen(openai.requests) == {"openai"} and keys_seen(azure.requests) == {"azure"}
+
+
+@pytest.mark.parametrize("api_version", [CLASSIC, "v1"])
+async def test_an_open_azure_breaker_sends_calls_straight_to_openai(
+    sims: Sims, start_routed: StartRouted, api_version: str
+) -> None:
+    openai, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(
+        azure_part(azure, api_version, "chat::status=500"),
+        openai_part(openai),
+        route("m", "azure", "openai"),
+        breaker_failure_threshold=1,
+        breaker_cooldown_s=30,
+    )
+    results = [await call(stub, "m") for _ in range(4)]
+    assert [r.events[-1].finished.deployment for r in results] == ["openai"] * 4
+    assert (len(azure.requests), len(openai.requests)) == (1, 4)  # azure was tried once, then skipped
+    assert keys_seen(openai.requests) == {"openai"} and keys_seen(azure.requests) == {"azure"}
+
+
+async def test_no_failover_from_azure_after_its_first_event(sims: Sims, start_routed: StartRouted) -> None:
+    openai, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(
+        azure_part(azure, CLASSIC, "chat::chunks=6,disconnect_after=2"),
+        openai_part(openai),
+        route("m", "azure", "openai"),
+    )
+    result = await call(stub, "m")
+    assert result.code == grpc.StatusCode.UNAVAILABLE and result.text
+    assert len(openai.requests) == 0
