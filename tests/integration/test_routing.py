@@ -612,3 +612,47 @@ async def test_no_failover_from_azure_after_its_first_event(sims: Sims, start_ro
     result = await call(stub, "m")
     assert result.code == grpc.StatusCode.UNAVAILABLE and result.text
     assert len(openai.requests) == 0
+
+
+@pytest.mark.parametrize("wrong", ["deployment name", "api_version", "resource path"])
+async def test_a_misconfigured_azure_deployment_is_passed_over_and_named_once(
+    sims: Sims, start_routed: StartRouted, caplog: pytest.LogCaptureFixture, wrong: str
+) -> None:
+    openai, azure = await openai_and_azure(sims)
+    broken = {
+        "deployment name": azure_part(azure, CLASSIC, "no-such-deployment"),  # 404 DeploymentNotFound
+        "api_version": azure_part(azure, "2019-01-01"),  # 400 API version not supported
+        "resource path": azure_part(azure, CLASSIC).replace(
+            azure.azure_endpoint, f"{azure.azure_endpoint}/x"
+        ),
+    }[wrong]
+    _, stub = await start_routed(
+        broken, openai_part(openai), route("m", "azure", "openai"), breaker_failure_threshold=2
+    )
+    results = [await call(stub, "m") for _ in range(4)]
+    # Not the caller's mistake: each call is served by the next deployment.
+    assert [(r.code, r.events[-1].finished.deployment) for r in results] == [
+        (grpc.StatusCode.OK, "openai")
+    ] * 4
+    # It counts toward the breaker: after two calls, azure is passed over.
+    if wrong != "resource path":  # (the simulator keeps no record of a path it does not serve)
+        assert len(azure.requests) == 2
+    lines = [r.getMessage() for r in caplog.records if "deployment azure is misconfigured" in r.getMessage()]
+    named = {
+        "deployment name": "DeploymentNotFound",
+        "api_version": "API version",
+        "resource path": "Resource not",
+    }
+    assert len(lines) == 1 and named[wrong] in lines[0]
+    assert keys_seen(openai.requests) == {"openai"}
+
+
+async def test_with_no_deployment_left_a_misconfiguration_is_unavailable_not_the_callers_mistake(
+    sims: Sims, start_routed: StartRouted
+) -> None:
+    _, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(azure_part(azure, CLASSIC, "no-such-deployment"), route("m", "azure"))
+    result = await call(stub, "m")
+    assert (result.code, result.reason) == (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_MISCONFIGURED")
+    assert "does not exist" not in result.message and "DeploymentNotFound" not in result.details_text
+    assert len(azure.requests) == 1  # never retried where it cannot succeed

@@ -35,6 +35,7 @@ from chatgate_server.errors import (
     InvalidRequest,
     TooManyStreams,
     UpstreamError,
+    UpstreamMisconfigured,
 )
 from chatgate_server.upstream.breaker import BreakerState, Permit
 from chatgate_server.upstream.deployment import Deployment
@@ -224,6 +225,8 @@ class RoutePlan:
         """The latest attempt failed with ``error`` (judged when the call leaves)."""
         if self._current is not None:
             self._current[1].error = error
+            if isinstance(error, UpstreamMisconfigured):
+                self._current[1].deployment.misconfigured(error)
 
     def _leave(self) -> None:
         if self._current is None:
