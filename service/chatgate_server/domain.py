@@ -306,3 +306,6 @@ class UsageRecord:
     credential_id: str | None = None
     # The deployment (chatgate.toml) of the call's last attempt; None when none was made.
     deployment: str | None = None
+    # The route's fallback model (chatgate.toml ``fallback``) when the call's last attempt
+    # went to it; None when it went to the model asked for.
+    fallback_model: str | None = None

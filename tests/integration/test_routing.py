@@ -656,3 +656,57 @@ async def test_with_no_deployment_left_a_misconfiguration_is_unavailable_not_the
     assert (result.code, result.reason) == (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_MISCONFIGURED")
     assert "does not exist" not in result.message and "DeploymentNotFound" not in result.details_text
     assert len(azure.requests) == 1  # never retried where it cannot succeed
+
+
+async def test_a_fallback_that_served_the_call_is_named_in_the_final_event_the_row_and_the_report(
+    sims: Sims,
+    start_routed: StartRouted,
+    db: psycopg.Connection[tuple[object, ...]],
+    migrated_database_url: str,
+) -> None:
+    openai, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(
+        azure_part(azure, CLASSIC, "chat::status=500"),
+        deployment("openai", openai.base_url, {"m": M, "big": "gpt-4o"}, key_file=key_file(OPENAI_KEY)),
+        route("m", "azure"),
+        '[[routes]]\nname = "fast"\nmodel = "m"\ndeployments = ["azure"]\nfallback = "big"\n',
+    )
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    finals = []
+    for model in ("fast", "big"):
+        hi = [pb.Message(role=pb.ROLE_USER, text="hi")]
+        events = [e async for e in stub.Complete(pb.CompleteRequest(model=model, user_id=user, messages=hi))]
+        finals.append(
+            (events[0].started.model, events[-1].finished.deployment, events[-1].finished.fallback_model)
+        )
+    assert finals == [
+        ("gpt-4o-2024-08-06", "openai", "big"),  # azure failed: the route fell back, and says so
+        ("gpt-4o-2024-08-06", "openai", ""),  # asked for by name: no fallback
+    ]
+
+    def rows() -> list[tuple[object, ...]]:
+        query = (
+            "SELECT requested_model, fallback_model FROM usage_records WHERE user_id = %s ORDER BY started_at"
+        )
+        return db.execute(query, [user]).fetchall()
+
+    for _ in range(100):
+        if len(rows()) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert rows() == [("fast", "big"), ("big", None)]
+    command = ["usage", "--since", "1h", "--user", user, "--by", "model,fallback", "--format", "csv"]
+    report = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "chatgate_server", *command],
+        env={**os.environ, "DATABASE_URL": migrated_database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert report.returncode == 0, report.stderr
+    got = {
+        (row["model"], row["fallback"]): int(row["requests"])
+        for row in csv.DictReader(io.StringIO(report.stdout))
+    }
+    assert got == {("fast", "big"): 1, ("big", ""): 1}

@@ -93,6 +93,7 @@ def expected_row(r: UsageRecord) -> dict[str, Any]:
         "caller_service": r.caller_service,
         "credential_id": r.credential_id,
         "deployment": r.deployment,
+        "fallback_model": r.fallback_model,
         "user_id": r.user_id,
         "requested_model": r.requested_model,
         "resolved_model": r.resolved_model,

@@ -140,9 +140,13 @@ def test_models_map_to_each_deployments_own_name_and_fallback_comes_last() -> No
     asked = []
     for _ in range(3):
         leg = plan.next()
-        asked.append((leg.deployment.name, leg.request(request("fast")).model))
+        asked.append((leg.deployment.name, leg.request(request("fast")).model, leg.candidate.fallback))
         plan.failed(UpstreamError("500"))
-    assert asked == [("azure", "prod-4o"), ("openai", "gpt-4o"), ("openai", "gpt-4o-mini")]
+    assert asked == [
+        ("azure", "prod-4o", None),
+        ("openai", "gpt-4o", None),
+        ("openai", "gpt-4o-mini", "gpt-4o-mini"),  # the fallback says it is one
+    ]
 
 
 def test_an_unserved_model_is_an_invalid_request() -> None:

@@ -64,6 +64,7 @@ function finished(f) {
       priceVersion: f.cost?.priceVersion ?? "",
     },
     deployment: f.deployment ?? "",
+    fallbackModel: f.fallbackModel ?? "",
   };
 }
 

@@ -134,6 +134,8 @@ export interface FinishedEvent {
   cost: Cost;
   /** The upstream deployment that served the stream ("" when none was reached). */
   deployment: string;
+  /** The route's fallback model that served the stream ("" when the model asked for did). */
+  fallbackModel: string;
 }
 export type ChatEvent = StartedEvent | ContentEvent | RefusalEvent | ToolCallEvent | FinishedEvent;
 

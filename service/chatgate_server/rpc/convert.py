@@ -440,4 +440,5 @@ def _finished(event: StreamFinished) -> pb.Finished:
         ),
         cost=cost,
         deployment=event.deployment or "",
+        fallback_model=event.fallback_model or "",
     )

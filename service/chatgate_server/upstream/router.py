@@ -63,6 +63,9 @@ class Route:
 class Candidate:
     deployment: Deployment
     model: str  # the model asked of it (the route's, or its fallback's)
+    fallback: str | None = None
+    """The route's fallback (as chatgate.toml names it) this candidate serves; None for
+    the model the caller asked for. The final event and the row say so."""
 
 
 class Leg:
@@ -101,21 +104,22 @@ class Router:
 
     def plan(self, model: str) -> RoutePlan:
         """The candidates for a call asking for ``model``; InvalidRequest when none serve it."""
-        candidates = self._candidates(model, seen=set())
+        candidates = self._candidates(model, seen=set(), fallback=None)
         if not candidates:
             raise InvalidRequest([FieldViolation("model", "no deployment of this service serves this model")])
         return RoutePlan(candidates)
 
-    def _candidates(self, model: str, seen: set[str]) -> list[Candidate]:
+    def _candidates(self, model: str, seen: set[str], fallback: str | None) -> list[Candidate]:
+        """``fallback``: the fallback name ``model`` is being planned for (None at the top)."""
         seen.add(model)
         route = self.routes.get(model)
         if route is None:
             serving = [d for d in self.deployments if d.serves(model)]
-            return [Candidate(d, model) for d in self._steered(serving, weighted=True)]
+            return [Candidate(d, model, fallback) for d in self._steered(serving, weighted=True)]
         ordered = self._steered(route.deployments, weighted=route.weighted)
-        out = [Candidate(d, route.model) for d in ordered]
+        out = [Candidate(d, route.model, fallback) for d in ordered]
         if route.fallback is not None and route.fallback not in seen:
-            out += self._candidates(route.fallback, seen)
+            out += self._candidates(route.fallback, seen, route.fallback)
         return out
 
     def _steered(self, deployments: Sequence[Deployment], *, weighted: bool) -> list[Deployment]:

@@ -109,6 +109,7 @@ def record_to_json(r: UsageRecord) -> dict[str, Any]:
         "request_fingerprint": r.request_fingerprint,
         "credential_id": r.credential_id,
         "deployment": r.deployment,
+        "fallback_model": r.fallback_model,
     }
 
 
@@ -155,6 +156,7 @@ def record_from_json(d: Mapping[str, Any]) -> UsageRecord:
         request_fingerprint=d.get("request_fingerprint"),
         credential_id=d.get("credential_id"),
         deployment=d.get("deployment"),
+        fallback_model=d.get("fallback_model"),
     )
 
 
