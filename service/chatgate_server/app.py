@@ -17,6 +17,7 @@ from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
 from chatgate_server.config import ConfigError, Settings
+from chatgate_server.config_watch import ConfigWatch
 from chatgate_server.deployments import (
     DeploymentsConfig,
     DeploymentSpec,
@@ -113,6 +114,7 @@ class App:
         self._retiring: list[Deployment] = []
         self._retirer: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
+        self._config_watch: ConfigWatch | None = None
         self.ledger: UsageLedger | None = None
         self._server: grpc.aio.Server | None = None
         self.edge: Edge | None = None
@@ -268,6 +270,10 @@ class App:
         self.ledger_health = LedgerHealth(self._health, ("", CHAT_SERVICE))
         self.ledger.add_listener(self.ledger_health)
         self.ledger_health(self.ledger.state)
+        if s.config_file is not None and s.config_poll_s > 0:
+            # A changed file reloads as SIGHUP does (config_watch.py).
+            self._config_watch = ConfigWatch(s.config_file, self.reload, s.config_poll_s)
+            self._config_watch.start()
         log.info(
             "chatgate serving on %s:%d (%s, authentication %s), upstream %s",
             s.listen.host,
@@ -327,6 +333,9 @@ class App:
         and are then cut with their final event and usage row; the ledger is flushed.
         """
         grace = self.settings.shutdown_grace_s if grace is None else grace
+        if self._config_watch is not None:
+            await self._config_watch.stop()  # no reload while the service goes away
+            self._config_watch = None
         if self._health is not None:
             await _bounded("health", self._health.enter_graceful_shutdown(), 5)
         if self.service is not None:
@@ -374,15 +383,19 @@ class App:
             self._providers = None
 
     async def reload(self) -> bool:
-        """Re-read CHATGATE_CONFIG (on SIGHUP): new calls use the new deployments and
-        routes, running calls finish on the deployment they started on, and a deployment
-        left unchanged keeps its connections, breaker and headroom. A file with a problem
-        is refused with one log line and the running configuration kept."""
+        """Re-read CHATGATE_CONFIG (on SIGHUP, or when the file changed): new calls use the
+        new deployments and routes, running calls finish on the deployment they started
+        on, and a deployment left unchanged keeps its connections, breaker and headroom.
+        A file with a problem is refused with one log line and the running configuration
+        kept."""
         path = self.settings.config_file
         if path is None or self.service is None or self.router is None:
             log.warning("reload: nothing to reload (CHATGATE_CONFIG is not set)")
             return False
         async with self._reloading:
+            if self._config_watch is not None:
+                # What is read now counts as seen: the watch does not repeat this reload.
+                await asyncio.to_thread(self._config_watch.rebase)
             try:
                 config = await asyncio.to_thread(load_config, path)
             except ConfigError as exc:

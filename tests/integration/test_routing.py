@@ -104,7 +104,11 @@ async def start_routed(migrated_database_url: str) -> AsyncIterator[StartRouted]
         path = Path(tempfile.mkdtemp(prefix="chatgate-config-")) / "chatgate.toml"
         path.write_text("\n".join(parts))
         settings = make_settings(
-            migrated_database_url, "http://127.0.0.1:9/v1", config_file=path, **{**FAST_RETRIES, **overrides}
+            migrated_database_url,
+            "http://127.0.0.1:9/v1",
+            config_file=path,
+            # Reloads when a test says (app.reload()), unless it tests the file watch.
+            **{**FAST_RETRIES, "config_poll_s": 0, **overrides},
         )
         app = App(settings, telemetry=telemetry)
         await app.start()
@@ -710,3 +714,53 @@ async def test_a_fallback_that_served_the_call_is_named_in_the_final_event_the_r
         for row in csv.DictReader(io.StringIO(report.stdout))
     }
     assert got == {("fast", "big"): 1, ("big", ""): 1}
+
+
+async def test_a_changed_file_reloads_without_a_signal(
+    sims: Sims, start_routed: StartRouted, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file is mounted as a ConfigMap is: chatgate.toml -> ..data/chatgate.toml, and an
+    update swaps ..data to a new directory."""
+    a, b = await sims(2)
+    first = deployment("a", a.base_url, {"m": M, "slow": f"{M}::chunks=20,delay_ms=40"}) + route("m", "a")
+    app, stub = await start_routed(first, config_poll_s=0.05)
+    assert app.router is not None and app.settings.config_file is not None
+    mount = app.settings.config_file.parent / "mount"
+    mount.mkdir()
+
+    def publish(version: str, text: str) -> None:
+        (mount / version).mkdir()
+        (mount / version / "chatgate.toml").write_text(text)
+        (mount / "..data_tmp").symlink_to(version)
+        (mount / "..data_tmp").replace(mount / "..data")
+
+    async def served_by(name: str) -> bool:
+        for _ in range(100):
+            if app.router is not None and [d.name for d in app.router.deployments] == [name]:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    # Start on a file that is a symlink, as in a pod: the app reads it through the link.
+    publish("..v1", first)
+    (mount / "chatgate.toml").symlink_to("..data/chatgate.toml")
+    app.settings.config_file.unlink()
+    app.settings.config_file.symlink_to(mount / "chatgate.toml")
+    running = asyncio.ensure_future(call(stub, "slow"))
+    await a.wait_requests(1)
+    publish("..v2", deployment("b", b.base_url, {"m": M}) + route("m", "b"))
+    assert await served_by("b")
+    assert (await call(stub, "m")).events[-1].finished.deployment == "b"
+    finished = await running
+    assert finished.code == grpc.StatusCode.OK and finished.events[-1].finished.deployment == "a"
+
+    # A bad file is refused once, and the running configuration kept.
+    publish("..v3", deployment("b", b.base_url, {"m": M}) + route("m", "b", "nowhere"))
+    for _ in range(100):
+        if any("reload refused" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # several more polls
+    refused = [r for r in caplog.records if "reload refused" in r.getMessage()]
+    assert len(refused) == 1
+    assert (await call(stub, "m")).events[-1].finished.deployment == "b"
