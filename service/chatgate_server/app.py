@@ -27,6 +27,7 @@ from chatgate_server.deployments import (
 )
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
+from chatgate_server.rpc.deployment_health import DeploymentHealth
 from chatgate_server.rpc.edge import Edge, EdgeLimits
 from chatgate_server.rpc.health_probe import LIVENESS_SERVICE
 from chatgate_server.rpc.ledger_health import LedgerHealth
@@ -107,6 +108,7 @@ class App:
         self._guard: RequestIdGuard | None = None
         self._spool: Spool | None = None
         self.ledger_health: LedgerHealth | None = None
+        self.deployment_health: DeploymentHealth | None = None
         self.router: Router | None = None
         # The running deployments with the specs they were made from (for reloads), and
         # those a reload dropped, closed once no call uses them.
@@ -270,6 +272,8 @@ class App:
         self.ledger_health = LedgerHealth(self._health, ("", CHAT_SERVICE))
         self.ledger.add_listener(self.ledger_health)
         self.ledger_health(self.ledger.state)
+        self.deployment_health = DeploymentHealth(self._health)
+        self.deployment_health.track(self.router.deployments)
         if s.config_file is not None and s.config_poll_s > 0:
             # A changed file reloads as SIGHUP does (config_watch.py).
             self._config_watch = ConfigWatch(s.config_file, self.reload, s.config_poll_s)
@@ -336,6 +340,9 @@ class App:
         if self._config_watch is not None:
             await self._config_watch.stop()  # no reload while the service goes away
             self._config_watch = None
+        if self.deployment_health is not None:
+            await self.deployment_health.close()
+            self.deployment_health = None
         if self._health is not None:
             await _bounded("health", self._health.enter_graceful_shutdown(), 5)
         if self.service is not None:
@@ -408,6 +415,8 @@ class App:
             self.router = router
             self.breaker = router.deployments[0].breaker
             self.service.use_router(router, self._deployment_prices(config))
+            if self.deployment_health is not None:
+                self.deployment_health.track(router.deployments)
             self._retire(dropped)
         log.info("reloaded %s: upstream %s", path, _describe(config))
         return True

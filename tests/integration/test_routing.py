@@ -764,3 +764,64 @@ async def test_a_changed_file_reloads_without_a_signal(
     refused = [r for r in caplog.records if "reload refused" in r.getMessage()]
     assert len(refused) == 1
     assert (await call(stub, "m")).events[-1].finished.deployment == "b"
+
+
+async def test_each_deployment_has_a_health_name_that_follows_its_breaker(
+    sims: Sims, start_routed: StartRouted, migrated_database_url: str
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    openai, azure = await openai_and_azure(sims)
+    app, stub = await start_routed(
+        azure_part(azure, CLASSIC, "chat::status=500"),
+        openai_part(openai),
+        route("m", "azure", "openai"),
+        breaker_failure_threshold=1,
+        breaker_cooldown_s=1.0,
+    )
+    assert app.deployment_health is not None and app.settings.config_file is not None
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+
+    async def statuses() -> dict[str, str]:
+        await app.deployment_health.settled()  # type: ignore[union-attr]
+        out = {}
+        for name in ("azure", "openai"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=f"chatgate.deployment.{name}"))
+            out[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return out
+
+    try:
+        assert await statuses() == {"azure": "SERVING", "openai": "SERVING"}
+        assert (await call(stub, "m")).code == grpc.StatusCode.OK  # azure fails: its breaker opens
+        assert await statuses() == {"azure": "NOT_SERVING", "openai": "SERVING"}
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING  # the server itself still serves
+
+        command = [sys.executable, "-m", "chatgate_server", "health", "--deployments"]
+        ran = await asyncio.to_thread(
+            subprocess.run,
+            [*command, "--address", f"127.0.0.1:{app.port}"],
+            env={**os.environ, "CHATGATE_CONFIG": str(app.settings.config_file)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert ran.returncode == 0, ran.stderr  # informational: the exit status is the server's
+        assert ran.stdout.splitlines() == [
+            "SERVING",
+            "chatgate.deployment.azure: NOT_SERVING",
+            "chatgate.deployment.openai: SERVING",
+        ]
+
+        for _ in range(60):  # the cool-down ends: half-open, a probe may go there
+            if (await statuses())["azure"] == "SERVING":
+                break
+            await asyncio.sleep(0.1)
+        assert (await statuses())["azure"] == "SERVING"
+
+        app.settings.config_file.write_text(openai_part(openai) + route("m", "openai"))
+        assert await app.reload()
+        assert await statuses() == {"azure": "SERVICE_UNKNOWN", "openai": "SERVING"}  # dropped
+    finally:
+        await channel.close()
