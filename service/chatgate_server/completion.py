@@ -427,6 +427,7 @@ class CompletionService:
                 error = UpstreamProtocolError("the upstream stream ended before its first chunk")
             elif isinstance(exc, TimeoutError) and not deadline.expired:
                 error = UpstreamError("the upstream did not start answering in time")
+            error = leg.judge(error)
             plan.failed(error)  # judged against this deployment if the call moves on
             if isinstance(error, asyncio.CancelledError):
                 span.set_attribute("chatgate.cancelled", True)

@@ -285,10 +285,16 @@ class UpstreamMisconfigured(UpstreamError):
     retryable = False
     deployment_fault = True
 
-    def __init__(self, message: str, *, problem: str, http_status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, problem: str, http_status: int | None = None, names_deployment: bool = False
+    ) -> None:
         super().__init__(message, http_status=http_status)
         self.problem = problem
         """What is wrong, in fixed words for the operator's log (never the upstream's text)."""
+        self.names_deployment = names_deployment
+        """The upstream has no deployment of the name sent (Azure's DeploymentNotFound):
+        the caller's mistake after all when that name was the caller's own model name,
+        passed through by a ``"*"`` model entry (router.Leg.judge)."""
 
 
 class UpstreamRejected(UpstreamError):

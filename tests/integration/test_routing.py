@@ -825,3 +825,28 @@ async def test_each_deployment_has_a_health_name_that_follows_its_breaker(
         assert await statuses() == {"azure": "SERVICE_UNKNOWN", "openai": "SERVING"}  # dropped
     finally:
         await channel.close()
+
+
+async def test_a_missing_azure_deployment_named_by_the_caller_is_the_callers_mistake(
+    sims: Sims, start_routed: StartRouted, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a "*" model entry the caller's model name is the Azure deployment name: one
+    that does not exist is a model that does not exist, not a broken deployment."""
+    _, azure = await openai_and_azure(sims)
+    app, stub = await start_routed(
+        deployment(
+            "azure",
+            azure.azure_endpoint,
+            {"*": "*"},
+            kind="azure",
+            api_version=CLASSIC,
+            key_file=key_file(AZURE_KEY),
+        ),
+        breaker_failure_threshold=1,
+    )
+    for _ in range(2):
+        result = await call(stub, "no-such-model")
+        assert (result.code, result.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST")
+    assert app.router is not None and app.router.deployments[0].breaker.state.name == "CLOSED"
+    assert not any("misconfigured" in r.getMessage() for r in caplog.records)
+    assert (await call(stub, "chat")).code == grpc.StatusCode.OK  # its real deployment still serves

@@ -171,6 +171,11 @@ def _rejection(status: int, code: str) -> UpstreamRejected:
     return UpstreamRejected(text, cause=cause, http_status=status)
 
 
+def model_not_found(status: int | None) -> UpstreamRejected:
+    """The caller named a model the upstream does not have (as OpenAI's model_not_found)."""
+    return _rejection(status or 404, "model_not_found")
+
+
 def classify_http_error(status: int, body: Mapping[str, Any] | None, headers: Mapping[str, str]) -> Exception:
     """The error to raise for a non-200 upstream response."""
     err = body.get("error") if isinstance(body, Mapping) else None
@@ -200,6 +205,7 @@ def classify_http_error(status: int, body: Mapping[str, Any] | None, headers: Ma
             "the upstream deployment is misconfigured (an operator problem, not the request's)",
             problem=problem,
             http_status=status,
+            names_deployment=code == "DeploymentNotFound",
         )
     if status in (400, 404, 422):
         error: UpstreamError = _rejection(status, code)

@@ -38,6 +38,7 @@ from chatgate_server.errors import (
     UpstreamMisconfigured,
 )
 from chatgate_server.upstream.breaker import BreakerState, Permit
+from chatgate_server.upstream.classify import model_not_found
 from chatgate_server.upstream.deployment import Deployment
 
 # Below this share of its rate limit left, a deployment is tried after the others.
@@ -66,6 +67,8 @@ class Candidate:
     fallback: str | None = None
     """The route's fallback (as chatgate.toml names it) this candidate serves; None for
     the model the caller asked for. The final event and the row say so."""
+    routed: bool = False
+    """A route (chatgate.toml) named the model; else it is the caller's own name."""
 
 
 class Leg:
@@ -84,6 +87,20 @@ class Leg:
 
     def request(self, request: CompletionRequest) -> CompletionRequest:
         return self.deployment.request_for(request, self.candidate.model)
+
+    def judge(self, error: BaseException) -> BaseException:
+        """``error`` as this leg means it. An upstream with no deployment of the name sent
+        is the operator's problem when chatgate.toml chose that name, and the caller's
+        when it was the caller's own model name passed through by a ``"*"`` entry: then
+        it is a model that does not exist, as OpenAI's 404 model_not_found is."""
+        if (
+            isinstance(error, UpstreamMisconfigured)
+            and error.names_deployment
+            and not self.candidate.routed
+            and self.candidate.model not in self.deployment.models
+        ):
+            return model_not_found(error.http_status)
+        return error
 
 
 class Router:
@@ -117,7 +134,7 @@ class Router:
             serving = [d for d in self.deployments if d.serves(model)]
             return [Candidate(d, model, fallback) for d in self._steered(serving, weighted=True)]
         ordered = self._steered(route.deployments, weighted=route.weighted)
-        out = [Candidate(d, route.model, fallback) for d in ordered]
+        out = [Candidate(d, route.model, fallback, routed=True) for d in ordered]
         if route.fallback is not None and route.fallback not in seen:
             out += self._candidates(route.fallback, seen, route.fallback)
         return out
