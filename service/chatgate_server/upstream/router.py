@@ -132,7 +132,9 @@ class Router:
         route = self.routes.get(model)
         if route is None:
             serving = [d for d in self.deployments if d.serves(model)]
-            return [Candidate(d, model, fallback) for d in self._steered(serving, weighted=True)]
+            # A fallback's name is chatgate.toml's, not the caller's.
+            routed = fallback is not None
+            return [Candidate(d, model, fallback, routed) for d in self._steered(serving, weighted=True)]
         ordered = self._steered(route.deployments, weighted=route.weighted)
         out = [Candidate(d, route.model, fallback, routed=True) for d in ordered]
         if route.fallback is not None and route.fallback not in seen:
