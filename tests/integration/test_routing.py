@@ -649,6 +649,7 @@ async def test_a_misconfigured_azure_deployment_is_passed_over_and_named_once(
     }
     assert len(lines) == 1 and named[wrong] in lines[0]
     assert keys_seen(openai.requests) == {"openai"}
+    assert AZURE_KEY not in caplog.text and OPENAI_KEY not in caplog.text
 
 
 async def test_with_no_deployment_left_a_misconfiguration_is_unavailable_not_the_callers_mistake(
