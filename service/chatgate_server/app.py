@@ -17,6 +17,7 @@ from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
 from chatgate_server.config import ConfigError, Settings
+from chatgate_server.config_watch import ConfigWatch
 from chatgate_server.deployments import (
     DeploymentsConfig,
     DeploymentSpec,
@@ -31,6 +32,7 @@ from chatgate_server.limits.anomaly_store import add_refusal_counts
 from chatgate_server.limits.blocks import BlockPolicy, BlockTable
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
+from chatgate_server.rpc.deployment_health import DeploymentHealth
 from chatgate_server.rpc.edge import Edge, EdgeLimits
 from chatgate_server.rpc.health_probe import LIVENESS_SERVICE
 from chatgate_server.rpc.ledger_health import LedgerHealth
@@ -118,6 +120,7 @@ class App:
         self._guard: RequestIdGuard | None = None
         self._spool: Spool | None = None
         self.ledger_health: LedgerHealth | None = None
+        self.deployment_health: DeploymentHealth | None = None
         self.router: Router | None = None
         # The running deployments with the specs they were made from (for reloads), and
         # those a reload dropped, closed once no call uses them.
@@ -125,6 +128,7 @@ class App:
         self._retiring: list[Deployment] = []
         self._retirer: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
+        self._config_watch: ConfigWatch | None = None
         self.ledger: UsageLedger | None = None
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -306,6 +310,12 @@ class App:
         self.ledger_health(self.ledger.state)
         if holds:
             self._readiness = asyncio.create_task(self._ready_once_callers_load(), name="readiness")
+        self.deployment_health = DeploymentHealth(self._health)
+        self.deployment_health.track(self.router.deployments)
+        if s.config_file is not None and s.config_poll_s > 0:
+            # A changed file reloads as SIGHUP does (config_watch.py).
+            self._config_watch = ConfigWatch(s.config_file, self.reload, s.config_poll_s)
+            self._config_watch.start()
         log.info(
             "chatgate serving on %s:%d (%s, authentication %s), upstream %s",
             s.listen.host,
@@ -448,6 +458,12 @@ class App:
             # go on. gRPC is given no deadline of its own: the drain below ends them.
             goaway = asyncio.ensure_future(self._server.stop(_UNTIL_DRAINED_S))
             await asyncio.sleep(0)  # let it send the GOAWAY before anything else
+        if self._config_watch is not None:
+            await self._config_watch.stop()  # no reload while the service goes away
+            self._config_watch = None
+        if self.deployment_health is not None:
+            await self.deployment_health.close()
+            self.deployment_health = None
         if self._health is not None:
             await _bounded("health", self._health.enter_graceful_shutdown(), 5)
         if self.service is not None:
@@ -515,15 +531,19 @@ class App:
             self._providers = None
 
     async def reload(self) -> bool:
-        """Re-read CHATGATE_CONFIG (on SIGHUP): new calls use the new deployments and
-        routes, running calls finish on the deployment they started on, and a deployment
-        left unchanged keeps its connections, breaker and headroom. A file with a problem
-        is refused with one log line and the running configuration kept."""
+        """Re-read CHATGATE_CONFIG (on SIGHUP, or when the file changed): new calls use the
+        new deployments and routes, running calls finish on the deployment they started
+        on, and a deployment left unchanged keeps its connections, breaker and headroom.
+        A file with a problem is refused with one log line and the running configuration
+        kept."""
         path = self.settings.config_file
         if path is None or self.service is None or self.router is None:
             log.warning("reload: nothing to reload (CHATGATE_CONFIG is not set)")
             return False
         async with self._reloading:
+            if self._config_watch is not None:
+                # What is read now counts as seen: the watch does not repeat this reload.
+                await asyncio.to_thread(self._config_watch.rebase)
             try:
                 config = await asyncio.to_thread(load_config, path)
             except ConfigError as exc:
@@ -536,6 +556,8 @@ class App:
             self.router = router
             self.breaker = router.deployments[0].breaker
             self.service.use_router(router, self._deployment_prices(config))
+            if self.deployment_health is not None:
+                self.deployment_health.track(router.deployments)
             self._retire(dropped)
         log.info("reloaded %s: upstream %s", path, _describe(config))
         return True

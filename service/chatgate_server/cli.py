@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chatgate_server.auth.commands import CALLERS_COMMAND, add_callers_command, run_callers_command
@@ -52,6 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also require the usage ledger (health service chatgate.ledger) to be SERVING, "
         "i.e. usage rows reach Postgres rather than wait in the spool",
     )
+    health.add_argument(
+        "--deployments",
+        action="store_true",
+        help="also print each upstream deployment's status (chatgate.deployment.<name>: NOT_SERVING "
+        "while its breaker is open), names from $CHATGATE_CONFIG; informational, the exit status "
+        "does not depend on them",
+    )
     config = sub.add_parser("config", help="work with the deployments file (chatgate.toml)")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser(
@@ -87,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             return _config_check(args.file)
         if args.command == "health":
-            return _health(args.address, args.timeout, ledger=args.ledger)
+            return _health(args.address, args.timeout, ledger=args.ledger, deployments=args.deployments)
         if args.command == "prestop":
             return _prestop(args.pid, args.wait_seconds)
         if args.command == CALLERS_COMMAND:
@@ -241,15 +249,28 @@ def _prestop(pid: int, wait_s: float) -> int:
     return 0
 
 
-def _health(address: str, timeout: float, *, ledger: bool = False) -> int:
+def _health(address: str, timeout: float, *, ledger: bool = False, deployments: bool = False) -> int:
+    from chatgate_server.rpc.deployment_health import health_name
     from chatgate_server.rpc.health_probe import LEDGER_HEALTH_SERVICE, probe
 
-    answers = probe(address, ("", LEDGER_HEALTH_SERVICE) if ledger else ("",), timeout)
+    required = ("", LEDGER_HEALTH_SERVICE) if ledger else ("",)
+    shown = tuple(health_name(name) for name in _deployment_names()) if deployments else ()
     healthy = True
-    for service, status in answers:
+    for service, status in probe(address, (*required, *shown), timeout):
         print(f"{service}: {status}" if service else status)
-        healthy = healthy and status == "SERVING"
+        if service in required:
+            healthy = healthy and status == "SERVING"
     return 0 if healthy else 1
+
+
+def _deployment_names() -> list[str]:
+    """The deployments a server started with this environment has (keys not read)."""
+    from chatgate_server.deployments import ENV_DEPLOYMENT, load_config
+
+    path = os.environ.get("CHATGATE_CONFIG", "").strip()
+    if not path:
+        return [ENV_DEPLOYMENT]
+    return [d.name for d in load_config(Path(path), keys=False).deployments]
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ class StreamFinished:
     cost: Cost
     deployment: str | None = None
     """The deployment (chatgate.toml) that served the stream."""
+    fallback_model: str | None = None
+    """The route's fallback that served the stream; None when the model asked for did."""
 
 
 OutboundEvent = StreamStarted | ContentDelta | RefusalDelta | ToolCallDelta | StreamFinished
@@ -99,6 +101,7 @@ class _Progress:
     spans: AttemptTelemetry
     attempts: int = 0
     deployment: str | None = None  # where the latest attempt went
+    fallback_model: str | None = None  # the route's fallback, when the latest attempt served it
     started: StreamStarted | None = None
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
@@ -404,6 +407,7 @@ class CompletionService:
         deployment = leg.deployment
         progress.attempts += 1
         progress.deployment = deployment.name
+        progress.fallback_model = leg.candidate.fallback
         trace.get_current_span().set_attribute("chatgate.deployment", deployment.name)
         asked = leg.request(request)
         stream: UpstreamStream | None = None
@@ -424,6 +428,7 @@ class CompletionService:
                 error = UpstreamProtocolError("the upstream stream ended before its first chunk")
             elif isinstance(exc, TimeoutError) and not deadline.expired:
                 error = UpstreamError("the upstream did not start answering in time")
+            error = leg.judge(error)
             plan.failed(error)  # judged against this deployment if the call moves on
             if isinstance(error, asyncio.CancelledError):
                 span.set_attribute("chatgate.cancelled", True)
@@ -508,7 +513,9 @@ class CompletionService:
     def _finished(self, request: CompletionRequest, progress: _Progress, outcome: Outcome) -> StreamFinished:
         usage = self._usage(request, progress)
         cost = self._cost(request, progress, outcome)
-        return StreamFinished(outcome, progress.finish_reason, usage, cost, progress.deployment)
+        return StreamFinished(
+            outcome, progress.finish_reason, usage, cost, progress.deployment, progress.fallback_model
+        )
 
     def _cost(self, request: CompletionRequest, progress: _Progress, outcome: Outcome) -> Cost:
         """Priced from the resolved model; nothing for a call the upstream refused or
@@ -544,6 +551,7 @@ class CompletionService:
             caller_service=request.caller.service,
             credential_id=request.caller.credential_id or None,
             deployment=progress.deployment,
+            fallback_model=progress.fallback_model,
             user_id=request.user_id,
             requested_model=request.model,
             resolved_model=started.model if started else None,

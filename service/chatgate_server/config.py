@@ -149,6 +149,9 @@ class Settings:
     config_file: Path | None = None
     """CHATGATE_CONFIG: a TOML file (chatgate.toml) listing upstream deployments and routes
     (deployments.py); unset, one deployment from OPENAI_BASE_URL and OPENAI_API_KEY."""
+    config_poll_s: float = 2.0
+    """CHATGATE_CONFIG_POLL_SECONDS: how often CHATGATE_CONFIG is checked for a change, which
+    reloads it as SIGHUP does (default 2; 0: only on SIGHUP)."""
     prices_file: Path | None = None
     """CHATGATE_PRICES_FILE: the operator's price table (the shipped usage/prices.csv's format);
     its rows replace the shipped rows of every model it names. Unset: the shipped table alone."""
@@ -218,6 +221,7 @@ class Settings:
             max_request_bytes=_int(e, "CHATGATE_MAX_REQUEST_BYTES", 4 * 1024 * 1024, minimum=1024),
             allowed_models=_list(e, "CHATGATE_ALLOWED_MODELS"),
             config_file=config_file,
+            config_poll_s=_float(e, "CHATGATE_CONFIG_POLL_SECONDS", 2.0, minimum=0),
             prices_file=prices_file_from_env(e),
             auth=_choice(e, "CHATGATE_AUTH", "TOKENS", ("TOKENS", "OFF")).lower(),
             tls_cert_file=cert,

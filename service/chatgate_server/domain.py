@@ -381,3 +381,6 @@ class UsageRecord:
     # The processing tier the upstream reports it served the call in (the chunks'
     # service_tier: "default", "flex", "priority"…); None when it said nothing.
     service_tier: str | None = None
+    # The route's fallback model (chatgate.toml ``fallback``) when the call's last attempt
+    # went to it; None when it went to the model asked for.
+    fallback_model: str | None = None

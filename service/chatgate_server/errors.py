@@ -23,6 +23,7 @@
     └── UpstreamError                   UNAVAILABLE
         ├── UpstreamRateLimited         UNAVAILABLE, with RetryInfo
         ├── UpstreamCredentialsError    UNAVAILABLE ("upstream credentials")
+        ├── UpstreamMisconfigured       UNAVAILABLE (a deployment's name or api-version is wrong)
         ├── UpstreamRejected            INVALID_ARGUMENT (the upstream called the request bad)
         ├── UpstreamProtocolError       UNAVAILABLE (malformed stream)
         └── BreakerOpen                 UNAVAILABLE, with RetryInfo
@@ -243,6 +244,9 @@ class UpstreamError(ChatgateError):
     retryable = True
     # Counts toward opening the breaker (caller mistakes and our own key never do).
     breaker_failure = True
+    # The fault is the deployment's own (its key, billing, configuration), not the
+    # request's: another deployment may serve the call even though this one never will.
+    deployment_fault = False
 
     def __init__(
         self,
@@ -268,6 +272,29 @@ class UpstreamCredentialsError(UpstreamError):
     reason = "UPSTREAM_CREDENTIALS"
     retryable = False
     breaker_failure = False
+    deployment_fault = True
+
+
+class UpstreamMisconfigured(UpstreamError):
+    """A deployment is configured wrong in a way the upstream names (Azure: the deployment
+    does not exist, the URL or api-version is not one the resource serves): an operator
+    problem, never the caller's. Another deployment may serve the call; this one counts
+    toward its breaker, so it is passed over until the operator fixes it."""
+
+    reason = "UPSTREAM_MISCONFIGURED"
+    retryable = False
+    deployment_fault = True
+
+    def __init__(
+        self, message: str, *, problem: str, http_status: int | None = None, names_deployment: bool = False
+    ) -> None:
+        super().__init__(message, http_status=http_status)
+        self.problem = problem
+        """What is wrong, in fixed words for the operator's log (never the upstream's text)."""
+        self.names_deployment = names_deployment
+        """The upstream has no deployment of the name sent (Azure's DeploymentNotFound):
+        the caller's mistake after all when that name was the caller's own model name,
+        passed through by a ``"*"`` model entry (router.Leg.judge)."""
 
 
 class UpstreamRejected(UpstreamError):

@@ -1,8 +1,10 @@
 """Several deployments behind one chatgate: failover, breakers, weights, keys, the deadline.
 
-Each deployment is its own simulator (or a recording server where the test must see
-the key or the URL). A deployment's model map carries the simulator scenario, so one
-caller-facing model can fail on one deployment and succeed on another.
+Each deployment is its own simulator, OpenAI or Azure flavor; each simulator records
+the path, api-version and key (by name) it saw, so a test proves a key never crosses
+deployments. A recording server stands in only for a compatible server without a key,
+which the simulator refuses. A deployment's model map carries the simulator scenario,
+so one caller-facing model can fail on one deployment and succeed on another.
 """
 
 from __future__ import annotations
@@ -30,22 +32,24 @@ from chatgate.v1 import chat_pb2 as pb
 from chatgate.v1 import chat_pb2_grpc, usage_pb2, usage_pb2_grpc
 from chatgate_server.app import App, StartupError
 from chatgate_server.simulator import Simulator
+from chatgate_server.simulator.testing import keys_seen
 from chatgate_server.telemetry import NO_TELEMETRY, Telemetry
 from tests.integration.conftest import TEST_API_KEY, make_settings
 from tests.integration.recording_upstream import RecordingUpstream
 from tests.integration.test_faults import FAST_RETRIES, call
 from tests.integration.test_tracing import Captured
 
-Sims = Callable[[int], Awaitable[list[Simulator]]]
+Sims = Callable[..., Awaitable[list[Simulator]]]
 
 
 @pytest.fixture
 async def sims() -> AsyncIterator[Sims]:
     started: list[Simulator] = []
 
-    async def start(n: int) -> list[Simulator]:
+    async def start(n: int, **options: Any) -> list[Simulator]:
+        """``n`` simulators made with ``options`` (e.g. ``flavor="azure"``, ``keys={...}``)."""
         for _ in range(n):
-            sim = Simulator()
+            sim = Simulator(**options)
             await sim.start(host="127.0.0.1", port=0)
             started.append(sim)
         return started[-n:]
@@ -100,7 +104,11 @@ async def start_routed(migrated_database_url: str) -> AsyncIterator[StartRouted]
         path = Path(tempfile.mkdtemp(prefix="chatgate-config-")) / "chatgate.toml"
         path.write_text("\n".join(parts))
         settings = make_settings(
-            migrated_database_url, "http://127.0.0.1:9/v1", config_file=path, **{**FAST_RETRIES, **overrides}
+            migrated_database_url,
+            "http://127.0.0.1:9/v1",
+            config_file=path,
+            # Reloads when a test says (app.reload()), unless it tests the file watch.
+            **{**FAST_RETRIES, "config_poll_s": 0, **overrides},
         )
         app = App(settings, telemetry=telemetry)
         await app.start()
@@ -245,43 +253,6 @@ async def test_weights_share_the_calls(sims: Sims, start_routed: StartRouted) ->
     assert 0.62 <= share <= 0.88, share  # 0.75 expected; 200 draws stay within ±0.13 but 1 in 10^4
 
 
-async def test_each_deployment_gets_its_own_key_and_azure_its_url_and_header(
-    start_routed: StartRouted, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level("DEBUG")
-    servers = [RecordingUpstream() for _ in range(2)]
-    for server in servers:
-        await server.start()
-    openai, azure = servers
-    try:
-        _, stub = await start_routed(
-            deployment("openai", f"{openai.root_url}/v1", {"m": M}, key_file=key_file("sk-openai-ONE")),
-            deployment(
-                "azure",
-                azure.root_url,
-                {"m": "my-mini"},
-                kind="azure",
-                api_version="2024-10-21",
-                key_file=key_file("azure-key-TWO"),
-            ),
-            route("m", "openai", "azure"),
-            '[[routes]]\nname = "az"\nmodel = "m"\ndeployments = ["azure"]\n',
-        )
-        assert (await call(stub, "m")).code == grpc.StatusCode.OK
-        assert (await call(stub, "az")).code == grpc.StatusCode.OK
-    finally:
-        for server in servers:
-            await server.stop()
-    [to_openai] = openai.seen
-    assert to_openai.target == "/v1/chat/completions"
-    assert to_openai.headers["authorization"] == "Bearer sk-openai-ONE" and "api-key" not in to_openai.headers
-    [to_azure] = azure.seen
-    assert to_azure.target == "/openai/deployments/my-mini/chat/completions?api-version=2024-10-21"
-    assert to_azure.headers["api-key"] == "azure-key-TWO" and "authorization" not in to_azure.headers
-    assert "sk-openai-ONE" not in caplog.text and "azure-key-TWO" not in caplog.text
-    assert "(openai " in caplog.text  # the start-up line names the deployments, not their keys
-
-
 async def test_a_bad_config_file_stops_start_up_with_one_line(migrated_database_url: str) -> None:
     path = Path(tempfile.mkdtemp(prefix="chatgate-config-")) / "chatgate.toml"
     path.write_text('[[deployments]]\nname = "a"\nkind = "openai"\nkey_file = "/nonexistent/key"\n')
@@ -376,52 +347,40 @@ async def test_spans_and_metrics_name_each_attempts_deployment(sims: Sims, start
     assert {p.attributes["chatgate.deployment"] for p in states} == {"east", "west"}
 
 
-async def test_azure_v1_form_and_a_compatible_server_without_a_key(start_routed: StartRouted) -> None:
-    servers = [RecordingUpstream() for _ in range(2)]
-    for server in servers:
-        await server.start()
-    azure, local = servers
+async def test_a_compatible_server_without_a_key_gets_no_credential_header(start_routed: StartRouted) -> None:
+    # A recording server, not the simulator: the simulator refuses a call without a key.
+    local = RecordingUpstream()
+    await local.start()
     try:
         _, stub = await start_routed(
-            deployment("azure", azure.root_url, {"m": "gpt-4o-mini"}, kind="azure", api_version="v1"),
             deployment("local", f"{local.root_url}/v1", {"l": "llama"}, kind="compatible", key_file=None),
         )
-        assert (await call(stub, "m")).code == grpc.StatusCode.OK
         assert (await call(stub, "l")).code == grpc.StatusCode.OK
     finally:
-        for server in servers:
-            await server.stop()
-    [to_azure] = azure.seen
-    assert to_azure.target == "/openai/v1/chat/completions" and to_azure.body["model"] == "gpt-4o-mini"
-    assert to_azure.headers["api-key"] == TEST_API_KEY
+        await local.stop()
     [to_local] = local.seen
     assert to_local.target == "/v1/chat/completions" and to_local.body["model"] == "llama"
     assert "authorization" not in to_local.headers and "api-key" not in to_local.headers
 
 
-async def test_calls_steer_away_from_a_deployment_as_its_headroom_falls(start_routed: StartRouted) -> None:
-    servers = [RecordingUpstream() for _ in range(2)]
-    for server in servers:
-        await server.start()
-    a, b = servers
-    try:
-        _, stub = await start_routed(
-            deployment("a", f"{a.root_url}/v1", {"m": M}),
-            deployment("b", f"{b.root_url}/v1", {"m": M}),
-            route("m", "a", "b"),
-        )
-        a.headers = {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "50"}
-        for _ in range(3):
-            assert (await call(stub, "m")).code == grpc.StatusCode.OK
-        assert (len(a.seen), len(b.seen)) == (3, 0)  # half left: a stays first
-        a.headers = {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "2"}
-        assert (await call(stub, "m")).code == grpc.StatusCode.OK  # a answers, and says it is nearly out
-        for _ in range(3):
-            assert (await call(stub, "m")).code == grpc.StatusCode.OK
-        assert (len(a.seen), len(b.seen)) == (4, 3)  # steered to b before a ever said 429
-    finally:
-        for server in servers:
-            await server.stop()
+async def test_calls_steer_away_from_a_deployment_as_its_headroom_falls(
+    sims: Sims, start_routed: StartRouted
+) -> None:
+    openai, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(
+        openai_part(openai), azure_part(azure, CLASSIC), route("m", "openai", "azure")
+    )
+    # 100 requests an hour: each call takes one, nothing refills meanwhile.
+    openai.set_headroom(limit_requests=100, remaining_requests=50, window_s=3600)
+    for _ in range(3):
+        assert (await call(stub, "m")).code == grpc.StatusCode.OK
+    assert (len(openai.requests), len(azure.requests)) == (3, 0)  # half left: openai stays first
+    openai.set_headroom(remaining_requests=4)
+    assert (await call(stub, "m")).code == grpc.StatusCode.OK  # answers, and says 3 % is left
+    for _ in range(3):
+        assert (await call(stub, "m")).code == grpc.StatusCode.OK
+    assert (len(openai.requests), len(azure.requests)) == (4, 3)  # steered away before any 429
+    assert all(r.status == 200 for r in openai.requests)
 
 
 async def test_a_429_cools_its_deployment_down(sims: Sims, start_routed: StartRouted) -> None:
@@ -541,3 +500,354 @@ async def test_a_deployment_with_its_own_prices_bills_its_calls_by_them(
             break
         await asyncio.sleep(0.05)
     assert rows == {"paid": costs["paid"], "free": 0}
+
+
+# --- OpenAI and Azure side by side: the simulator's Azure flavor as a deployment ---------
+
+OPENAI_KEY = "sk-openai-ONE"
+AZURE_KEY = "azure-key-TWO"
+CLASSIC = "2024-10-21"
+
+
+async def openai_and_azure(sims: Sims) -> tuple[Simulator, Simulator]:
+    """An OpenAI-flavor simulator and an Azure resource with the deployment ``chat``;
+    each accepts only its own key, and its records name the key it saw."""
+    [openai] = await sims(1, keys={"openai": OPENAI_KEY})
+    [azure] = await sims(1, flavor="azure", deployments={"chat": M}, keys={"azure": AZURE_KEY})
+    return openai, azure
+
+
+def openai_part(sim: Simulator, model: str = M, name: str = "openai") -> str:
+    return deployment(name, sim.base_url, {"m": model}, key_file=key_file(OPENAI_KEY))
+
+
+def azure_part(sim: Simulator, api_version: str, azure_name: str = "chat", name: str = "azure") -> str:
+    """An Azure deployment of ``sim``: ``m`` is its deployment ``azure_name`` (a scenario
+    suffix such as ``chat::status=500`` makes it fail)."""
+    return deployment(
+        name,
+        sim.azure_endpoint,
+        {"m": azure_name},
+        kind="azure",
+        api_version=api_version,
+        key_file=key_file(AZURE_KEY),
+    )
+
+
+async def test_openai_and_azure_each_get_their_own_key_url_and_header(
+    sims: Sims, start_routed: StartRouted, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    openai, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(
+        openai_part(openai),
+        azure_part(azure, CLASSIC),
+        azure_part(azure, "v1", name="azure-v1"),
+        route("m", "openai"),
+        '[[routes]]\nname = "az"\nmodel = "m"\ndeployments = ["azure"]\n',
+        '[[routes]]\nname = "az1"\nmodel = "m"\ndeployments = ["azure-v1"]\n',
+    )
+    for model, served_by in (("m", "openai"), ("az", "azure"), ("az1", "azure-v1")):
+        result = await call(stub, model)
+        assert result.code == grpc.StatusCode.OK and result.text, model
+        # Azure's opening chunk (prompt filter results, no choices) is not an event.
+        assert result.kinds[0] == "started" and result.events[-1].finished.deployment == served_by
+        assert result.events[-1].finished.usage.output_tokens > 0
+    [to_openai] = openai.requests
+    assert (to_openai.path, to_openai.auth_scheme) == ("/v1/chat/completions", "bearer")
+    assert [(r.path, r.deployment, r.api_version, r.auth_scheme) for r in azure.requests] == [
+        ("/openai/deployments/chat/chat/completions", "chat", CLASSIC, "api-key"),
+        ("/openai/v1/chat/completions", "chat", None, "api-key"),
+    ]
+    assert keys_seen(openai.requests) == {"openai"} and keys_seen(azure.requests) == {"azure"}
+    assert OPENAI_KEY not in caplog.text and AZURE_KEY not in caplog.text
+
+
+@pytest.mark.parametrize("api_version", [CLASSIC, "v1"])
+@pytest.mark.parametrize("fault", ["status=500", "rate_limit,retry_after_ms=5000"])
+@pytest.mark.parametrize("failing", ["openai", "azure"])
+async def test_a_failure_moves_the_call_between_openai_and_azure(
+    sims: Sims, start_routed: StartRouted, api_version: str, fault: str, failing: str
+) -> None:
+    openai, azure = await openai_and_azure(sims)
+    order = ("openai", "azure") if failing == "openai" else ("azure", "openai")
+    _, stub = await start_routed(
+        openai_part(openai, f"{M}::{fault}" if failing == "openai" else M),
+        azure_part(azure, api_version, f"chat::{fault}" if failing == "azure" else "chat"),
+        route("m", *order),
+    )
+    result = await call(stub, "m")
+    assert result.code == grpc.StatusCode.OK and result.text
+    assert result.elapsed < 3.0  # a 429 moves on at once, not after its retry-after
+    assert result.events[-1].finished.deployment == order[1]
+    assert (len(openai.requests), len(azure.requests)) == (1, 1)
+    failed = 500 if fault == "status=500" else 429
+    statuses = {"openai": openai.requests[0].status, "azure": azure.requests[0].status}
+    assert statuses == {failing: failed, order[1]: 200}
+    # The call moved, its key did not: each endpoint saw its own deployment's key only.
+    assert keys_seen(openai.requests) == {"openai"} and keys_seen(azure.requests) == {"azure"}
+
+
+@pytest.mark.parametrize("api_version", [CLASSIC, "v1"])
+async def test_an_open_azure_breaker_sends_calls_straight_to_openai(
+    sims: Sims, start_routed: StartRouted, api_version: str
+) -> None:
+    openai, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(
+        azure_part(azure, api_version, "chat::status=500"),
+        openai_part(openai),
+        route("m", "azure", "openai"),
+        breaker_failure_threshold=1,
+        breaker_cooldown_s=30,
+    )
+    results = [await call(stub, "m") for _ in range(4)]
+    assert [r.events[-1].finished.deployment for r in results] == ["openai"] * 4
+    assert (len(azure.requests), len(openai.requests)) == (1, 4)  # azure was tried once, then skipped
+    assert keys_seen(openai.requests) == {"openai"} and keys_seen(azure.requests) == {"azure"}
+
+
+async def test_no_failover_from_azure_after_its_first_event(sims: Sims, start_routed: StartRouted) -> None:
+    openai, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(
+        azure_part(azure, CLASSIC, "chat::chunks=6,disconnect_after=2"),
+        openai_part(openai),
+        route("m", "azure", "openai"),
+    )
+    result = await call(stub, "m")
+    assert result.code == grpc.StatusCode.UNAVAILABLE and result.text
+    assert len(openai.requests) == 0
+
+
+@pytest.mark.parametrize("wrong", ["deployment name", "api_version", "resource path"])
+async def test_a_misconfigured_azure_deployment_is_passed_over_and_named_once(
+    sims: Sims, start_routed: StartRouted, caplog: pytest.LogCaptureFixture, wrong: str
+) -> None:
+    openai, azure = await openai_and_azure(sims)
+    broken = {
+        "deployment name": azure_part(azure, CLASSIC, "no-such-deployment"),  # 404 DeploymentNotFound
+        "api_version": azure_part(azure, "2019-01-01"),  # 400 API version not supported
+        "resource path": azure_part(azure, CLASSIC).replace(
+            azure.azure_endpoint, f"{azure.azure_endpoint}/x"
+        ),
+    }[wrong]
+    _, stub = await start_routed(
+        broken, openai_part(openai), route("m", "azure", "openai"), breaker_failure_threshold=2
+    )
+    results = [await call(stub, "m") for _ in range(4)]
+    # Not the caller's mistake: each call is served by the next deployment.
+    assert [(r.code, r.events[-1].finished.deployment) for r in results] == [
+        (grpc.StatusCode.OK, "openai")
+    ] * 4
+    # It counts toward the breaker: after two calls, azure is passed over.
+    if wrong != "resource path":  # (the simulator keeps no record of a path it does not serve)
+        assert len(azure.requests) == 2
+    lines = [r.getMessage() for r in caplog.records if "deployment azure is misconfigured" in r.getMessage()]
+    named = {
+        "deployment name": "DeploymentNotFound",
+        "api_version": "API version",
+        "resource path": "Resource not",
+    }
+    assert len(lines) == 1 and named[wrong] in lines[0]
+    assert keys_seen(openai.requests) == {"openai"}
+    assert AZURE_KEY not in caplog.text and OPENAI_KEY not in caplog.text
+
+
+async def test_with_no_deployment_left_a_misconfiguration_is_unavailable_not_the_callers_mistake(
+    sims: Sims, start_routed: StartRouted
+) -> None:
+    _, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(azure_part(azure, CLASSIC, "no-such-deployment"), route("m", "azure"))
+    result = await call(stub, "m")
+    assert (result.code, result.reason) == (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_MISCONFIGURED")
+    assert "does not exist" not in result.message and "DeploymentNotFound" not in result.details_text
+    assert len(azure.requests) == 1  # never retried where it cannot succeed
+
+
+async def test_a_fallback_that_served_the_call_is_named_in_the_final_event_the_row_and_the_report(
+    sims: Sims,
+    start_routed: StartRouted,
+    db: psycopg.Connection[tuple[object, ...]],
+    migrated_database_url: str,
+) -> None:
+    openai, azure = await openai_and_azure(sims)
+    _, stub = await start_routed(
+        azure_part(azure, CLASSIC, "chat::status=500"),
+        deployment("openai", openai.base_url, {"m": M, "big": "gpt-4o"}, key_file=key_file(OPENAI_KEY)),
+        route("m", "azure"),
+        '[[routes]]\nname = "fast"\nmodel = "m"\ndeployments = ["azure"]\nfallback = "big"\n',
+    )
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    finals = []
+    for model in ("fast", "big"):
+        hi = [pb.Message(role=pb.ROLE_USER, text="hi")]
+        events = [e async for e in stub.Complete(pb.CompleteRequest(model=model, user_id=user, messages=hi))]
+        finals.append(
+            (events[0].started.model, events[-1].finished.deployment, events[-1].finished.fallback_model)
+        )
+    assert finals == [
+        ("gpt-4o-2024-08-06", "openai", "big"),  # azure failed: the route fell back, and says so
+        ("gpt-4o-2024-08-06", "openai", ""),  # asked for by name: no fallback
+    ]
+
+    def rows() -> list[tuple[object, ...]]:
+        query = (
+            "SELECT requested_model, fallback_model FROM usage_records WHERE user_id = %s ORDER BY started_at"
+        )
+        return db.execute(query, [user]).fetchall()
+
+    for _ in range(100):
+        if len(rows()) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert rows() == [("fast", "big"), ("big", None)]
+    command = ["usage", "--since", "1h", "--user", user, "--by", "model,fallback", "--format", "csv"]
+    report = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "chatgate_server", *command],
+        env={**os.environ, "DATABASE_URL": migrated_database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert report.returncode == 0, report.stderr
+    got = {
+        (row["model"], row["fallback"]): int(row["requests"])
+        for row in csv.DictReader(io.StringIO(report.stdout))
+    }
+    assert got == {("fast", "big"): 1, ("big", ""): 1}
+
+
+async def test_a_changed_file_reloads_without_a_signal(
+    sims: Sims, start_routed: StartRouted, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file is mounted as a ConfigMap is: chatgate.toml -> ..data/chatgate.toml, and an
+    update swaps ..data to a new directory."""
+    a, b = await sims(2)
+    first = deployment("a", a.base_url, {"m": M, "slow": f"{M}::chunks=20,delay_ms=40"}) + route("m", "a")
+    app, stub = await start_routed(first, config_poll_s=0.05)
+    assert app.router is not None and app.settings.config_file is not None
+    mount = app.settings.config_file.parent / "mount"
+    mount.mkdir()
+
+    def publish(version: str, text: str) -> None:
+        (mount / version).mkdir()
+        (mount / version / "chatgate.toml").write_text(text)
+        (mount / "..data_tmp").symlink_to(version)
+        (mount / "..data_tmp").replace(mount / "..data")
+
+    async def served_by(name: str) -> bool:
+        for _ in range(100):
+            if app.router is not None and [d.name for d in app.router.deployments] == [name]:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    # Start on a file that is a symlink, as in a pod: the app reads it through the link.
+    publish("..v1", first)
+    (mount / "chatgate.toml").symlink_to("..data/chatgate.toml")
+    app.settings.config_file.unlink()
+    app.settings.config_file.symlink_to(mount / "chatgate.toml")
+    running = asyncio.ensure_future(call(stub, "slow"))
+    await a.wait_requests(1)
+    publish("..v2", deployment("b", b.base_url, {"m": M}) + route("m", "b"))
+    assert await served_by("b")
+    assert (await call(stub, "m")).events[-1].finished.deployment == "b"
+    finished = await running
+    assert finished.code == grpc.StatusCode.OK and finished.events[-1].finished.deployment == "a"
+
+    # A bad file is refused once, and the running configuration kept.
+    publish("..v3", deployment("b", b.base_url, {"m": M}) + route("m", "b", "nowhere"))
+    for _ in range(100):
+        if any("reload refused" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # several more polls
+    refused = [r for r in caplog.records if "reload refused" in r.getMessage()]
+    assert len(refused) == 1
+    assert (await call(stub, "m")).events[-1].finished.deployment == "b"
+
+
+async def test_each_deployment_has_a_health_name_that_follows_its_breaker(
+    sims: Sims, start_routed: StartRouted, migrated_database_url: str
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    openai, azure = await openai_and_azure(sims)
+    app, stub = await start_routed(
+        azure_part(azure, CLASSIC, "chat::status=500"),
+        openai_part(openai),
+        route("m", "azure", "openai"),
+        breaker_failure_threshold=1,
+        breaker_cooldown_s=1.0,
+    )
+    assert app.deployment_health is not None and app.settings.config_file is not None
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+
+    async def statuses() -> dict[str, str]:
+        await app.deployment_health.settled()  # type: ignore[union-attr]
+        out = {}
+        for name in ("azure", "openai"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=f"chatgate.deployment.{name}"))
+            out[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return out
+
+    try:
+        assert await statuses() == {"azure": "SERVING", "openai": "SERVING"}
+        assert (await call(stub, "m")).code == grpc.StatusCode.OK  # azure fails: its breaker opens
+        assert await statuses() == {"azure": "NOT_SERVING", "openai": "SERVING"}
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING  # the server itself still serves
+
+        command = [sys.executable, "-m", "chatgate_server", "health", "--deployments"]
+        ran = await asyncio.to_thread(
+            subprocess.run,
+            [*command, "--address", f"127.0.0.1:{app.port}"],
+            env={**os.environ, "CHATGATE_CONFIG": str(app.settings.config_file)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert ran.returncode == 0, ran.stderr  # informational: the exit status is the server's
+        assert ran.stdout.splitlines() == [
+            "SERVING",
+            "chatgate.deployment.azure: NOT_SERVING",
+            "chatgate.deployment.openai: SERVING",
+        ]
+
+        for _ in range(60):  # the cool-down ends: half-open, a probe may go there
+            if (await statuses())["azure"] == "SERVING":
+                break
+            await asyncio.sleep(0.1)
+        assert (await statuses())["azure"] == "SERVING"
+
+        app.settings.config_file.write_text(openai_part(openai) + route("m", "openai"))
+        assert await app.reload()
+        assert await statuses() == {"azure": "SERVICE_UNKNOWN", "openai": "SERVING"}  # dropped
+    finally:
+        await channel.close()
+
+
+async def test_a_missing_azure_deployment_named_by_the_caller_is_the_callers_mistake(
+    sims: Sims, start_routed: StartRouted, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a "*" model entry the caller's model name is the Azure deployment name: one
+    that does not exist is a model that does not exist, not a broken deployment."""
+    _, azure = await openai_and_azure(sims)
+    app, stub = await start_routed(
+        deployment(
+            "azure",
+            azure.azure_endpoint,
+            {"*": "*"},
+            kind="azure",
+            api_version=CLASSIC,
+            key_file=key_file(AZURE_KEY),
+        ),
+        breaker_failure_threshold=1,
+    )
+    for _ in range(2):
+        result = await call(stub, "no-such-model")
+        assert (result.code, result.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST")
+    assert app.router is not None and app.router.deployments[0].breaker.state.name == "CLOSED"
+    assert not any("misconfigured" in r.getMessage() for r in caplog.records)
+    assert (await call(stub, "chat")).code == grpc.StatusCode.OK  # its real deployment still serves

@@ -157,7 +157,7 @@ def test_usage_report_refuses_bad_arguments_in_one_line(migrated_database_url: s
     ran = chatgate("usage", "--by", "planet", url=migrated_database_url)
     assert ran.returncode == 1
     assert ran.stderr.strip().splitlines() == [
-        "chatgate: usage: --by 'planet': use tenant, user, model, day, deployment or tag:<key>"
+        "chatgate: usage: --by 'planet': use tenant, user, model, day, deployment, fallback or tag:<key>"
     ]
 
 

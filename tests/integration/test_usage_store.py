@@ -95,6 +95,7 @@ def expected_row(r: UsageRecord) -> dict[str, Any]:
         "credential_id": r.credential_id,
         "deployment": r.deployment,
         "service_tier": r.service_tier,
+        "fallback_model": r.fallback_model,
         "user_id": r.user_id,
         "requested_model": r.requested_model,
         "resolved_model": r.resolved_model,

@@ -13,6 +13,7 @@ from chatgate_server.errors import (
     RequestTooLarge,
     UpstreamCredentialsError,
     UpstreamError,
+    UpstreamMisconfigured,
     UpstreamRateLimited,
     UpstreamRejected,
 )
@@ -283,3 +284,64 @@ def test_the_billing_log_says_none_when_type_and_code_are_absent(caplog: pytest.
 def test_only_known_codes_and_small_numbers_are_quoted(value: object, quoted: str) -> None:
     # What reaches a mid-stream error's details and the logs: never free text.
     assert quotable(value) == quoted
+
+
+# Azure's (and OpenAI's) answers that blame the deployment's configuration, as they send them.
+_MISCONFIGURED = [
+    (
+        404,
+        {
+            "error": {
+                "code": "DeploymentNotFound",
+                "message": "The API deployment for this resource does not exist.",
+            }
+        },
+        "DeploymentNotFound",
+    ),
+    (404, {"error": {"code": "404", "message": "Resource not found"}}, "Resource not found"),
+    (
+        400,
+        {"error": {"code": "BadRequest", "message": "API version not supported"}},
+        "API version not supported",
+    ),
+    (
+        404,
+        {"error": {"message": "Invalid URL (POST /v1/chat/completion)", "type": "invalid_request_error"}},
+        "Invalid URL",
+    ),
+]
+
+
+@pytest.mark.parametrize(("status", "body_", "named"), _MISCONFIGURED)
+def test_a_deployments_own_misconfiguration_is_not_the_callers_mistake(
+    status: int, body_: dict[str, object], named: str
+) -> None:
+    err = classify_http_error(status, body_, {})
+    assert isinstance(err, UpstreamMisconfigured)
+    assert (err.status_name, err.reason) == ("UNAVAILABLE", "UPSTREAM_MISCONFIGURED")
+    assert err.deployment_fault and err.breaker_failure and not err.retryable
+    assert named in err.problem  # the operator's log line says which
+    assert "deployment" not in err.problem or "Azure" in err.problem
+    assert err.message == "the upstream deployment is misconfigured (an operator problem, not the request's)"
+
+
+def test_openais_model_not_found_stays_the_callers_mistake() -> None:
+    """The caller named a model OpenAI does not serve: its 404 is INVALID_ARGUMENT, as before."""
+    err = classify_http_error(
+        404,
+        body(
+            "invalid_request_error",
+            "model_not_found",
+            "The model `gpt-9` does not exist or you do not have access to it.",
+        ),
+        {},
+    )
+    assert isinstance(err, UpstreamRejected) and err.cause == "MODEL_NOT_FOUND"
+    assert not err.deployment_fault and not err.breaker_failure
+
+
+def test_a_400_that_only_mentions_a_version_is_still_the_callers() -> None:
+    err = classify_http_error(
+        400, body("invalid_request_error", "invalid_value", "version must be a string"), {}
+    )
+    assert isinstance(err, UpstreamRejected)

@@ -14,6 +14,7 @@ from chatgate_server.errors import (
     RequestTooLarge,
     UpstreamCredentialsError,
     UpstreamError,
+    UpstreamMisconfigured,
     UpstreamRateLimited,
     UpstreamRejected,
 )
@@ -45,6 +46,16 @@ def test_full_jitter_stays_within_the_exponential_ceiling(attempt: int) -> None:
     high = decide(UpstreamError("x"), attempt, 100, policy, rng=lambda: 0.999999)
     assert low.wait_s == 0.0
     assert ceiling * 0.99 < high.wait_s < ceiling
+
+
+def test_a_deployments_own_fault_moves_the_call_on_but_never_retries_it_there() -> None:
+    misconfigured = UpstreamMisconfigured("wrong api-version", problem="api-version", http_status=400)
+    for error in (misconfigured, UpstreamCredentialsError("key", http_status=401)):
+        assert decide(error, 1, 100, POLICY, failover=True) == RetryDecision(True, 0.0, "failover")
+        assert decide(error, 1, 100, POLICY, failover=False).reason == "not_retryable"
+        assert decide(error, POLICY.max_attempts, 100, POLICY, failover=True).reason == "attempts_exhausted"
+    # A caller mistake is the same everywhere: never moved.
+    assert decide(UpstreamRejected("bad", http_status=400), 1, 100, POLICY, failover=True).retry is False
 
 
 def test_attempts_are_capped() -> None:

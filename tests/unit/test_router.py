@@ -140,9 +140,13 @@ def test_models_map_to_each_deployments_own_name_and_fallback_comes_last() -> No
     asked = []
     for _ in range(3):
         leg = plan.next()
-        asked.append((leg.deployment.name, leg.request(request("fast")).model))
+        asked.append((leg.deployment.name, leg.request(request("fast")).model, leg.candidate.fallback))
         plan.failed(UpstreamError("500"))
-    assert asked == [("azure", "prod-4o"), ("openai", "gpt-4o"), ("openai", "gpt-4o-mini")]
+    assert asked == [
+        ("azure", "prod-4o", None),
+        ("openai", "gpt-4o", None),
+        ("openai", "gpt-4o-mini", "gpt-4o-mini"),  # the fallback says it is one
+    ]
 
 
 def test_an_unserved_model_is_an_invalid_request() -> None:
@@ -212,3 +216,24 @@ def test_a_failover_goes_at_once_and_counts_against_the_one_budget() -> None:
     assert decide(UpstreamCredentialsError("key"), 1, 30.0, policy, failover=True).retry
     assert not decide(UpstreamCredentialsError("key"), 1, 30.0, policy, failover=False).retry
     assert not decide(UpstreamRejected("bad request"), 1, 30.0, policy, failover=True).retry
+
+
+def test_a_missing_azure_deployment_is_the_callers_mistake_only_when_the_name_was_theirs() -> None:
+    from chatgate_server.errors import UpstreamMisconfigured
+
+    clock = Clock()
+    passthrough = deployment("azure-any", clock)  # models: "*" (each caller's name sent as is)
+    mapped = deployment("azure-mapped", clock, models={"fast": "prod-mini"})
+    routes = {"alias": Route("alias", "gpt-4o", (passthrough,))}
+    router = Router([passthrough, mapped], routes)
+
+    def judged(model: str) -> BaseException:
+        missing = UpstreamMisconfigured("misconfigured", problem="DeploymentNotFound", names_deployment=True)
+        return router.plan(model).next().judge(missing)
+
+    mistake = judged("gpt-4o-typo")  # the caller's name reached Azure as a deployment name
+    assert isinstance(mistake, UpstreamRejected) and mistake.cause == "MODEL_NOT_FOUND"
+    assert isinstance(judged("fast"), UpstreamMisconfigured)  # chatgate.toml chose "prod-mini"
+    assert isinstance(judged("alias"), UpstreamMisconfigured)  # a route chose "gpt-4o"
+    wrong_version = UpstreamMisconfigured("misconfigured", problem="api-version")
+    assert router.plan("gpt-4o-typo").next().judge(wrong_version) is wrong_version  # never the caller's

@@ -97,7 +97,9 @@ export class ChatgateError extends Error {
    */
   get retryable() {
     if (this.eventsReceived > 0) return false;
-    if (this.code === grpc.status.UNAVAILABLE) return this.reason !== "UPSTREAM_CREDENTIALS";
+    if (this.code === grpc.status.UNAVAILABLE) {
+      return this.reason !== "UPSTREAM_CREDENTIALS" && this.reason !== "UPSTREAM_MISCONFIGURED";
+    }
     if (this.code === grpc.status.RESOURCE_EXHAUSTED) {
       return this.retryDelayMs !== null;
     }

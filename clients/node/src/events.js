@@ -74,6 +74,7 @@ function finished(f) {
       priceVersion: f.cost?.priceVersion ?? "",
     },
     deployment: f.deployment ?? "",
+    fallbackModel: f.fallbackModel ?? "",
   };
 }
 

@@ -181,6 +181,8 @@ export interface FinishedEvent {
   cost: Cost;
   /** The upstream deployment that served the stream ("" when none was reached). */
   deployment: string;
+  /** The route's fallback model that served the stream ("" when the model asked for did). */
+  fallbackModel: string;
 }
 export type ChatEvent = StartedEvent | ContentEvent | RefusalEvent | ToolCallEvent | FinishedEvent;
 
@@ -259,6 +261,7 @@ export type ErrorReason =
   | "UPSTREAM_CIRCUIT_OPEN"
   | "UPSTREAM_PROTOCOL_ERROR"
   | "UPSTREAM_CREDENTIALS"
+  | "UPSTREAM_MISCONFIGURED"
   | "SHUTTING_DOWN"
   | "USAGE_LEDGER_FULL"
   | "SERVICE_UNAVAILABLE"

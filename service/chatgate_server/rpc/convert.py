@@ -521,4 +521,5 @@ def _finished(event: StreamFinished) -> pb.Finished:
         ),
         cost=cost,
         deployment=event.deployment or "",
+        fallback_model=event.fallback_model or "",
     )

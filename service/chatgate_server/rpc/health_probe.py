@@ -5,7 +5,8 @@ whole server (NOT_SERVING while draining or while the ledger is full: readiness)
 ``chatgate.ledger`` the usage ledger (NOT_SERVING while rows wait in the spool: alert on
 it) and ``chatgate.liveness`` only that the process answers (SERVING from start until
 shutdown, whatever Postgres does: liveness, since a restart brings no database back and
-must not lose what the ledger holds).
+must not lose what the ledger holds). ``chatgate.deployment.<name>`` is one upstream
+deployment's breaker (``deployment_health.py``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,11 @@
 
 Classification reads the error body's ``type``/``code``, not the status alone: a 429
 can be a passing rate limit (retry), an exhausted quota or billing limit (never
-retry; an operator problem) or a request that is too large (never succeeds).
+retry; an operator problem) or a request that is too large (never succeeds); a 404 or
+400 is the caller's mistake (the model it named does not exist) unless the body says
+the deployment itself is configured wrong (Azure: no such deployment, no such URL, an
+api-version the resource does not serve; OpenAI: no such URL) — then no request could
+succeed there, and the call belongs on another deployment.
 Messages are ours: the upstream's text never reaches the caller, and neither does
 anything that could contain the key. Its ``code``, ``type``, ``param`` and ``message``
 are free text of any length (a code once held a live key; another was 20,000
@@ -22,6 +26,7 @@ from chatgate_server.errors import (
     RequestTooLarge,
     UpstreamCredentialsError,
     UpstreamError,
+    UpstreamMisconfigured,
     UpstreamRateLimited,
     UpstreamRejected,
     sane_retry_delay,
@@ -142,12 +147,33 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
     return sane_retry_delay(wait)
 
 
+def misconfiguration(status: int, code: str, text: str) -> str | None:
+    """What is wrong with the deployment's configuration, when the upstream's answer says
+    it is the URL, the deployment name or the api-version, not the request: a fixed
+    phrase for logs, or None."""
+    lowered = text.lower()
+    if status == 404 and code == "DeploymentNotFound":
+        return "its Azure deployment name does not exist on the resource (DeploymentNotFound)"
+    if status == 404 and lowered.startswith("resource not found"):
+        return "the resource has no such URL (Resource not found: a wrong path or a missing api-version)"
+    if status == 400 and "api version not supported" in lowered:
+        return "the resource does not serve its api_version (API version not supported)"
+    if status == 404 and lowered.startswith("invalid url"):
+        return "the upstream has no such URL (Invalid URL: a wrong base_url)"
+    return None
+
+
 def _rejection(status: int, code: str) -> UpstreamRejected:
     cause = _REJECTION_CAUSES.get(code, "OTHER")
     text = _CAUSE_TEXT[cause]
     if cause != "OTHER":
         text = f"the upstream rejected the request: {text}"
     return UpstreamRejected(text, cause=cause, http_status=status)
+
+
+def model_not_found(status: int | None) -> UpstreamRejected:
+    """The caller named a model the upstream does not have (as OpenAI's model_not_found)."""
+    return _rejection(status or 404, "model_not_found")
 
 
 def classify_http_error(status: int, body: Mapping[str, Any] | None, headers: Mapping[str, str]) -> Exception:
@@ -173,6 +199,14 @@ def classify_http_error(status: int, body: Mapping[str, Any] | None, headers: Ma
         )
     if status == 429 and "request too large" in text.lower():
         return RequestTooLarge("the request is too large for the model's token-per-minute limit")
+    problem = misconfiguration(status, code, text)
+    if problem is not None:
+        return UpstreamMisconfigured(
+            "the upstream deployment is misconfigured (an operator problem, not the request's)",
+            problem=problem,
+            http_status=status,
+            names_deployment=code == "DeploymentNotFound",
+        )
     if status in (400, 404, 422):
         error: UpstreamError = _rejection(status, code)
     elif status == 429:

@@ -8,13 +8,17 @@ failures alone.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from chatgate_server.domain import FEATURES, CompletionRequest, Feature
+from chatgate_server.errors import UpstreamMisconfigured
 from chatgate_server.upstream.base import Upstream
 from chatgate_server.upstream.breaker import CircuitBreaker
 from chatgate_server.upstream.headroom import Headroom
+
+log = logging.getLogger(__name__)
 
 # In a deployment's model map: serve any model under the name the caller used.
 ANY_MODEL = "*"
@@ -42,6 +46,22 @@ class Deployment:
     accepts: frozenset[Feature] = frozenset(FEATURES)
     """The request options it may be sent (chatgate.toml ``accepts``): the router passes
     it over for a call that sets any other."""
+    misconfigurations: set[str] = field(default_factory=set)
+    """Configuration problems the upstream named (each logged once)."""
+
+    def misconfigured(self, error: UpstreamMisconfigured) -> None:
+        """Tell the operator, once per problem, that this deployment is configured wrong
+        (a reload that changes it makes a new deployment, which says so again if it still is)."""
+        if error.problem in self.misconfigurations:
+            return
+        self.misconfigurations.add(error.problem)
+        log.warning(
+            "deployment %s is misconfigured: %s; its calls go to the route's other deployments"
+            " and count toward its breaker until it is fixed (chatgate.toml, or the resource)",
+            self.name,
+            error.problem,
+            extra={"fields": {"deployment": self.name, "upstream_status": error.http_status}},
+        )
 
     def serves(self, model: str) -> bool:
         return model in self.models or ANY_MODEL in self.models

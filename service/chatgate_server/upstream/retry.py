@@ -6,7 +6,8 @@ schedule, per failed attempt:
 
 - not retryable (the error says so: caller mistakes, our credentials, billing,
   request too large, ``x-should-retry: false``) → stop; except that a deployment's
-  own trouble (its key, its billing) moves the call to another deployment if any;
+  own trouble (its key, its billing, its configuration) moves the call to another
+  deployment if any;
 - attempts used up → stop (failovers to another deployment count as attempts: one
   budget bounds retries and failovers together);
 - the next attempt goes to another deployment (``router.py``) → go at once: that
@@ -33,7 +34,7 @@ from typing import TypeVar
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from chatgate_server.deadline import Deadline
-from chatgate_server.errors import ChatgateError, UpstreamCredentialsError, UpstreamError
+from chatgate_server.errors import ChatgateError, UpstreamError
 
 T = TypeVar("T")
 
@@ -83,7 +84,7 @@ def decide(
     ``failover``: the next attempt would go to another deployment."""
     if not isinstance(error, UpstreamError):
         return RetryDecision(False, 0.0, "not_retryable")
-    moves_on = failover and (error.retryable or isinstance(error, UpstreamCredentialsError))
+    moves_on = failover and (error.retryable or error.deployment_fault)
     if not error.retryable and not moves_on:
         return RetryDecision(False, 0.0, "not_retryable")
     if failed_attempts >= policy.max_attempts:

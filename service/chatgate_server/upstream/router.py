@@ -35,8 +35,10 @@ from chatgate_server.errors import (
     InvalidRequest,
     TooManyStreams,
     UpstreamError,
+    UpstreamMisconfigured,
 )
 from chatgate_server.upstream.breaker import BreakerState, Permit
+from chatgate_server.upstream.classify import model_not_found
 from chatgate_server.upstream.deployment import Deployment
 
 # Below this share of its rate limit left, a deployment is tried after the others.
@@ -62,6 +64,11 @@ class Route:
 class Candidate:
     deployment: Deployment
     model: str  # the model asked of it (the route's, or its fallback's)
+    fallback: str | None = None
+    """The route's fallback (as chatgate.toml names it) this candidate serves; None for
+    the model the caller asked for. The final event and the row say so."""
+    routed: bool = False
+    """A route (chatgate.toml) named the model; else it is the caller's own name."""
 
 
 class Leg:
@@ -80,6 +87,20 @@ class Leg:
 
     def request(self, request: CompletionRequest) -> CompletionRequest:
         return self.deployment.request_for(request, self.candidate.model)
+
+    def judge(self, error: BaseException) -> BaseException:
+        """``error`` as this leg means it. An upstream with no deployment of the name sent
+        is the operator's problem when chatgate.toml chose that name, and the caller's
+        when it was the caller's own model name passed through by a ``"*"`` entry: then
+        it is a model that does not exist, as OpenAI's 404 model_not_found is."""
+        if (
+            isinstance(error, UpstreamMisconfigured)
+            and error.names_deployment
+            and not self.candidate.routed
+            and self.candidate.model not in self.deployment.models
+        ):
+            return model_not_found(error.http_status)
+        return error
 
 
 class Router:
@@ -102,7 +123,7 @@ class Router:
         """The candidates for a call asking for ``model`` that accept every request option
         in ``needs`` (the request's features); InvalidRequest when none serve the model,
         or none of those that do accept the options (a violation on each option)."""
-        candidates = self._candidates(model, seen=set())
+        candidates = self._candidates(model, seen=set(), fallback=None)
         if not candidates:
             raise InvalidRequest([FieldViolation("model", "no deployment of this service serves this model")])
         if needs:
@@ -112,16 +133,19 @@ class Router:
             candidates = able
         return RoutePlan(candidates)
 
-    def _candidates(self, model: str, seen: set[str]) -> list[Candidate]:
+    def _candidates(self, model: str, seen: set[str], fallback: str | None) -> list[Candidate]:
+        """``fallback``: the fallback name ``model`` is being planned for (None at the top)."""
         seen.add(model)
         route = self.routes.get(model)
         if route is None:
             serving = [d for d in self.deployments if d.serves(model)]
-            return [Candidate(d, model) for d in self._steered(serving, weighted=True)]
+            # A fallback's name is chatgate.toml's, not the caller's.
+            routed = fallback is not None
+            return [Candidate(d, model, fallback, routed) for d in self._steered(serving, weighted=True)]
         ordered = self._steered(route.deployments, weighted=route.weighted)
-        out = [Candidate(d, route.model) for d in ordered]
+        out = [Candidate(d, route.model, fallback, routed=True) for d in ordered]
         if route.fallback is not None and route.fallback not in seen:
-            out += self._candidates(route.fallback, seen)
+            out += self._candidates(route.fallback, seen, route.fallback)
         return out
 
     def _steered(self, deployments: Sequence[Deployment], *, weighted: bool) -> list[Deployment]:
@@ -231,6 +255,8 @@ class RoutePlan:
         """The latest attempt failed with ``error`` (judged when the call leaves)."""
         if self._current is not None:
             self._current[1].error = error
+            if isinstance(error, UpstreamMisconfigured):
+                self._current[1].deployment.misconfigured(error)
 
     def _leave(self) -> None:
         if self._current is None:

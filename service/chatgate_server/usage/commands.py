@@ -61,7 +61,7 @@ def add_usage_commands(sub: Any) -> None:
     report.add_argument(
         "--by",
         default="",
-        help="comma-separated groupings: tenant, user, model, day, deployment, tag:<key> "
+        help="comma-separated groupings: tenant, user, model, day, deployment, fallback, tag:<key> "
         "(e.g. --by user,model)",
     )
     report.add_argument("--tenant", help="only this tenant")
@@ -177,7 +177,7 @@ def parse_by(text: str) -> tuple[tuple[Dimension, ...], str | None]:
             dim = Dimension(name)
         except ValueError:
             raise ValueError(
-                f"--by {part!r}: use tenant, user, model, day, deployment or tag:<key>"
+                f"--by {part!r}: use tenant, user, model, day, deployment, fallback or tag:<key>"
             ) from None
         if dim is Dimension.TAG:
             if not key:

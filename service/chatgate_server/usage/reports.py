@@ -54,6 +54,7 @@ class Dimension(enum.StrEnum):
     DAY = "day"  # UTC
     TAG = "tag"  # the value of one tag key ("" for rows without it)
     DEPLOYMENT = "deployment"  # the upstream deployment that served it ("" for none)
+    FALLBACK = "fallback"  # the route's fallback model that served it ("" when the model asked for did)
 
 
 # Column of the unified source for each dimension.
@@ -64,6 +65,7 @@ _KEY_COLUMN: dict[Dimension, LiteralString] = {
     Dimension.DAY: "day",
     Dimension.TAG: "tag",
     Dimension.DEPLOYMENT: "deployment",
+    Dimension.FALLBACK: "fallback",
 }
 
 _SUMS: tuple[LiteralString, ...] = (
@@ -294,7 +296,8 @@ def _records(query: UsageQuery, a: str, b: str, params: dict[str, Any]) -> sql.C
         params["tag_key"] = query.tag_key
     return sql.SQL(
         "SELECT tenant, user_id, requested_model AS model, (started_at AT TIME ZONE 'UTC')::date AS day,"
-        " {tag} AS tag, coalesce(deployment, '') AS deployment, 1::bigint AS requests,"
+        " {tag} AS tag, coalesce(deployment, '') AS deployment,"
+        " coalesce(fallback_model, '') AS fallback, 1::bigint AS requests,"
         " input_tokens, output_tokens, cached_input_tokens,"
         " reasoning_tokens, total_tokens, coalesce(cost_usd_micros, 0) AS cost_usd_micros,"
         " (cost_usd_micros IS NULL)::int::bigint AS unpriced_requests"
@@ -310,7 +313,7 @@ def _records(query: UsageQuery, a: str, b: str, params: dict[str, Any]) -> sql.C
 
 def _rollup(query: UsageQuery, params: dict[str, Any]) -> sql.Composable:
     return sql.SQL(
-        "SELECT tenant, user_id, model, day, '' AS tag, '' AS deployment, requests,"
+        "SELECT tenant, user_id, model, day, '' AS tag, '' AS deployment, '' AS fallback, requests,"
         " input_tokens, output_tokens,"
         " cached_input_tokens, reasoning_tokens, total_tokens, cost_usd_micros, unpriced_requests"
         " FROM usage_daily WHERE day >= %(day_lo)s AND day < %(day_hi)s{filters}"
@@ -319,8 +322,8 @@ def _rollup(query: UsageQuery, params: dict[str, Any]) -> sql.Composable:
 
 def _source(query: UsageQuery, end: datetime, params: dict[str, Any]) -> sql.Composable:
     params["start"], params["end"] = query.start, end
-    if query.tag_key or query.tags or Dimension.DEPLOYMENT in query.group_by:
-        # The daily rollup keeps neither tags nor deployments: rows only.
+    if query.tag_key or query.tags or {Dimension.DEPLOYMENT, Dimension.FALLBACK} & set(query.group_by):
+        # The daily rollup keeps neither tags, deployments nor fallbacks: rows only.
         return _records(query, "start", "end", params)
     lo, hi = _split(query.start, end)
     if lo >= hi:

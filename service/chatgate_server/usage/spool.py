@@ -110,6 +110,7 @@ def record_to_json(r: UsageRecord) -> dict[str, Any]:
         "service_tier": r.service_tier,
         "credential_id": r.credential_id,
         "deployment": r.deployment,
+        "fallback_model": r.fallback_model,
     }
 
 
@@ -157,6 +158,7 @@ def record_from_json(d: Mapping[str, Any]) -> UsageRecord:
         service_tier=d.get("service_tier"),
         credential_id=d.get("credential_id"),
         deployment=d.get("deployment"),
+        fallback_model=d.get("fallback_model"),
     )
 
 

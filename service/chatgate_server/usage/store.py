@@ -84,6 +84,7 @@ _COLUMNS: tuple[_Column, ...] = (
     _Column("caller_service", "text[]", lambda r: fields.text(r.caller_service, fields.TENANT_BYTES)),
     _Column("credential_id", "text[]", lambda r: fields.opt_text(r.credential_id, fields.CODE_BYTES)),
     _Column("deployment", "text[]", lambda r: fields.opt_text(r.deployment, fields.CODE_BYTES)),
+    _Column("fallback_model", "text[]", lambda r: fields.opt_text(r.fallback_model, fields.MODEL_BYTES)),
     _Column("user_id", "text[]", lambda r: fields.text(r.user_id, fields.USER_ID_BYTES)),
     _Column("requested_model", "text[]", lambda r: fields.text(r.requested_model, fields.MODEL_BYTES)),
     _Column("resolved_model", "text[]", lambda r: fields.opt_text(r.resolved_model, fields.MODEL_BYTES)),

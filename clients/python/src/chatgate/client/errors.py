@@ -46,6 +46,7 @@ ErrorReason = Literal[
     "UPSTREAM_CIRCUIT_OPEN",
     "UPSTREAM_PROTOCOL_ERROR",
     "UPSTREAM_CREDENTIALS",
+    "UPSTREAM_MISCONFIGURED",
     "SHUTTING_DOWN",
     "USAGE_LEDGER_FULL",
     "SERVICE_UNAVAILABLE",
@@ -162,15 +163,15 @@ class ChatgateError(Exception):
 
         Only before the first event: after that the upstream has been paid and the
         tokens were delivered. UNAVAILABLE is transient unless it is chatgate's own
-        upstream key (an operator problem no retry fixes); RESOURCE_EXHAUSTED only with
-        a ``retry_delay`` (chatgate's own limits and quotas that reset always send one:
-        without it, the limit is not one that passes, e.g. gRPC's own message size
-        limit). Wait at least ``retry_delay`` when it is set.
+        upstream key or deployment configuration (operator problems no retry fixes);
+        RESOURCE_EXHAUSTED only with a ``retry_delay`` (chatgate's own limits and
+        quotas that reset always send one: without it, the limit is not one that
+        passes, e.g. gRPC's own message size limit). Wait at least ``retry_delay`` when it is set.
         """
         if self.events_received:
             return False
         if self.code is grpc.StatusCode.UNAVAILABLE:
-            return self.reason != "UPSTREAM_CREDENTIALS"
+            return self.reason not in ("UPSTREAM_CREDENTIALS", "UPSTREAM_MISCONFIGURED")
         if self.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             return self.retry_delay is not None
         return False

@@ -198,6 +198,8 @@ class Finished:
     cost: Cost
     deployment: str = ""
     """The upstream deployment that served the stream ("" when none was reached)."""
+    fallback_model: str = ""
+    """The route's fallback model that served the stream ("" when the model asked for did)."""
 
 
 Event = Started | ContentDelta | RefusalDelta | ToolCallDelta | Finished
@@ -256,6 +258,7 @@ def _finished(f: pb.Finished) -> Finished:
         usage=usage,
         cost=cost,
         deployment=f.deployment,
+        fallback_model=f.fallback_model,
     )
 
 

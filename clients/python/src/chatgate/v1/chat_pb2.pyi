@@ -1283,6 +1283,7 @@ class Finished(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    FALLBACK_MODEL_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     """Why the model stopped."""
     outcome: Global___Outcome.ValueType
@@ -1291,6 +1292,13 @@ class Finished(_message.Message):
     """The upstream deployment that served the stream, as the operator named it
     in chatgate.toml ("openai" for the single deployment configured by
     environment variables). Empty when no attempt reached a deployment.
+    """
+    fallback_model: _builtins.str
+    """Set when the route's fallback served the stream: the model (or route) the
+    call fell back to after every deployment of the model asked for failed
+    before its first event, as the operator named it in chatgate.toml
+    (`fallback = "..."`). Empty when the model asked for served it; then
+    Started.model is that model's answer, else the fallback's.
     """
     @_builtins.property
     def usage(self) -> Global___Usage:
@@ -1308,10 +1316,11 @@ class Finished(_message.Message):
         usage: Global___Usage | None = ...,
         cost: Global___Cost | None = ...,
         deployment: _builtins.str = ...,
+        fallback_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "deployment", b"deployment", "finish_reason", b"finish_reason", "outcome", b"outcome", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "deployment", b"deployment", "fallback_model", b"fallback_model", "finish_reason", b"finish_reason", "outcome", b"outcome", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
