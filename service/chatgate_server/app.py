@@ -17,6 +17,7 @@ from chatgate_server.auth.store import CallerStore
 from chatgate_server.auth.table import CallerTable
 from chatgate_server.completion import CompletionService
 from chatgate_server.config import Settings
+from chatgate_server.limits.wiring import LimitsRuntime
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.edge import Edge, EdgeLimits
@@ -93,6 +94,7 @@ class App:
         self._health: health.aio.HealthServicer | None = None
         self.breaker: CircuitBreaker | None = None
         self.service: CompletionService | None = None
+        self.limits: LimitsRuntime | None = None
 
     async def start(self) -> int:
         """Open resources and start serving; returns the bound port."""
@@ -193,6 +195,8 @@ class App:
         except PriceFileError as exc:  # checked with the settings; changed since?
             await self.stop(0)
             raise StartupError(f"CHATGATE_PRICES_FILE: {exc}") from None
+        self.limits = LimitsRuntime(url, s, prices)
+        await self.limits.start(postgres_ok)
         self.service = service = CompletionService(
             self._upstream,
             self.ledger,
@@ -203,8 +207,10 @@ class App:
             ),
             first_byte_timeout_s=s.upstream_first_byte_timeout_s,
             telemetry=self.telemetry,
-            # Preconditions only so far: their refusals leave no usage row (admission.py).
-            admission=AdmissionChain(preconditions=(self.ledger, self._guard)),
+            # Preconditions' refusals leave no usage row; policies' leave one (admission.py).
+            admission=AdmissionChain(
+                preconditions=(self.ledger, self._guard), policies=(self.limits.policy,)
+            ),
             prices=prices,
         )
         self._observe()
@@ -313,6 +319,10 @@ class App:
             # Calls are over; this closes connections (and cancels any straggler).
             await _bounded("grpc server", self._server.stop(1.0), 10)
             self._server = None
+        if self.limits is not None:
+            # Calls are over: give back every slice this process holds.
+            await _bounded("limits", self.limits.stop(), 10)
+            self.limits = None
         if self.ledger is not None:
             await _bounded("usage ledger", self.ledger.close(), 60)
             self.ledger = None

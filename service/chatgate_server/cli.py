@@ -1,4 +1,4 @@
-"""The ``chatgate`` command: serve, migrate, simulator."""
+"""The ``chatgate`` command: serve, migrate, simulator, and the operators' commands."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from chatgate_server.auth.commands import CALLERS_COMMAND, add_callers_command, run_callers_command
 from chatgate_server.config import ConfigError, Settings, database_url_from_env
+from chatgate_server.limits.commands import LIMITS_COMMAND, add_limits_command, run_limits_command
 from chatgate_server.logs import configure_logging
 from chatgate_server.usage.commands import USAGE_COMMANDS, add_usage_commands, run_usage_command
 
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_usage_commands(sub)
     add_callers_command(sub)
+    add_limits_command(sub)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "simulator":
@@ -54,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _health(args.address, args.timeout, ledger=args.ledger)
         if args.command == CALLERS_COMMAND:
             return run_callers_command(args)
+        if args.command == LIMITS_COMMAND:
+            return run_limits_command(args)
         if args.command in USAGE_COMMANDS:
             return run_usage_command(args)
         return _serve(args.workers)

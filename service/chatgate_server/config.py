@@ -146,6 +146,14 @@ class Settings:
     prices_file: Path | None = None
     """CHATGATE_PRICES_FILE: the operator's price table (the shipped usage/prices.csv's format);
     its rows replace the shipped rows of every model it names. Unset: the shipped table alone."""
+    limits_max_completion_tokens: int = 4096
+    """CHATGATE_LIMITS_MAX_COMPLETION_TOKENS: when a token or spend limit applies to a call that
+    set no max_completion_tokens, chatgate reserves this many output tokens and sends it upstream
+    as the call's cap (default 4096), so a reservation is never unbounded."""
+    limits_lease_ttl_s: float = 10.0
+    """CHATGATE_LIMITS_LEASE_TTL_SECONDS: how long a process's slice of a shared budget or
+    concurrency limit lasts unrenewed (default 10): a killed process's slice returns to the
+    pool this long after its last renewal (docs/LIMITS.md)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -199,6 +207,8 @@ class Settings:
             tls_key_file=key,
             tls_client_ca_file=client_ca,
             reflection=_flag(e, "CHATGATE_REFLECTION", True),
+            limits_max_completion_tokens=_int(e, "CHATGATE_LIMITS_MAX_COMPLETION_TOKENS", 4096, minimum=1),
+            limits_lease_ttl_s=_float(e, "CHATGATE_LIMITS_LEASE_TTL_SECONDS", 10.0, minimum=1.0),
         )
 
     @property

@@ -17,11 +17,15 @@ import grpc
 
 from chatgate.client import KNOWN_REASONS, ErrorReason
 from chatgate_server import errors
+from chatgate_server.limits.definitions import REASONS as LIMIT_REASONS
 from tests.conftest import REPO_ROOT
 
 SERVICE = REPO_ROOT / "service" / "chatgate_server"
 # The simulator stands in for OpenAI: its errors are OpenAI's, not chatgate's.
 NOT_THE_SERVER = {SERVICE / "simulator", SERVICE / "errors.py"}
+# Errors whose reason is chosen per instance: the reasons each may carry, instead of
+# the class's default (which is then never sent).
+INSTANCE_REASONS: dict[str, set[str]] = {"QuotaExceeded": set(LIMIT_REASONS.values())}
 # Made by the clients themselves (a stream that ended OK without its final event).
 CLIENT_REASONS = {"INCOMPLETE_STREAM"}
 REASON = re.compile(r"`([A-Z][A-Z_]+[A-Z])`")
@@ -58,7 +62,11 @@ def reasons_the_server_sends() -> set[str]:
     for path in SERVICE.rglob("*.py"):
         if not any(path == skip or skip in path.parents for skip in NOT_THE_SERVER):
             used |= names_used(ast.parse(path.read_text(), str(path)))
-    return {errors.ChatgateError.reason} | {cls.reason for name, cls in classes.items() if name in used}
+    sent = {errors.ChatgateError.reason}
+    for name, cls in classes.items():
+        if name in used:
+            sent |= INSTANCE_REASONS.get(name, {cls.reason})
+    return sent
 
 
 def table_reasons(markdown: str, heading: str) -> set[str]:
@@ -91,7 +99,8 @@ def test_the_derived_set_is_plausible() -> None:
         "DUPLICATE_REQUEST_ID",
         "INTERNAL",
     } <= sent
-    # Defined for features not built yet: nothing raises them, so they are not sent.
+    # Limits send one reason per kind of limit, never the class's generic one.
+    assert set(LIMIT_REASONS.values()) <= sent
     assert "QUOTA_EXCEEDED" not in sent
 
 

@@ -1,0 +1,2 @@
+"""Limits: rate limits, token and spend budgets and concurrent streams, held exactly
+across replicas by leasing slices of shared counters (docs/LIMITS.md)."""
