@@ -48,6 +48,8 @@ class EngineTuning:
     """Longest one statement may take before Postgres counts as away."""
     retry_s: float = 1.0
     """After a failed sync, an account is not synced again for this long."""
+    recheck_s: float = 1.0
+    """A counter seen empty is asked again after this long (not for every refused call)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -60,6 +62,7 @@ class Entry:
     account: PoolAccount | BucketAccount
     syncing: asyncio.Task[None] | None = None
     failed_at: float = field(default=-1e9)
+    synced_at: float = field(default=-1e9)
 
 
 class Leaser:
@@ -146,9 +149,12 @@ class Leaser:
         return False
 
     def _exhausted(self, entry: Entry, n: int) -> bool:
-        """The counter, as last seen, could not cover ``n`` beyond what this process
-        holds: waiting for a sync would not help."""
+        """The counter, as seen less than ``recheck_s`` ago, could not cover ``n``
+        beyond what this process holds: waiting for a sync would not help. (Seen
+        longer ago, it may have changed: others gave back, a dead lease was reclaimed.)"""
         account, now = entry.account, self._clock()
+        if now - entry.synced_at >= self.tuning.recheck_s:
+            return False
         if isinstance(account, BucketAccount):
             return account.level_now(now) + max(account.held, 0) < n
         return account.remaining + max(account.available(now), 0) < n
@@ -174,6 +180,7 @@ class Leaser:
                 )
             self.away = True
         else:
+            entry.synced_at = self._clock()
             if self.away:
                 log.info("limits: Postgres answers again; leases reconciled as accounts sync")
             self.away = False
