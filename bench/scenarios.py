@@ -26,11 +26,16 @@ VARIANTS: dict[str, dict[str, str]] = {
 # caller-supplied request_id on every call (chatgate reserves each in Postgres before
 # serving; with none it generates ids and skips that), against the same server.
 CALLER_ID_TARGETS: dict[str, str] = {"chatgate-ids": "chatgate"}
+# chatgate-limits calls the same server as a caller of another tenant, on which every
+# kind of limit that needs no price is set (requests and tokens per minute, tokens per
+# day, concurrent streams; on the tenant and on each user), far above the load: every
+# call is admitted, and pays for finding, reserving and settling its limits.
+LIMITED_TARGETS: dict[str, str] = {"chatgate-limits": "chatgate"}
 
 
 def server_of(target: str) -> str:
     """The server a target's load goes to."""
-    return CALLER_ID_TARGETS.get(target, target)
+    return CALLER_ID_TARGETS.get(target) or LIMITED_TARGETS.get(target, target)
 
 
 _WITH_1MSG = ("direct", "relay", "chatgate-1msg", "chatgate")
@@ -94,6 +99,13 @@ FULL: tuple[Scenario, ...] = (
     ),
     Scenario("saturation", "concurrency 32, 50 chunks", 32, 50, targets=_WITH_1MSG),
     Scenario(
+        "limits",
+        "concurrency 32, 20 chunks: one hot tenant and its users with limits on vs off",
+        32,
+        20,
+        targets=("direct", "chatgate", "chatgate-limits"),
+    ),
+    Scenario(
         "paced",
         "50 open streams of 50 chunks, 20 ms apart (what one core holds in real time)",
         50,
@@ -141,6 +153,7 @@ QUICK_OVERRIDES = {
     "idle": {"duration_s": 1.0, "warmup_s": 0.3},
     "request-ids": {"duration_s": 1.0, "warmup_s": 0.3},
     "saturation": {"duration_s": 1.0, "warmup_s": 0.3},
+    "limits": {"duration_s": 1.0, "warmup_s": 0.3},
     "paced": {"duration_s": 1.0, "warmup_s": 1.0},
     "slow": {"duration_s": 1.5, "warmup_s": 1.0, "concurrency": 100, "ramp_s": 0.0},
     "slow-consumer": {"duration_s": 1.5, "warmup_s": 0.5, "concurrency": 5, "chunks": 20_000},

@@ -83,6 +83,9 @@ class FakeStore:
     async def heartbeat(self, live_s: float) -> int:
         return 3
 
+    async def leave(self) -> None:
+        pass
+
 
 def index(*definitions: tuple[Target, LimitKind, int]) -> LimitIndex:
     return LimitIndex([Definition(t, k, a) for t, k, a in definitions], WALL)

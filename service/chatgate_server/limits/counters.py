@@ -57,3 +57,9 @@ class CounterStore:
                 await conn.execute("SELECT limit_heartbeat(%s, %s)", (self.holder, live_s))
             ).fetchone()
         return max(int(row[0]) if row else 1, 1)
+
+    async def leave(self) -> None:
+        """This holder stops: it no longer counts among the live processes."""
+        self.statements += 1
+        async with self._pool.connection() as conn:
+            await conn.execute("DELETE FROM limit_holders WHERE holder = %s", (self.holder,))

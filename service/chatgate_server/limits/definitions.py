@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from chatgate_server.domain import LimitKind
@@ -64,16 +64,16 @@ class Target:
     tenant: str
     subject: str = ""  # '' for a tenant; the caller's name; the user id or '*'
     model: str = ""
+    label: str = field(init=False, compare=False, repr=False)
+    """The subject as callers see it in QuotaFailure and allowances."""
 
-    @property
-    def label(self) -> str:
-        """The subject as callers see it in QuotaFailure and allowances."""
+    def __post_init__(self) -> None:
         name = (
             f"tenant:{self.tenant}"
             if self.scope is Scope.TENANT
             else f"{self.scope}:{self.tenant}/{self.subject}"
         )
-        return f"{name}/model:{self.model}" if self.model else name
+        object.__setattr__(self, "label", f"{name}/model:{self.model}" if self.model else name)
 
     @classmethod
     def parse(cls, scope: str, who: str, model: str = "") -> Target:
@@ -115,12 +115,13 @@ class Limit:
     target: Target
     kind: LimitKind
     amount: int
+    key: str = field(init=False, compare=False, repr=False)
+    """The counter's name (without its window): the same in every process."""
 
-    @property
-    def key(self) -> str:
-        """The counter's name (without its window): stable across processes."""
+    def __post_init__(self) -> None:
         t = self.target
-        return f"{t.scope}|{t.tenant}|{t.subject}|{t.model}|{self.kind}"
+        # Made once per limit table load, not once per call.
+        object.__setattr__(self, "key", f"{t.scope}|{t.tenant}|{t.subject}|{t.model}|{self.kind}")
 
 
 def effective(definitions: Iterable[Definition], now: datetime) -> dict[tuple[Target, LimitKind], int]:

@@ -35,8 +35,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class EngineTuning:
-    horizon_s: float = 2.0
-    """A slice covers about this much of the recent demand."""
+    horizon_s: float = 10.0
+    """A budget's slice covers about this much of the recent demand (less as the
+    budget nears its end): a busy account syncs about every horizon_s / 2."""
+    bucket_horizon_s: float = 4.0
+    """A rate's slice covers about this much of the recent demand: shorter, since
+    tokens held are tokens taken from the bucket ahead of their use."""
     idle_s: float = 2.0
     """An account unused this long gives back what it holds."""
     wait_s: float = 0.5
@@ -79,6 +83,8 @@ class Leaser:
         self._clock = clock
         self._wall = wall
         self._entries: dict[str, Entry] = {}
+        # The entry of each limit's current window, by the limit's key (no window).
+        self._current: dict[str, Entry] = {}
         self.live = 1
         """Live processes at the last heartbeat (this one included)."""
         self.away = False
@@ -93,6 +99,9 @@ class Leaser:
 
     def entry(self, limit: Limit, wall: datetime) -> Entry:
         """The account for ``limit`` in the window ``wall`` falls in (made on first use)."""
+        found = self._current.get(limit.key)
+        if found is not None and (found.ends_at is None or wall < found.ends_at) and found.limit is limit:
+            return found  # the hot path: the same limit object, in the same window
         win = window(limit.kind, wall)
         name = limit.key if limit.kind in RATE_KINDS else f"{limit.key}@{win.name}"
         found = self._entries.get(name)
@@ -105,14 +114,16 @@ class Leaser:
                 reusable = limit.kind is LimitKind.CONCURRENT_STREAMS
                 account = PoolAccount(limit.amount, ttl_s=self._store.ttl_s, now=now, reusable=reusable)
             found = self._entries[name] = Entry(limit, name, win.ends_at, account)
-        elif found.limit.amount != limit.amount:
-            found.limit = limit
+        else:
+            found.limit = limit  # a reload made a new object (maybe a new amount)
             found.account.amount = limit.amount
+        self._current[limit.key] = found
         return found
 
-    def take(self, entry: Entry, n: int) -> bool:
+    def take(self, entry: Entry, n: int, now: float | None = None) -> bool:
         """Reserve ``n`` on the account, locally; kicks a background sync when low."""
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         account = entry.account
         if isinstance(account, BucketAccount):
             ok = account.take(n, now, live=self.live if self.away else None)
@@ -191,7 +202,7 @@ class Leaser:
         account, t = entry.account, self.tuning
         started = self._clock()
         if isinstance(account, BucketAccount):
-            take = account.plan(started, live=self.live, horizon_s=t.horizon_s, idle_s=t.idle_s)
+            take = account.plan(started, live=self.live, horizon_s=t.bucket_horizon_s, idle_s=t.idle_s)
             if take.want == 0 and take.back == 0:
                 return
             try:
@@ -249,6 +260,8 @@ class Leaser:
                 self._start_sync(entry)
             elif entry.account.idle(now, 30 * idle):
                 del self._entries[name]
+                if self._current.get(entry.limit.key) is entry:
+                    del self._current[entry.limit.key]
 
     async def stop(self) -> None:
         """Stop the loop and give back everything held (bounded by the sync timeout)."""
@@ -263,3 +276,8 @@ class Leaser:
         for entry in self._entries.values():
             entry.account.last_take = -1e9  # idle: the next plan gives everything back
         await asyncio.gather(*(self._sync(e) for e in self._entries.values()), return_exceptions=True)
+        try:
+            async with asyncio.timeout(self.tuning.db_timeout_s):
+                await self._store.leave()
+        except Exception:  # noqa: BLE001 - counted as live until its heartbeat ages out
+            log.debug("limits: could not say goodbye")

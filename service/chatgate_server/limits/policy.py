@@ -138,9 +138,10 @@ class LimitPolicy:
         """Reserve on every limit, or on none (a refusal gives back what was taken)."""
         held: list[tuple[Entry, int]] = []
         refused: list[tuple[Entry, int]] = []
+        now = self._clock()
         for limit, n in needs:
             entry = self._leaser.entry(limit, wall)
-            if n != _UNPRICED and n <= limit.amount and self._leaser.take(entry, n):
+            if n != _UNPRICED and n <= limit.amount and self._leaser.take(entry, n, now):
                 held.append((entry, n))
             else:
                 refused.append((entry, n))
@@ -224,11 +225,13 @@ def _retry_after(entry: Entry, n: int, now: float, wall: datetime) -> float | No
 
 def _allowance(entry: Entry, now: float, wall: datetime) -> Allowance:
     account, limit = entry.account, entry.limit
-    remaining = min(account.estimate_remaining(now), limit.amount)
-    resets_at: datetime | None = entry.ends_at
     if isinstance(account, BucketAccount):
-        missing = max(account.capacity - account.level_now(now), 0.0)
-        resets_at = wall + timedelta(seconds=missing / account.per_s) if account.per_s else None
-    elif limit.kind is LimitKind.CONCURRENT_STREAMS:
-        resets_at = None
-    return Allowance(limit.target.label, limit.kind, limit.amount, remaining, resets_at)
+        level = account.level_now(now)
+        remaining = int(level + account.held) if account.held > 0 else int(level)
+        # Whole again once refilled to capacity.
+        resets_at: datetime | None = wall + timedelta(seconds=(account.capacity - level) / account.per_s)
+    else:
+        remaining = account.estimate_remaining(now)
+        resets_at = entry.ends_at
+    amount = limit.amount
+    return Allowance(limit.target.label, limit.kind, amount, max(min(remaining, amount), 0), resets_at)

@@ -48,6 +48,7 @@ class LimitIndex:
         self._tenants = frozenset(k[1] for k in self._by_target)
         self.next_change = next_expiry(definitions, now)
         self._cache: dict[tuple[str, str, str, str], tuple[Limit, ...]] = {}
+        self._limits: dict[Limit, Limit] = {}
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_target.values())
@@ -64,6 +65,7 @@ class LimitIndex:
             found = tuple(self._collect(tenant, caller, user, model))
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
+                self._limits.clear()
             self._cache[key] = found
         return found
 
@@ -75,13 +77,18 @@ class LimitIndex:
             default = self._by_target.get((Scope.USER, tenant, EACH_USER, m), {})
             target = Target(Scope.USER, tenant, user, m)
             for kind, amount in (default | mine).items():
-                yield Limit(target, kind, amount)
+                yield self._limit(target, kind, amount)
 
     def _own(self, target: Target) -> Iterable[Limit]:
-        for kind, amount in self._by_target.get(
-            (target.scope, target.tenant, target.subject, target.model), {}
-        ).items():
-            yield Limit(target, kind, amount)
+        key = (target.scope, target.tenant, target.subject, target.model)
+        for kind, amount in self._by_target.get(key, {}).items():
+            yield self._limit(target, kind, amount)
+
+    def _limit(self, target: Target, kind: LimitKind, amount: int) -> Limit:
+        """One object per limit per load, shared by every call it applies to (the lease
+        engine finds its account by identity on the hot path)."""
+        made = Limit(target, kind, amount)
+        return self._limits.setdefault(made, made)
 
 
 class LimitTable:
