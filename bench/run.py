@@ -50,7 +50,7 @@ class Suite:
         self.otlp_url = ""
         self.servers: dict[str, tuple[Proc, str]] = {}
         self.token = ""  # the bench caller's; every call to chatgate carries it
-        self.limited_token = ""  # a caller of the tenant with limits (LIMITED_TARGETS)
+        self.limited_tokens: dict[str, str] = {}  # callers of tenants with limits (LIMITED_TARGETS)
 
     # --- processes ------------------------------------------------------------------
 
@@ -185,33 +185,39 @@ class Suite:
             capture_output=True,
             text=True,
         ).stdout.strip()
-        self.limited_token = self._limited_caller()
+        self.limited_tokens = self._limited_callers()
 
-    def _limited_caller(self) -> str:
-        """A caller of tenant bench-limits, whose tenant and users have every limit
-        that needs no price, far above any load (LIMITED_TARGETS)."""
+    def _limited_callers(self) -> dict[str, str]:
+        """A caller per LIMITED_TARGETS target, each in a tenant of its own whose limits
+        are far above any load; their tokens by target."""
         env = {**self.env, "DATABASE_URL": self.database_url}
         chatgate = [sys.executable, "-m", "chatgate_server"]
-        token = subprocess.run(
-            [*chatgate, "callers", "create", "--tenant", "bench-limits", "--name", "loadgen"],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        amounts = [
-            "--requests-per-minute", "1000000000", "--tokens-per-minute", "1000000000000",
-            "--tokens-per-day", "1000000000000", "--concurrent-streams", "1000000",
-        ]  # fmt: skip
-        for scope, who in (("tenant", "bench-limits"), ("user", "bench-limits/*")):
-            subprocess.run(
-                [*chatgate, "limits", "set", scope, who, *amounts], env=env, check=True, capture_output=True
-            )
+        huge = "1000000000000"
+        three = {
+            "tenant": ["--requests-per-minute", huge],
+            "user": ["--tokens-per-day", huge, "--concurrent-streams", "1000000"],
+        }
+        every = ["--requests-per-minute", huge, "--tokens-per-minute", huge, "--tokens-per-day", huge,
+                 "--concurrent-streams", "1000000"]  # fmt: skip
+        limits = {"chatgate-limits": three, "chatgate-limits8": {"tenant": every, "user": every}}
+        tokens = {}
+        for target, sets in limits.items():
+            tenant = f"bench-{target}"
+            tokens[target] = subprocess.run(
+                [*chatgate, "callers", "create", "--tenant", tenant, "--name", "loadgen"],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            for scope, who in (("tenant", tenant), ("user", f"{tenant}/*")):
+                cmd = [*chatgate, "limits", "set", scope, who, *sets[scope]]
+                subprocess.run(cmd, env=env, check=True, capture_output=True)
         # Postgres counts calls of the lease functions: statements per admitted call.
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             name = conninfo_to_dict(self.database_url)["dbname"]
             conn.execute(f"ALTER DATABASE \"{name}\" SET track_functions = 'pl'")
-        return token
+        return tokens
 
     def limit_statements(self) -> int:
         """Calls of the limits' lease functions so far (pg_stat_user_functions)."""
@@ -280,7 +286,7 @@ class Suite:
             cmd += ["--read-delay-ms", str(scenario.read_delay_ms), "--cancel-at-end"]
         if target in CALLER_ID_TARGETS:
             cmd.append("--caller-request-ids")
-        token = self.limited_token if target in LIMITED_TARGETS else self.token
+        token = self.limited_tokens.get(target, self.token)
         if target != "direct" and token:
             cmd += ["--token", token]  # the baselines ignore it; chatgate verifies it
         self.pin_database_backends()

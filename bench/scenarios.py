@@ -26,11 +26,12 @@ VARIANTS: dict[str, dict[str, str]] = {
 # caller-supplied request_id on every call (chatgate reserves each in Postgres before
 # serving; with none it generates ids and skips that), against the same server.
 CALLER_ID_TARGETS: dict[str, str] = {"chatgate-ids": "chatgate"}
-# chatgate-limits calls the same server as a caller of another tenant, on which every
-# kind of limit that needs no price is set (requests and tokens per minute, tokens per
-# day, concurrent streams; on the tenant and on each user), far above the load: every
-# call is admitted, and pays for finding, reserving and settling its limits.
-LIMITED_TARGETS: dict[str, str] = {"chatgate-limits": "chatgate"}
+# chatgate-limits calls the same server as a caller of another tenant with three limits,
+# far above the load (so every call is admitted and pays for finding, reserving and
+# settling them): the tenant's requests per minute, and each user's tokens per day and
+# concurrent streams. chatgate-limits8 is held to eight: every kind that needs no price
+# (requests and tokens per minute, tokens per day, streams) on the tenant and each user.
+LIMITED_TARGETS: dict[str, str] = {"chatgate-limits": "chatgate", "chatgate-limits8": "chatgate"}
 
 
 def server_of(target: str) -> str:
@@ -103,6 +104,14 @@ FULL: tuple[Scenario, ...] = (
         "concurrency 32, 20 chunks: one hot tenant and its users with limits on vs off",
         32,
         20,
+        targets=("direct", "chatgate", "chatgate-limits", "chatgate-limits8"),
+    ),
+    Scenario(
+        "limits-idle",
+        "concurrency 1, 20 chunks: latency limits add when idle",
+        1,
+        20,
+        duration_s=8.0,
         targets=("direct", "chatgate", "chatgate-limits"),
     ),
     Scenario(
@@ -154,6 +163,7 @@ QUICK_OVERRIDES = {
     "request-ids": {"duration_s": 1.0, "warmup_s": 0.3},
     "saturation": {"duration_s": 1.0, "warmup_s": 0.3},
     "limits": {"duration_s": 1.0, "warmup_s": 0.3},
+    "limits-idle": {"duration_s": 1.0, "warmup_s": 0.3},
     "paced": {"duration_s": 1.0, "warmup_s": 1.0},
     "slow": {"duration_s": 1.5, "warmup_s": 1.0, "concurrency": 100, "ramp_s": 0.0},
     "slow-consumer": {"duration_s": 1.5, "warmup_s": 0.5, "concurrency": 5, "chunks": 20_000},
