@@ -185,9 +185,8 @@ class Suite:
             capture_output=True,
             text=True,
         ).stdout.strip()
-        self.limited_tokens = self._limited_callers()
 
-    def _limited_callers(self) -> dict[str, str]:
+    def limited_callers(self) -> dict[str, str]:
         """A caller per LIMITED_TARGETS target, each in a tenant of its own whose limits
         are far above any load; their tokens by target."""
         env = {**self.env, "DATABASE_URL": self.database_url}
@@ -464,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         suite = Suite(args, stack, Path(tmp))
         results["pinning"] = suite.pinning.note
         suite.create_database()
+        if {t for s in scenarios for t in s.targets} & set(LIMITED_TARGETS):
+            suite.limited_tokens = suite.limited_callers()  # before any chatgate starts
         suite.start_simulator()
         if args.trace_sample > 0:
             suite.start_otlp_sink()

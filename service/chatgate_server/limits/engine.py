@@ -45,8 +45,9 @@ class EngineTuning:
     """An account unused this long gives back what it holds."""
     wait_s: float = 0.5
     """The longest admission waits for a sync (only when the account cannot cover a call)."""
-    tick_s: float = 0.2
-    """How often the background loop looks for accounts to renew or give back."""
+    tick_s: float = 1.0
+    """How often the background loop looks for accounts to renew or give back (an
+    account running low is synced at once, by the take that found it low)."""
     heartbeat_s: float = 1.0
     db_timeout_s: float = 2.0
     """Longest one statement may take before Postgres counts as away."""
