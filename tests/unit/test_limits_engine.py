@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -24,8 +24,8 @@ from chatgate_server.domain import (
     UsageRecord,
 )
 from chatgate_server.errors import QuotaExceeded
-from chatgate_server.limits.buckets import BucketTake
-from chatgate_server.limits.definitions import Definition, Scope, Target
+from chatgate_server.limits.buckets import BucketAccount, BucketTake
+from chatgate_server.limits.definitions import Definition, Limit, Scope, Target
 from chatgate_server.limits.engine import EngineTuning, Leaser
 from chatgate_server.limits.leases import PoolGrant, PoolSync
 from chatgate_server.limits.policy import LimitPolicy, LimitTicket
@@ -316,3 +316,79 @@ def test_table_lookup_prefers_a_users_own_limit_over_the_default() -> None:
     assert idx.applicable("acme", "billing", "u1", "gpt-4o-mini") == tuple(
         lim for lim in idx.applicable("acme", "billing", "u1", "gpt-4o") if not lim.target.model
     )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limit(kind: LimitKind = LimitKind.TOKENS_PER_DAY, amount: int = 1000) -> Limit:
+    return Limit(USER, kind, amount)
+
+
+async def test_stop_gives_back_everything_and_reports_what_was_spent() -> None:
+    shared = SharedCounters()
+    lease = leaser(shared)
+    entry = lease.entry(limit(), WALL)
+    assert await lease.acquire(entry, 100)
+    entry.account.settle(100, 40)
+    await lease.stop()
+    ((pool, taken),) = shared.taken.items()
+    assert taken == 40  # spent stays taken; the unused slice went back
+    assert shared.leases[(pool, "p1")] == 0
+
+
+async def test_an_exhausted_counter_is_asked_again_only_after_recheck_s() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = Leaser(shared.store("p1"), tuning=EngineTuning(recheck_s=1.0), clock=clock, wall=lambda: WALL)  # type: ignore[arg-type]
+    store = lease._store
+    entry = lease.entry(limit(amount=100), WALL)
+    assert await lease.acquire(entry, 100)
+    assert not await lease.acquire(entry, 1)  # it synced: the pool is empty
+    asked = store.statements
+    clock.now += 0.5
+    assert not await lease.acquire(entry, 1)
+    assert store.statements == asked  # seen empty half a second ago: not asked again
+    clock.now += 0.6
+    entry.account.settle(100, 50)
+    assert await lease.acquire(entry, 1)  # 50 came back locally…
+    assert not await lease.acquire(entry, 60)  # …and the pool, asked again, has none
+    assert store.statements > asked
+
+
+async def test_a_new_day_is_a_new_account_and_a_new_amount_applies_at_once() -> None:
+    lease = leaser(SharedCounters())
+    today = lease.entry(limit(), WALL)
+    assert lease.entry(limit(), WALL) is today
+    tomorrow = lease.entry(limit(), WALL + timedelta(days=1))
+    assert tomorrow is not today and tomorrow.ends_at == datetime(2026, 12, 6, tzinfo=UTC)
+    bigger = lease.entry(limit(amount=5000), WALL + timedelta(days=1))
+    assert bigger is tomorrow and tomorrow.account.amount == 5000
+    rate = lease.entry(limit(LimitKind.REQUESTS_PER_MINUTE, 60), WALL)
+    assert rate.ends_at is None and isinstance(rate.account, BucketAccount)
+
+
+async def test_tend_gives_back_idle_slices_then_forgets_the_account() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = Leaser(shared.store("p1"), tuning=EngineTuning(idle_s=2.0), clock=clock, wall=lambda: WALL)  # type: ignore[arg-type]
+    entry = lease.entry(limit(), WALL)
+    assert await lease.acquire(entry, 10)
+    entry.account.settle(10, 10)
+    clock.now += 2.0
+    lease.tend(clock.now)
+    assert entry.syncing is not None
+    await entry.syncing
+    assert entry.account.held == 0 and sum(shared.taken.values()) == 10
+    clock.now += 60.0
+    lease.tend(clock.now)
+    assert lease.entry(limit(), WALL) is not entry  # forgotten, made anew
+
+
+async def test_the_heartbeat_counts_the_live_processes() -> None:
+    lease = leaser(SharedCounters())
+    await lease._heartbeat()
+    assert lease.live == 3

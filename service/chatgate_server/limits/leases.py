@@ -66,7 +66,6 @@ class PoolAccount:
         """Given back by a sync under way: not to be spent meanwhile."""
         self.pending = 0
         """What calls waiting for the next sync need."""
-        """Given back by a sync under way: not to be spent meanwhile."""
 
     # --- the hot path -------------------------------------------------------------
 
