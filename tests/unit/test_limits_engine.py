@@ -27,7 +27,7 @@ from chatgate_server.errors import QuotaExceeded
 from chatgate_server.limits.buckets import BucketAccount, BucketTake
 from chatgate_server.limits.definitions import Definition, Limit, Scope, Target
 from chatgate_server.limits.engine import EngineTuning, Leaser
-from chatgate_server.limits.leases import PoolGrant, PoolSync
+from chatgate_server.limits.leases import PoolAccount, PoolGrant, PoolSync
 from chatgate_server.limits.policy import LimitPolicy, LimitTicket
 from chatgate_server.limits.table import LimitIndex
 from chatgate_server.usage.pricing import default_table
@@ -392,3 +392,34 @@ async def test_the_heartbeat_counts_the_live_processes() -> None:
     lease = leaser(SharedCounters())
     await lease._heartbeat()
     assert lease.live == 3
+
+
+async def test_a_call_cancelled_while_waiting_keeps_nothing_reserved() -> None:
+    shared = SharedCounters()
+    lease = leaser(shared, wait_s=5.0)
+    idx = index((TENANT, LimitKind.REQUESTS_PER_MINUTE, 100), (USER, LimitKind.TOKENS_PER_DAY, 1000))
+    p = policy(idx, lease)
+    await p.admit(call())  # both accounts hold slices now
+    by_target = {lim.target: lease.entry(lim, WALL) for lim in idx.applicable("acme", "billing", "u1", "")}
+    tenant, user = by_target[TENANT].account, by_target[USER].account
+    gate = asyncio.Event()
+    original = lease._store.pool_sync
+
+    async def stuck(*args: object) -> PoolGrant:
+        await gate.wait()
+        return await original(*args)  # type: ignore[arg-type]
+
+    lease._store.pool_sync = stuck  # type: ignore[method-assign,assignment]
+    assert isinstance(user, PoolAccount)
+    user.held = user.spent + user.reserved  # nothing left locally: the user's limit must wait
+    tenant_before = tenant.held
+    waiting = asyncio.ensure_future(p.admit(call()))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    assert tenant.held == tenant_before - 1  # the tenant's request is reserved meanwhile
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    gate.set()
+    assert tenant.held == tenant_before  # …and given back when the caller left
+    assert user.reserved == 100  # only the first call's reservation

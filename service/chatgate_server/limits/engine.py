@@ -135,13 +135,16 @@ class Leaser:
             self._start_sync(entry)
         return ok
 
-    async def acquire(self, entry: Entry, n: int) -> bool:
-        """Reserve ``n``, waiting (at most ``wait_s`` in all) for syncs when the account
-        cannot cover it and the counter may still have it; False: refused."""
+    async def acquire(self, entry: Entry, n: int, deadline: float | None = None) -> bool:
+        """Reserve ``n``, waiting (until ``deadline``, by default ``wait_s`` from now) for
+        syncs when the account cannot cover it and the counter may still have it; False:
+        refused. Cancelled while waiting, it has reserved nothing (the take follows the
+        wait with no await between)."""
         if self.take(entry, n):
             return True
         account = entry.account
-        deadline = self._clock() + self.tuning.wait_s
+        if deadline is None:
+            deadline = self._clock() + self.tuning.wait_s
         while not self.away and not self._exhausted(entry, n):
             account.pending += n
             try:

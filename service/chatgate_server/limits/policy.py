@@ -18,7 +18,6 @@ call that ended early frees what it did not use.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -147,12 +146,17 @@ class LimitPolicy:
                 refused.append((entry, n))
         if refused:
             waitable = [(e, n) for e, n in refused if n != _UNPRICED and n <= e.limit.amount]
-            # Together: the call waits at most wait_s in all, and rarely at all.
-            got = await asyncio.gather(*(self._leaser.acquire(e, n) for e, n in waitable))
-            for (entry, n), ok in zip(waitable, got, strict=True):
-                if ok:
-                    held.append((entry, n))
-                    refused.remove((entry, n))
+            # One deadline for all: the call waits at most wait_s in all, and rarely at all.
+            deadline = now + self._leaser.tuning.wait_s
+            try:
+                for entry, n in waitable:
+                    if await self._leaser.acquire(entry, n, deadline):
+                        held.append((entry, n))
+                        refused.remove((entry, n))
+            except BaseException:  # the caller left while waiting: nothing may stay reserved
+                for entry, n in held:
+                    entry.account.cancel(n)
+                raise
         if refused:
             for entry, n in held:
                 entry.account.cancel(n)
