@@ -388,10 +388,11 @@ async def test_tend_gives_back_idle_slices_then_forgets_the_account() -> None:
     assert lease.entry(limit(), WALL) is not entry  # forgotten, made anew
 
 
-async def test_the_heartbeat_counts_the_live_processes() -> None:
+async def test_the_heartbeat_counts_the_live_processes_and_sees_postgres_back() -> None:
     lease = leaser(SharedCounters())
+    lease.away = True
     await lease._heartbeat()
-    assert lease.live == 3
+    assert lease.live == 3 and not lease.away
 
 
 async def test_a_call_cancelled_while_waiting_keeps_nothing_reserved() -> None:

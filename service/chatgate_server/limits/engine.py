@@ -253,6 +253,9 @@ class Leaser:
                 self.live = await self._store.heartbeat(max(3 * self.tuning.heartbeat_s, self._store.ttl_s))
         except Exception:  # noqa: BLE001 - syncs say when Postgres is away
             return
+        if self.away:  # Postgres answers again: calls may wait for syncs again
+            log.info("limits: Postgres answers again; leases reconciled as accounts sync")
+            self.away = False
 
     def tend(self, now: float) -> None:
         """Start the syncs that are due; forget accounts with nothing in them."""
