@@ -19,6 +19,8 @@ CREATE TABLE limit_pools (
     taken   bigint      NOT NULL DEFAULT 0
 );
 CREATE INDEX limit_pools_ends_at ON limit_pools (ends_at) WHERE ends_at IS NOT NULL;
+-- The pools at zero, which the heartbeat drops (without it: a scan per process per second).
+CREATE INDEX limit_pools_empty ON limit_pools (pool) WHERE taken = 0;
 
 -- What each process holds of a pool: granted to it and not yet reported spent. A
 -- process that stops renewing (killed) loses its lease at expires_at: a live process
@@ -65,8 +67,11 @@ DECLARE
     v_grant bigint;
     v_exp   timestamptz := clock_timestamp() + make_interval(secs => p_ttl_s);
 BEGIN
-    INSERT INTO limit_pools (pool, ends_at) VALUES (p_pool, p_ends_at) ON CONFLICT DO NOTHING;
-    SELECT p.taken INTO v_taken FROM limit_pools p WHERE p.pool = p_pool FOR UPDATE;
+    -- Made, or locked as it is (a pool at zero may be deleted by a heartbeat meanwhile:
+    -- then it is made anew, which is the same pool).
+    INSERT INTO limit_pools AS p (pool, ends_at) VALUES (p_pool, p_ends_at)
+        ON CONFLICT (pool) DO UPDATE SET ends_at = EXCLUDED.ends_at
+        RETURNING p.taken INTO v_taken;
     SELECT l.held INTO v_held FROM limit_leases l
         WHERE l.pool = p_pool AND l.holder = p_holder FOR UPDATE;
     -- No lease (never had one, or it expired and was reclaimed): everything spent is new.
@@ -117,7 +122,7 @@ END
 $$;
 
 -- Once a second from every process: say it is alive, reclaim the leases of holders
--- that stopped renewing, drop pools of windows long over; returns the live holders.
+-- that stopped renewing, drop pools no longer needed; returns the live holders.
 CREATE FUNCTION limit_heartbeat(p_holder text, p_live_s double precision)
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
@@ -137,7 +142,10 @@ BEGIN
         CONTINUE WHEN NOT FOUND;
         UPDATE limit_pools p SET taken = p.taken - v_held WHERE p.pool = r.pool;
     END LOOP;
+    -- Windows long over; and pools at zero (nothing granted, nothing spent: no lease can
+    -- exist), which would otherwise pile up, one concurrency pool per user ever seen.
     DELETE FROM limit_pools p WHERE p.ends_at < clock_timestamp() - interval '2 days';
+    DELETE FROM limit_pools p WHERE p.taken = 0;
     DELETE FROM limit_buckets b WHERE b.updated_at < clock_timestamp() - interval '1 day';
     DELETE FROM limit_holders h WHERE h.seen_at < clock_timestamp() - interval '1 hour';
     SELECT count(*) INTO v_live FROM limit_holders h
