@@ -18,6 +18,8 @@ TARGETS = {
     "slow_added_ttfe_p99_ms": 50.0,
     "slow_rss_kb_per_stream": 50.0,
     "workers_speedup": 1.7,
+    "limits_cpu_per_stream_ratio": 1.05,
+    "limits_added_ttfe_p50_ms": 0.1,
 }
 
 
@@ -71,6 +73,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 row["rss_kb_per_open_stream"] = (server["rss_kb_peak"] - server["rss_kb_idle"]) / r[
                     "open_streams"
                 ]["mean"]
+            if "limit_statements" in r:
+                row["limit_statements_per_call"] = _div(r["limit_statements"], r["streams"])
             if "upstream_records" in r:
                 row["upstream"] = r["upstream_records"]
                 row["events_per_stream"] = (r["chunks"] + 2 * r["streams"]) / max(
@@ -151,6 +155,28 @@ def _targets(summary: dict[str, Any], *, measured: bool = True) -> list[dict[str
         )
     if "workers" in summary:
         checks.append(("workers: 2 vs 1 streams/s", summary["workers"]["speedup"], 1.7, True))
+    if "limits" in s:
+        off = s["limits"].get("chatgate", {})
+        for target in ("chatgate-limits", "chatgate-limits8"):
+            on = s["limits"].get(target, {})
+            checks.append(
+                (
+                    f"limits: CPU per call, {target} vs chatgate",
+                    _div(on.get("cpu_ms_per_stream"), off.get("cpu_ms_per_stream")),
+                    TARGETS["limits_cpu_per_stream_ratio"],
+                    False,
+                )
+            )
+    if "limits-idle" in s:
+        on, off = s["limits-idle"].get("chatgate-limits", {}), s["limits-idle"].get("chatgate", {})
+        checks.append(
+            (
+                "limits-idle: added TTFE p50 ms, limits on vs off",
+                _sub(on.get("ttfe_p50_ms"), off.get("ttfe_p50_ms")),
+                TARGETS["limits_added_ttfe_p50_ms"],
+                False,
+            )
+        )
     out = []
     for name, value, limit, higher in checks:
         ok = None if value is None or not measured else (value >= limit if higher else value <= limit)
@@ -218,6 +244,12 @@ def table(results: dict[str, Any]) -> str:
             f"RSS {_f(paced.get('rss_kb_per_open_stream'), '{:.1f}')} KiB per open stream, "
             f"stream p50 {_f(paced['stream_ms_p50'], '{:.0f}')} ms (1000 ms in real time)"
         )
+    for target, limited in summary["scenarios"].get("limits", {}).items():
+        if limited.get("limit_statements_per_call") is not None:
+            lines.append(
+                f"limits: {target}: {limited['limit_statements_per_call']:.4f} lease statements"
+                " per admitted call (warm-up and drain included)"
+            )
     slow = summary["scenarios"].get("slow", {}).get("chatgate")
     if slow:
         lines.append(

@@ -30,7 +30,15 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench import procstat, report
 from bench.procs import ROOT, Pinning, Proc, child_env, free_port, plan_pinning, start
-from bench.scenarios import CALLER_ID_TARGETS, TWO_DEPLOYMENTS, VARIANTS, Scenario, select, server_of
+from bench.scenarios import (
+    CALLER_ID_TARGETS,
+    LIMITED_TARGETS,
+    TWO_DEPLOYMENTS,
+    VARIANTS,
+    Scenario,
+    select,
+    server_of,
+)
 
 API_KEY = "sk-bench-not-a-real-key"
 
@@ -50,6 +58,7 @@ class Suite:
         self.otlp_url = ""
         self.servers: dict[str, tuple[Proc, str]] = {}
         self.token = ""  # the bench caller's; every call to chatgate carries it
+        self.limited_tokens: dict[str, str] = {}  # callers of tenants with limits (LIMITED_TARGETS)
 
     # --- processes ------------------------------------------------------------------
 
@@ -193,6 +202,47 @@ class Suite:
             text=True,
         ).stdout.strip()
 
+    def limited_callers(self) -> dict[str, str]:
+        """A caller per LIMITED_TARGETS target, each in a tenant of its own whose limits
+        are far above any load; their tokens by target."""
+        env = {**self.env, "DATABASE_URL": self.database_url}
+        chatgate = [sys.executable, "-m", "chatgate_server"]
+        huge = "1000000000000"
+        three = {
+            "tenant": ["--requests-per-minute", huge],
+            "user": ["--tokens-per-day", huge, "--concurrent-streams", "1000000"],
+        }
+        every = ["--requests-per-minute", huge, "--tokens-per-minute", huge, "--tokens-per-day", huge,
+                 "--concurrent-streams", "1000000"]  # fmt: skip
+        limits = {"chatgate-limits": three, "chatgate-limits8": {"tenant": every, "user": every}}
+        tokens = {}
+        for target, sets in limits.items():
+            tenant = f"bench-{target}"
+            tokens[target] = subprocess.run(
+                [*chatgate, "callers", "create", "--tenant", tenant, "--name", "loadgen"],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            for scope, who in (("tenant", tenant), ("user", f"{tenant}/*")):
+                cmd = [*chatgate, "limits", "set", scope, who, *sets[scope]]
+                subprocess.run(cmd, env=env, check=True, capture_output=True)
+        # Postgres counts calls of the lease functions: statements per admitted call.
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            name = conninfo_to_dict(self.database_url)["dbname"]
+            conn.execute(f"ALTER DATABASE \"{name}\" SET track_functions = 'pl'")
+        return tokens
+
+    def limit_statements(self) -> int:
+        """Calls of the limits' lease functions so far (pg_stat_user_functions)."""
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute(
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname LIKE 'limit\\_%'"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
     def pin_database_backends(self) -> int:
         """Move the Postgres backends serving the scratch database to the load core(s).
 
@@ -251,16 +301,22 @@ class Suite:
             cmd += ["--read-delay-ms", str(scenario.read_delay_ms), "--cancel-at-end"]
         if target in CALLER_ID_TARGETS:
             cmd.append("--caller-request-ids")
-        if target != "direct" and self.token:
-            cmd += ["--token", self.token]  # the baselines ignore it; chatgate verifies it
+        token = self.limited_tokens.get(target, self.token)
+        if target != "direct" and token:
+            cmd += ["--token", token]  # the baselines ignore it; chatgate verifies it
         self.pin_database_backends()
         timeout = scenario.warmup_s + scenario.duration_s + scenario.ramp_s + 120
+        before = self.limit_statements() if target in LIMITED_TARGETS else 0
         result = subprocess.run(
             cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
         )
         if result.returncode != 0:
             raise RuntimeError(f"load generator failed against {target}:\n{result.stderr[-3000:]}")
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
+        report: dict[str, Any] = json.loads(result.stdout)
+        if target in LIMITED_TARGETS:
+            # Over warm-up, window and drain: per call of all of them, a ceiling.
+            report["limit_statements"] = self.limit_statements() - before
+        return report
 
     def simulator_stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.upstream_url.removesuffix("/v1") + "/_simulator/stats") as r:
@@ -423,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         suite = Suite(args, stack, Path(tmp))
         results["pinning"] = suite.pinning.note
         suite.create_database()
+        if {t for s in scenarios for t in s.targets} & set(LIMITED_TARGETS):
+            suite.limited_tokens = suite.limited_callers()  # before any chatgate starts
         suite.start_simulator()
         if args.trace_sample > 0:
             suite.start_otlp_sink()

@@ -30,11 +30,17 @@ TWO_DEPLOYMENTS = "chatgate-2dep"
 # caller-supplied request_id on every call (chatgate reserves each in Postgres before
 # serving; with none it generates ids and skips that), against the same server.
 CALLER_ID_TARGETS: dict[str, str] = {"chatgate-ids": "chatgate"}
+# chatgate-limits calls the same server as a caller of another tenant with three limits,
+# far above the load (so every call is admitted and pays for finding, reserving and
+# settling them): the tenant's requests per minute, and each user's tokens per day and
+# concurrent streams. chatgate-limits8 is held to eight: every kind that needs no price
+# (requests and tokens per minute, tokens per day, streams) on the tenant and each user.
+LIMITED_TARGETS: dict[str, str] = {"chatgate-limits": "chatgate", "chatgate-limits8": "chatgate"}
 
 
 def server_of(target: str) -> str:
     """The server a target's load goes to."""
-    return CALLER_ID_TARGETS.get(target, target)
+    return CALLER_ID_TARGETS.get(target) or LIMITED_TARGETS.get(target, target)
 
 
 _WITH_1MSG = ("direct", "relay", "chatgate-1msg", "chatgate")
@@ -106,6 +112,21 @@ FULL: tuple[Scenario, ...] = (
     ),
     Scenario("saturation", "concurrency 32, 50 chunks", 32, 50, targets=_WITH_1MSG),
     Scenario(
+        "limits",
+        "concurrency 32, 20 chunks: one hot tenant and its users with limits on vs off",
+        32,
+        20,
+        targets=("direct", "chatgate", "chatgate-limits", "chatgate-limits8"),
+    ),
+    Scenario(
+        "limits-idle",
+        "concurrency 1, 20 chunks: latency limits add when idle",
+        1,
+        20,
+        duration_s=8.0,
+        targets=("direct", "chatgate", "chatgate-limits"),
+    ),
+    Scenario(
         "paced",
         "50 open streams of 50 chunks, 20 ms apart (what one core holds in real time)",
         50,
@@ -153,6 +174,8 @@ QUICK_OVERRIDES = {
     "idle": {"duration_s": 1.0, "warmup_s": 0.3},
     "request-ids": {"duration_s": 1.0, "warmup_s": 0.3},
     "saturation": {"duration_s": 1.0, "warmup_s": 0.3},
+    "limits": {"duration_s": 1.0, "warmup_s": 0.3},
+    "limits-idle": {"duration_s": 1.0, "warmup_s": 0.3},
     "paced": {"duration_s": 1.0, "warmup_s": 1.0},
     "slow": {"duration_s": 1.5, "warmup_s": 1.0, "concurrency": 100, "ramp_s": 0.0},
     "slow-consumer": {"duration_s": 1.5, "warmup_s": 0.5, "concurrency": 5, "chunks": 20_000},

@@ -40,6 +40,10 @@ MODULES: dict[str, tuple[str, str]] = {
     "pricing": ("usage/pricing.py", "test_pricing.py"),
     "breaker": ("upstream/breaker.py", "test_breaker.py"),
     "spool": ("usage/spool.py", "test_spool.py"),
+    "leases": ("limits/leases.py", "test_limits_leases.py"),
+    "buckets": ("limits/buckets.py", "test_limits_buckets.py"),
+    "policy": ("limits/policy.py", "test_limits_engine.py"),
+    "engine": ("limits/engine.py", "test_limits_engine.py"),
 }
 
 MUTMUT_SETTINGS = """

@@ -30,6 +30,7 @@ from chatgate_server.limits.anomaly_detector import AnomalyDetector
 from chatgate_server.limits.anomaly_rules import Finding, Step
 from chatgate_server.limits.anomaly_store import add_refusal_counts
 from chatgate_server.limits.blocks import BlockPolicy, BlockTable
+from chatgate_server.limits.wiring import LimitsRuntime
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.deployment_health import DeploymentHealth
@@ -142,6 +143,7 @@ class App:
         self.refusals = RefusalCounter()
         self._refusal_flusher: RefusalFlusher | None = None
         self.detector: AnomalyDetector | None = None
+        self.limits: LimitsRuntime | None = None
 
     async def start(self) -> int:
         """Open resources and start serving; returns the bound port."""
@@ -241,6 +243,8 @@ class App:
             await self.stop(0)
             raise StartupError(f"CHATGATE_PRICES_FILE: {exc}") from None
         blocks = await self._blocks(url, postgres_ok)
+        self.limits = LimitsRuntime(url, s, prices)
+        await self.limits.start(postgres_ok)
         self.service = service = CompletionService(
             self.router,
             self.ledger,
@@ -250,11 +254,11 @@ class App:
             ),
             first_byte_timeout_s=s.upstream_first_byte_timeout_s,
             telemetry=self.telemetry,
-            # Preconditions' refusals leave no usage row, the policies' do (admission.py).
-            # Blocks come first of the policies; extra policies (tests only) after them.
+            # Preconditions' refusals leave no usage row, the policies' do (admission.py):
+            # blocks, then limits; extra policies (tests only) after them.
             admission=AdmissionChain(
                 preconditions=(self.ledger, self._guard),
-                policies=(BlockPolicy(blocks), *self._extra_policies),
+                policies=(BlockPolicy(blocks), self.limits.policy, *self._extra_policies),
             ),
             prices=prices,
             deployment_prices=self._deployment_prices(config),
@@ -478,6 +482,10 @@ class App:
         if self._health_server is not None:
             await _bounded("health server", self._health_server.stop(0), 5)
             self._health_server = None
+        if self.limits is not None:
+            # Calls are over: give back every slice this process holds.
+            await _bounded("limits", self.limits.stop(), 10)
+            self.limits = None
         if self.ledger is not None:
             await _bounded("usage ledger", self.ledger.close(), 60)
             self.ledger = None

@@ -23,6 +23,7 @@ from chatgate_server.limits.anomaly_commands import (
     wants_usage_anomalies,
 )
 from chatgate_server.limits.blocks_commands import BLOCK_COMMANDS, add_block_commands, run_block_command
+from chatgate_server.limits.commands import LIMITS_COMMAND, add_limits_command, run_limits_command
 from chatgate_server.logs import configure_logging
 from chatgate_server.usage.commands import USAGE_COMMANDS, add_usage_commands, run_usage_command
 
@@ -82,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_callers_command(sub)
     add_block_commands(sub)
     add_anomaly_commands(sub)
+    add_limits_command(sub)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "simulator":
@@ -104,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_block_command(args)
         if args.command in ANOMALY_COMMANDS or wants_usage_anomalies(args):
             return run_anomaly_command(args)
+        if args.command == LIMITS_COMMAND:
+            return run_limits_command(args)
         if args.command in USAGE_COMMANDS:
             return run_usage_command(args)
         return _serve(args.workers)

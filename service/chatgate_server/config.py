@@ -172,6 +172,14 @@ class Settings:
     settings on any connection (default false)."""
     anomaly: DetectorSettings = field(default_factory=DetectorSettings)
     """CHATGATE_ANOMALY_*: the abuse detector's knobs (limits/anomaly_settings.py)."""
+    limits_max_completion_tokens: int = 4096
+    """CHATGATE_LIMITS_MAX_COMPLETION_TOKENS: when a token or spend limit applies to a call that
+    set no max_completion_tokens, chatgate reserves this many output tokens and sends it upstream
+    as the call's cap (default 4096), so a reservation is never unbounded."""
+    limits_lease_ttl_s: float = 10.0
+    """CHATGATE_LIMITS_LEASE_TTL_SECONDS: how long a process's slice of a shared budget or
+    concurrency limit lasts unrenewed (default 10): a killed process's slice returns to the
+    pool this long after its last renewal (docs/LIMITS.md)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -233,6 +241,8 @@ class Settings:
             max_connection_age_grace_s=_connection_age_grace(e),
             database_transaction_pooling=_flag(e, "CHATGATE_DATABASE_TRANSACTION_POOLING", False),
             anomaly=_anomaly(e),
+            limits_max_completion_tokens=_int(e, "CHATGATE_LIMITS_MAX_COMPLETION_TOKENS", 4096, minimum=1),
+            limits_lease_ttl_s=_float(e, "CHATGATE_LIMITS_LEASE_TTL_SECONDS", 10.0, minimum=1.0),
         )
 
     @property

@@ -25,6 +25,7 @@ import pytest
 from chatgate.client import KNOWN_REASONS, ErrorReason
 from chatgate_server import errors
 from chatgate_server.domain import LimitKind
+from chatgate_server.limits.definitions import REASONS as LIMIT_REASONS
 from tests.conftest import REPO_ROOT
 
 SERVICE = REPO_ROOT / "service" / "chatgate_server"
@@ -114,7 +115,8 @@ def test_the_derived_set_is_plausible() -> None:
         "DUPLICATE_REQUEST_ID",
         "INTERNAL",
     } <= sent
-    # QuotaExceeded always carries a limit's own reason, never its class default.
+    # Limits send one reason per kind of limit, never QuotaExceeded's class default.
+    assert set(LIMIT_REASONS.values()) <= sent
     assert "QUOTA_EXCEEDED" not in sent
 
 

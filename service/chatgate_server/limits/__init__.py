@@ -1,1 +1,3 @@
-"""Admission policies that limit who may call and how much: limits, leases, blocks, the abuse detector."""
+"""Admission policies that limit who may call and how much: rate limits, token and spend
+budgets and concurrent streams, held exactly across replicas by leasing slices of shared
+counters (docs/LIMITS.md); blocks; the abuse detector."""

@@ -83,10 +83,12 @@ async def _run(url: str, args: argparse.Namespace, out: TextIO) -> int:
     from psycopg_pool import AsyncConnectionPool
 
     from chatgate_server.usage.commands import parse_when
-    from chatgate_server.usage.connect import with_connect_timeout
+    from chatgate_server.usage.connect import session_kwargs, with_connect_timeout
 
     since = parse_when(args.anomaly_since, datetime.now(UTC)) if wants_usage_anomalies(args) else None
-    async with AsyncConnectionPool(with_connect_timeout(url), min_size=1, max_size=1, open=False) as pool:
+    async with AsyncConnectionPool(
+        with_connect_timeout(url), min_size=1, max_size=1, open=False, kwargs=session_kwargs()
+    ) as pool:
         await pool.open(wait=True, timeout=10)
         if since is not None:
             return await _list(pool, since, args, out)

@@ -82,10 +82,12 @@ def run_block_command(args: argparse.Namespace, out: TextIO = sys.stdout) -> int
 async def _run(url: str, args: argparse.Namespace, out: TextIO) -> int:
     from psycopg_pool import AsyncConnectionPool
 
-    from chatgate_server.usage.connect import with_connect_timeout
+    from chatgate_server.usage.connect import session_kwargs, with_connect_timeout
 
     subject = Subject.parse(args.scope, args.subject) if args.command != "blocks" else None
-    async with AsyncConnectionPool(with_connect_timeout(url), min_size=1, max_size=1, open=False) as pool:
+    async with AsyncConnectionPool(
+        with_connect_timeout(url), min_size=1, max_size=1, open=False, kwargs=session_kwargs()
+    ) as pool:
         await pool.open(wait=True, timeout=10)
         if subject is None:
             return await _list(pool, args, out)

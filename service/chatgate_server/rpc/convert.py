@@ -498,7 +498,11 @@ def _allowance(allowance: Allowance) -> pb.Allowance:
         remaining=allowance.remaining,
     )
     if allowance.resets_at is not None:
-        out.resets_at.FromDatetime(allowance.resets_at)
+        # Whole microseconds from the epoch, set directly: FromDatetime costs several
+        # times more, and a call may carry a dozen allowances.
+        micros = round(allowance.resets_at.timestamp() * 1_000_000)
+        out.resets_at.seconds, rest = divmod(micros, 1_000_000)
+        out.resets_at.nanos = rest * 1000
     return out
 
 
