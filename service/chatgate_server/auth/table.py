@@ -15,7 +15,6 @@ closed, never open.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ from chatgate_server.auth.records import Credential
 from chatgate_server.auth.store import CallerStore
 from chatgate_server.domain import Caller
 from chatgate_server.errors import CallersUnavailable, CredentialInvalid
+from chatgate_server.table_poll import TablePoller
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,17 @@ class CallerTable:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._store = store
-        self._poll_s = poll_s
         self._clock = clock
         self._by_id: dict[str, Credential] | None = None
         self._by_identity: dict[str, Credential] = {}
         self._callers: dict[str, Caller] = {}
         self._version: int | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._poller = TablePoller(
+            self.refresh,
+            what="caller table",
+            unloaded="calls are refused (CALLERS_UNAVAILABLE) until it loads",
+            poll_s=poll_s,
+        )
         self._loaded = asyncio.Event()
 
     def verify_token(self, text: str) -> Caller:
@@ -108,34 +112,10 @@ class CallerTable:
         return True
 
     async def start(self, load_timeout_s: float | None = None) -> bool:
-        """Load once, waiting at most ``load_timeout_s`` (best effort: a failure is logged
-        and the poll retries), and keep refreshing. True if the table is loaded."""
-        try:
-            async with asyncio.timeout(load_timeout_s):
-                await self.refresh()
-        except Exception as exc:  # noqa: BLE001 - not loaded: calls are refused until it is
-            log.warning(
-                "cannot load the caller table (%s); calls are refused (CALLERS_UNAVAILABLE) until it loads",
-                type(exc).__name__,
-            )
-        self._task = asyncio.create_task(self._poll(), name="caller-table")
+        """Load once (waiting at most ``load_timeout_s``; a failure is logged and the poll
+        retries), then keep refreshing (table_poll.py). True if the table is loaded."""
+        await self._poller.start(load_timeout_s)
         return self.loaded
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _poll(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(self._poll_s)
-            try:
-                await self.refresh()
-            except Exception as exc:  # noqa: BLE001 - any failure: keep the last table, retry
-                if not failing:  # once per outage, not once per poll
-                    log.warning("cannot refresh the caller table: %s", type(exc).__name__)
-                failing = True
-            else:
-                failing = False
+        await self._poller.stop()

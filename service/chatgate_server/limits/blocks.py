@@ -21,8 +21,6 @@ calling shows up in usage reports.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -33,6 +31,7 @@ from chatgate_server.domain import CompletionRequest
 from chatgate_server.errors import Blocked
 from chatgate_server.limits import blocks_store
 from chatgate_server.limits.blocks_records import Block, Scope
+from chatgate_server.table_poll import TablePoller
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +47,11 @@ class BlockTable:
 
     def __init__(self, pool: blocks_store.Pool, *, poll_s: float = 1.0) -> None:
         self._pool = pool
-        self._poll_s = poll_s
         self._blocks: dict[tuple[str, str, str], Block] = {}
         self._version: int | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._poller = TablePoller(
+            self.refresh, what="block table", unloaded="no blocks apply until it loads", poll_s=poll_s
+        )
 
     @property
     def loaded(self) -> bool:
@@ -87,35 +87,12 @@ class BlockTable:
         return True
 
     async def start(self, load_timeout_s: float | None = None) -> None:
-        """Load once (bounded; a failure is logged and the poll retries), then keep polling."""
-        try:
-            async with asyncio.timeout(load_timeout_s):
-                await self.refresh()
-        except Exception as exc:  # noqa: BLE001 - not loaded yet: nobody is blocked until it is
-            log.warning(
-                "cannot load the block table (%s); no blocks apply until it loads", type(exc).__name__
-            )
-        self._task = asyncio.create_task(self._poll(), name="block-table")
+        """Load once (waiting at most ``load_timeout_s``; a failure is logged and the poll
+        retries), then keep refreshing (table_poll.py)."""
+        await self._poller.start(load_timeout_s)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _poll(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(self._poll_s)
-            try:
-                await self.refresh()
-            except Exception as exc:  # noqa: BLE001 - keep the last table, retry
-                if not failing:  # once per outage, not once per poll
-                    log.warning("cannot refresh the block table: %s", type(exc).__name__)
-                failing = True
-            else:
-                failing = False
+        await self._poller.stop()
 
 
 class BlockPolicy:

@@ -11,8 +11,6 @@ and says so in its log (docs/LIMITS.md).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -28,6 +26,7 @@ from chatgate_server.limits.definitions import (
     next_expiry,
 )
 from chatgate_server.limits.store import LimitStore
+from chatgate_server.table_poll import TablePoller
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +101,13 @@ class LimitTable:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._store = store
-        self._poll_s = poll_s
         self._clock = clock
         self.index = LimitIndex((), clock())
         self.loaded = False
         self._version: int | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._poller = TablePoller(
+            self.refresh, what="limit table", unloaded="no limits apply until it loads", poll_s=poll_s
+        )
 
     def applicable(self, tenant: str, caller: str, user: str, model: str) -> tuple[Limit, ...]:
         return self.index.applicable(tenant, caller, user, model)
@@ -125,33 +125,10 @@ class LimitTable:
         return True
 
     async def start(self, load_timeout_s: float | None = None) -> bool:
-        """Load once (waiting at most ``load_timeout_s``) and keep polling; True if loaded."""
-        try:
-            async with asyncio.timeout(load_timeout_s):
-                await self.refresh()
-        except Exception as exc:  # noqa: BLE001 - the poll retries
-            log.warning(
-                "cannot load the limit table (%s); no limits apply until it loads", type(exc).__name__
-            )
-        self._task = asyncio.create_task(self._poll(), name="limit-table")
+        """Load once (waiting at most ``load_timeout_s``; a failure is logged and the poll
+        retries), then keep refreshing (table_poll.py). True if the table is loaded."""
+        await self._poller.start(load_timeout_s)
         return self.loaded
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _poll(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(self._poll_s)
-            try:
-                await self.refresh()
-            except Exception as exc:  # noqa: BLE001 - keep the last table, retry
-                if not failing:
-                    log.warning("cannot refresh the limit table: %s", type(exc).__name__)
-                failing = True
-            else:
-                failing = False
+        await self._poller.stop()
