@@ -106,14 +106,14 @@ class Estimator:
         return TokenUsage(input_tokens=10, source="estimated")
 
 
-def policy(idx: LimitIndex, leaser: Leaser) -> LimitPolicy:
+def policy(idx: LimitIndex, leaser: Leaser, *, wall: datetime = WALL) -> LimitPolicy:
     return LimitPolicy(
         Table(idx),  # type: ignore[arg-type]
         leaser,
         Estimator(),
         default_table(),
         max_completion_tokens=90,
-        wall=lambda: WALL,
+        wall=lambda: wall,
     )
 
 
@@ -424,3 +424,440 @@ async def test_a_call_cancelled_while_waiting_keeps_nothing_reserved() -> None:
     gate.set()
     assert tenant.held == tenant_before  # …and given back when the caller left
     assert user.reserved == 100  # only the first call's reservation
+
+
+# --- the engine's own decisions (mutation testing, docs/TESTING.md) -----------------
+
+
+def test_the_default_tuning_is_what_docs_limits_states() -> None:
+    t = EngineTuning()
+    # LIMITS.md: ~10 s of demand per budget slice, 4 s per rate slice; unused for 2 s
+    # gives everything back; one bounded wait of 0.5 s; a counter seen empty is asked
+    # again after a second; a heartbeat each second.
+    assert (t.horizon_s, t.bucket_horizon_s, t.idle_s, t.wait_s) == (10.0, 4.0, 2.0, 0.5)
+    assert (t.recheck_s, t.heartbeat_s) == (1.0, 1.0)
+
+
+def clocked(shared: SharedCounters, clock: Clock, **tuning: float) -> Leaser:
+    return Leaser(shared.store("p1"), tuning=EngineTuning(**tuning), clock=clock, wall=lambda: WALL)  # type: ignore[arg-type]
+
+
+async def test_a_take_that_leaves_the_account_low_syncs_in_the_background() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    entry = lease.entry(limit(), WALL)
+    assert await lease.acquire(entry, 1)  # the slice is one call: the take left it empty
+    assert entry.syncing is not None  # …so it asked for more at once, without waiting
+    await entry.syncing
+    assert entry.account.held > 1
+
+
+async def test_a_rate_limit_is_taken_from_the_shared_bucket() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    entry = lease.entry(limit(LimitKind.REQUESTS_PER_MINUTE, 60), WALL)
+    assert await lease.acquire(entry, 1)
+    ((bucket, level),) = shared.levels.items()
+    assert bucket == entry.name and level == 60 - 1  # one token left the bucket for this call
+    assert isinstance(entry.account, BucketAccount)
+    assert entry.account.level == level and entry.account.held == 0
+    assert not lease.away
+
+
+async def test_a_bucket_with_nothing_to_take_or_give_sends_nothing() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    entry = lease.entry(limit(LimitKind.REQUESTS_PER_MINUTE, 60), WALL)
+    clock.now += 2.0
+    await lease._sync(entry)  # unused, holding nothing: idle with nothing to give back
+    assert lease.statements == 0 and entry.synced_at == clock.now
+
+
+async def test_an_empty_bucket_is_asked_again_only_after_recheck_s() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock, recheck_s=1.0)
+    entry = lease.entry(limit(LimitKind.REQUESTS_PER_MINUTE, 2), WALL)
+    assert await lease.acquire(entry, 2)  # the whole bucket
+    assert not await lease.acquire(entry, 1)  # asked: the bucket is empty
+    asked = lease.statements
+    assert not await lease.acquire(entry, 1)
+    assert lease.statements == asked  # seen empty just now: not asked again
+    clock.now += 1.0  # seen a second ago: it may have changed, so it is asked again
+    await lease.acquire(entry, 1)
+    assert lease.statements > asked
+
+
+async def test_a_failed_bucket_take_marks_postgres_away_and_the_local_share_admits() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    lease.live = 3
+    entry = lease.entry(limit(LimitKind.REQUESTS_PER_MINUTE, 60), WALL)
+    shared.down = True
+    admitted = [await lease.acquire(entry, 1) for _ in range(30)]
+    assert lease.away
+    assert sum(admitted) == 20  # a burst of 60 ÷ 3 processes: never unlimited, never none
+    shared.down = False
+    clock.now += 1.0  # past retry_s: the next sync reaches Postgres again
+    await lease._sync(entry)
+    assert not lease.away
+
+
+async def test_a_failed_bucket_take_keeps_its_debt_owed() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    entry = lease.entry(limit(LimitKind.TOKENS_PER_MINUTE, 600), WALL)
+    entry.account.held = -4.0  # a call used 4 beyond its reservation
+    shared.down = True
+    await lease._sync(entry)
+    assert lease.away and entry.account.held == -4.0  # still owed: paid at the next take
+    shared.down = False
+    clock.now += 1.0
+    await lease._sync(entry)
+    assert not lease.away
+    granted = entry.account.held
+    assert granted >= 1 and shared.levels[entry.name] == 600 - 4 - granted
+
+
+async def test_after_a_failed_sync_calls_do_not_wait_for_another_within_retry_s() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock, retry_s=1.0)
+    entry = lease.entry(limit(), WALL)
+    shared.down = True
+    await lease._sync(entry)
+    assert lease.away and entry.failed_at == clock.now
+    lease.away = False  # a heartbeat saw Postgres back; this account still backs off
+    shared.down = False
+    clock.now += 0.5
+    asked = lease.statements
+    assert not await lease.acquire(entry, 1)  # refused at once: no sync to wait for
+    assert lease.statements == asked and entry.syncing is None
+    clock.now += 0.5
+    assert await lease.acquire(entry, 1)
+    assert lease.statements == asked + 1
+
+
+async def test_a_lease_is_renewed_at_half_life_even_with_nothing_to_report() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock, idle_s=100.0)
+    entry = lease.entry(limit(), WALL)
+    account = entry.account
+    assert isinstance(account, PoolAccount)
+    account.pending = 50
+    await lease._sync(entry)
+    account.pending = 0
+    assert account.held == 50 and account.lease_until == clock.now + 10.0
+    account.last_need = 50  # the slice it holds is exactly what it wants
+    clock.now += 4.9
+    asked = lease.statements
+    await lease._sync(entry)
+    assert lease.statements == asked  # before half-life: nothing to say
+    clock.now += 0.1
+    await lease._sync(entry)
+    assert lease.statements == asked + 1 and account.lease_until == clock.now + 10.0
+    assert account.held == 50
+
+
+async def test_the_heartbeat_asks_to_be_counted_live_for_three_beats_or_a_lease() -> None:
+    seen: list[float] = []
+
+    class Recording(FakeStore):
+        async def heartbeat(self, live_s: float) -> int:
+            seen.append(live_s)
+            return 2
+
+    shared = SharedCounters()
+    for beat, ttl, expected in ((1.0, 10.0, 10.0), (5.0, 10.0, 15.0)):
+        store = Recording(shared, "p1")
+        store.ttl_s = ttl
+        lease = Leaser(store, tuning=EngineTuning(heartbeat_s=beat))  # type: ignore[arg-type]
+        await lease._heartbeat()
+        assert seen[-1] == expected and lease.live == 2
+
+
+async def test_a_failed_heartbeat_keeps_the_last_count_and_says_nothing_of_postgres() -> None:
+    class Failing(FakeStore):
+        async def heartbeat(self, live_s: float) -> int:
+            raise OSError("postgres away")
+
+    lease = Leaser(Failing(SharedCounters(), "p1"))  # type: ignore[arg-type]
+    lease.live, lease.away = 4, True
+    await lease._heartbeat()
+    assert (lease.live, lease.away) == (4, True)
+
+
+async def test_an_idle_account_is_forgotten_after_thirty_idle_periods_not_before() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock, idle_s=2.0)
+    entry = lease.entry(limit(), WALL)
+    assert await lease.acquire(entry, 10)
+    entry.account.settle(10, 10)
+    if entry.syncing is not None:
+        await entry.syncing
+    used = entry.account.last_take
+    clock.now = used + 2.0
+    lease.tend(clock.now)
+    assert entry.syncing is not None
+    await entry.syncing
+    clock.now = used + 59.9
+    lease.tend(clock.now)
+    assert lease.entry(limit(), WALL) is entry
+    clock.now = used + 60.0
+    lease.tend(clock.now)
+    assert lease.entry(limit(), WALL) is not entry
+
+
+async def test_tend_leaves_an_account_alone_while_it_syncs() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    entry = lease.entry(limit(), WALL)
+    gate = asyncio.Event()
+    original = shared.store("p1").pool_sync
+
+    async def slow(*args: object) -> PoolGrant:
+        await gate.wait()
+        return await original(*args)  # type: ignore[arg-type]
+
+    lease._store.pool_sync = slow  # type: ignore[method-assign,assignment]
+    entry.account.pending = 10
+    lease._start_sync(entry)
+    syncing = entry.syncing
+    clock.now += 1000.0  # long idle, and the lease due: tend would sync or forget it
+    lease.tend(clock.now)
+    assert entry.syncing is syncing and lease.entry(limit(), WALL) is entry
+    gate.set()
+    assert syncing is not None
+    await syncing
+
+
+async def test_the_loop_beats_and_tends_and_stop_gives_back_and_leaves() -> None:
+    beats: list[float] = []
+    left: list[str] = []
+
+    class Recording(FakeStore):
+        async def heartbeat(self, live_s: float) -> int:
+            beats.append(live_s)
+            return 2
+
+        async def leave(self) -> None:
+            left.append(self.holder)
+
+    shared = SharedCounters()
+    tuning = EngineTuning(tick_s=0.001, heartbeat_s=0.001, idle_s=0.01)
+    lease = Leaser(Recording(shared, "p1"), tuning=tuning)  # type: ignore[arg-type]
+    entry = lease.entry(limit(), WALL)
+    assert await lease.acquire(entry, 10)
+    entry.account.settle(10, 10)
+    lease.away = True
+    lease.start()
+    for _ in range(1000):  # bounded: the loop ticks every millisecond
+        await asyncio.sleep(0.001)
+        if len(beats) >= 2 and entry.account.held == 0:
+            break
+    assert len(beats) >= 2 and lease.live == 2 and not lease.away
+    # tend gave the idle slice back and reported what was spent
+    assert entry.account.held == 0 and sum(shared.taken.values()) == 10
+    await lease.stop()
+    assert left == ["p1"]
+    beaten = len(beats)
+    await asyncio.sleep(0.01)
+    assert len(beats) == beaten  # the loop stopped
+
+
+async def test_stop_waits_for_a_sync_under_way_then_gives_back() -> None:
+    shared = SharedCounters()
+    lease = leaser(shared)
+    entry = lease.entry(limit(), WALL)
+    entry.account.pending = 40
+    lease._start_sync(entry)  # under way when stop begins
+    entry.account.pending = 0
+    await lease.stop()
+    assert entry.account.held == 0 and sum(shared.taken.values()) == 0
+    assert shared.leases[(entry.name, "p1")] == 0
+
+
+async def test_stop_survives_a_goodbye_postgres_does_not_answer() -> None:
+    class Failing(FakeStore):
+        async def leave(self) -> None:
+            raise OSError("postgres away")
+
+    lease = Leaser(Failing(SharedCounters(), "p1"))  # type: ignore[arg-type]
+    await lease.stop()  # nothing raised: it stays counted until its heartbeat ages out
+
+
+# --- the policy's decisions, as callers see them ------------------------------------
+
+
+async def refusal(p: LimitPolicy, request: CompletionRequest | None = None) -> QuotaExceeded:
+    with pytest.raises(QuotaExceeded) as refused:
+        await p.admit(request or call())
+    return refused.value
+
+
+async def test_the_default_cap_is_4096_output_tokens() -> None:
+    idx = index((USER, LimitKind.TOKENS_PER_DAY, 100_000))
+    p = LimitPolicy(Table(idx), leaser(SharedCounters()), Estimator(), default_table(), wall=lambda: WALL)  # type: ignore[arg-type]
+    ticket = await p.admit(call())
+    assert ticket.amend(call()).sampling.max_completion_tokens == 4096
+    (allowance,) = ticket.allowances
+    assert allowance.remaining == 100_000 - (10 + 4096)
+
+
+async def test_a_call_larger_than_the_limit_is_told_so_and_given_no_retry() -> None:
+    p = policy(index((USER, LimitKind.TOKENS_PER_DAY, 99)), leaser(SharedCounters()))
+    refused = await refusal(p)  # 10 in + 90 out
+    assert refused.retry_after is None
+    (violation,) = refused.violations
+    assert violation.subject == "user:acme/u1"
+    assert violation.description == "limit of 99 tokens per day (UTC): this call alone needs 100"
+    assert str(refused).startswith("user:acme/u1: tokens per day (UTC) limit reached")
+
+
+async def test_a_call_that_exactly_fits_the_limit_is_admitted() -> None:
+    p = policy(index((USER, LimitKind.TOKENS_PER_DAY, 100)), leaser(SharedCounters()))
+    ticket = await p.admit(call())
+    (allowance,) = ticket.allowances
+    assert allowance.remaining == 0
+    refused = await refusal(p)
+    (violation,) = refused.violations
+    assert violation.description == "limit of 100 tokens per day (UTC) reached (this call needs 100)"
+
+
+async def test_an_unpriced_model_under_a_spend_limit_is_refused_and_says_why() -> None:
+    p = policy(index((USER, LimitKind.SPEND_PER_DAY, 10**9)), leaser(SharedCounters()))
+    refused = await refusal(p, call(model="no-such-model"))
+    assert refused.reason == "SPEND_PER_DAY_EXCEEDED" and refused.retry_after is None
+    (violation,) = refused.violations
+    assert violation.description == (
+        "limit of 1000000000 micro-dollars per day (UTC): the model has no price, so no spend can be admitted"
+    )
+
+
+async def test_an_unpriced_model_under_a_token_limit_only_is_admitted() -> None:
+    p = policy(index((USER, LimitKind.TOKENS_PER_DAY, 1000)), leaser(SharedCounters()))
+    ticket = await p.admit(call(model="no-such-model"))
+    (allowance,) = ticket.allowances
+    assert allowance.remaining == 1000 - 100
+
+
+async def test_spend_reserves_the_priced_tokens_and_tokens_the_count() -> None:
+    idx = index((USER, LimitKind.SPEND_PER_DAY, 10_000), (USER, LimitKind.TOKENS_PER_DAY, 1000))
+    p = policy(idx, leaser(SharedCounters()))
+    ticket = await p.admit(call(max_tokens=50))
+    reservation = default_table().cost("gpt-4o-mini", TokenUsage(10, 50)).usd_micros
+    assert reservation
+    remaining = {a.kind: a.remaining for a in ticket.allowances}
+    assert remaining == {LimitKind.SPEND_PER_DAY: 10_000 - reservation, LimitKind.TOKENS_PER_DAY: 1000 - 60}
+
+
+async def test_a_stream_slot_comes_back_at_settlement_and_a_refusal_says_retry_in_a_second() -> None:
+    p = policy(index((USER, LimitKind.CONCURRENT_STREAMS, 1)), leaser(SharedCounters()))
+    ticket = await p.admit(call())
+    (allowance,) = ticket.allowances
+    assert (allowance.limit, allowance.remaining, allowance.resets_at) == (1, 0, None)
+    refused = await refusal(p)
+    assert refused.reason == "CONCURRENT_STREAMS_EXCEEDED" and refused.retry_after == 1.0
+    assert refused.violations[0].description == "limit of 1 concurrent streams reached (this call needs 1)"
+    ticket.settle(record(500))
+    await p.admit(call())  # the slot came back
+
+
+async def test_a_request_counts_once_per_call_whatever_it_used() -> None:
+    p = policy(index((USER, LimitKind.REQUESTS_PER_MINUTE, 2)), leaser(SharedCounters()))
+    ticket = await p.admit(call())
+    ticket.settle(record(500))  # no tokens are counted against a request rate
+    await p.admit(call())
+    refused = await refusal(p)
+    assert refused.reason == "REQUESTS_PER_MINUTE_EXCEEDED"
+    assert refused.retry_after == pytest.approx(30.0, abs=0.5)  # one request refills in 30 s
+
+
+async def test_tokens_settle_to_what_the_call_used_never_below_zero() -> None:
+    p = policy(index((USER, LimitKind.TOKENS_PER_DAY, 1000)), leaser(SharedCounters()))
+    (await p.admit(call())).settle(record(130))  # 30 beyond its reservation: counted
+    (await p.admit(call())).settle(record(-5))  # a nonsense count frees the reservation
+    ticket = await p.admit(call())
+    (allowance,) = ticket.allowances
+    assert allowance.remaining == 1000 - 130 - 0 - 100
+
+
+async def test_settle_after_release_and_twice_counts_once() -> None:
+    p = policy(index((USER, LimitKind.TOKENS_PER_DAY, 1000)), leaser(SharedCounters()))
+    ticket = await p.admit(call())
+    ticket.settle(record(40))
+    ticket.settle(record(40))
+    ticket.release()
+    other = await p.admit(call())
+    other.release()
+    other.settle(record(999))
+    (allowance,) = (await p.admit(call())).allowances
+    assert allowance.remaining == 1000 - 40 - 100
+
+
+RPM = LimitKind.REQUESTS_PER_MINUTE
+
+
+async def test_a_rate_allowance_counts_the_bucket_and_says_when_it_is_full_again() -> None:
+    clock = Clock()
+    idx = index((USER, LimitKind.REQUESTS_PER_MINUTE, 60))
+    lease = Leaser(SharedCounters().store("p1"), clock=clock, wall=lambda: WALL)  # type: ignore[arg-type]
+    p = LimitPolicy(Table(idx), lease, Estimator(), default_table(), clock=clock, wall=lambda: WALL)  # type: ignore[arg-type]
+    ticket = await p.admit(call())
+    (allowance,) = ticket.allowances
+    assert (allowance.subject, allowance.kind, allowance.limit) == ("user:acme/u1", RPM, 60)
+    entry = lease.entry(idx.applicable("acme", "billing", "u1", "")[0], WALL)
+    account = entry.account
+    assert isinstance(account, BucketAccount)
+    level = account.level_now(clock.now)
+    assert allowance.remaining == int(level + max(account.held, 0))
+    assert allowance.resets_at == WALL + timedelta(seconds=60 - level)  # one per second
+    account.held, account.level = 5.0, 50.0
+    (allowance,) = ticket.allowances
+    assert allowance.remaining == 55 and allowance.resets_at == WALL + timedelta(seconds=10)
+    account.held = -3.0  # a debt is not subtracted twice: the level is what others see
+    (allowance,) = ticket.allowances
+    assert allowance.remaining == 50
+    account.level = 70.0  # never more than the limit
+    account.held = 0.0
+    (allowance,) = ticket.allowances
+    assert allowance.remaining == 60
+
+
+async def test_a_budget_allowance_resets_at_the_end_of_the_window() -> None:
+    p = policy(index((USER, LimitKind.SPEND_PER_MONTH, 10**6)), leaser(SharedCounters()))
+    (allowance,) = (await p.admit(call())).allowances
+    assert allowance.resets_at == datetime(2027, 1, 1, tzinfo=UTC)
+    assert 0 < allowance.remaining < 10**6
+
+
+async def test_a_daily_refusal_waits_until_midnight_at_least_a_second() -> None:
+    idx = index((USER, LimitKind.TOKENS_PER_DAY, 100))
+    late = WALL.replace(hour=23, minute=59, second=59, microsecond=500_000)
+    for wall, expected in ((WALL.replace(hour=23, minute=50), 600.0), (late, 1.0)):
+        p = policy(idx, leaser(SharedCounters()), wall=wall)
+        await p.admit(call())
+        refused = await refusal(p)
+        assert refused.retry_after == expected
+
+
+async def test_a_refusal_names_the_first_limit_and_retries_after_the_longest_wait() -> None:
+    idx = index((USER, LimitKind.REQUESTS_PER_MINUTE, 1), (TENANT, LimitKind.REQUESTS_PER_MINUTE, 2))
+    p = policy(idx, leaser(SharedCounters()))
+    await p.admit(call())
+    refused = await refusal(p)
+    # Only the user's limit refused (the tenant's has room): one violation, its wait.
+    assert [v.subject for v in refused.violations] == ["user:acme/u1"]
+    assert refused.retry_after == pytest.approx(60.0, abs=0.5)
+
+
+async def test_waiting_on_one_limit_and_refused_on_another_returns_both_reservations() -> None:
+    shared = SharedCounters()
+    lease = leaser(shared, wait_s=0.2)
+    idx = index((TENANT, LimitKind.TOKENS_PER_DAY, 10_000), (USER, LimitKind.CONCURRENT_STREAMS, 1))
+    p = policy(idx, lease)
+    first = await p.admit(call())
+    tenant = lease.entry(idx.applicable("acme", "billing", "u1", "")[0], WALL).account
+    reserved = tenant.reserved if isinstance(tenant, PoolAccount) else None
+    await refusal(p)  # the stream slot is taken: the tenant's tokens go back
+    assert isinstance(tenant, PoolAccount) and tenant.reserved == reserved
+    first.settle(record(100))
+    await p.admit(call())  # after the wait for a sync, the slot is free again
