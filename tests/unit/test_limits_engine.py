@@ -861,3 +861,155 @@ async def test_waiting_on_one_limit_and_refused_on_another_returns_both_reservat
     assert isinstance(tenant, PoolAccount) and tenant.reserved == reserved
     first.settle(record(100))
     await p.admit(call())  # after the wait for a sync, the slot is free again
+
+
+async def test_a_process_that_never_counted_the_others_takes_the_whole_limit_as_its_share() -> None:
+    shared = SharedCounters()
+    shared.down = True
+    lease = leaser(shared)  # no heartbeat yet: it knows of itself alone
+    p = policy(index((USER, LimitKind.TOKENS_PER_DAY, 200)), lease)
+    await p.admit(call())
+    assert lease.away
+    await p.admit(call())  # 200 ÷ 1 process: two calls of 100
+    await refusal(p)
+
+
+async def test_at_midnight_exactly_a_call_counts_against_the_new_day() -> None:
+    lease = leaser(SharedCounters())
+    today = lease.entry(limit(), WALL)
+    midnight = datetime(2026, 12, 5, tzinfo=UTC)
+    assert lease.entry(limit(), midnight) is not today
+    assert lease.entry(limit(), midnight).ends_at == datetime(2026, 12, 6, tzinfo=UTC)
+
+
+async def test_a_reloaded_limit_is_what_refusals_and_allowances_name() -> None:
+    lease = leaser(SharedCounters())
+    first = lease.entry(limit(amount=1000), WALL)
+    reloaded = limit(amount=300)
+    again = lease.entry(reloaded, WALL)
+    assert again is first and again.limit is reloaded and again.account.amount == 300
+    assert lease.entry(reloaded, WALL).limit is reloaded
+
+
+async def test_a_rate_is_one_bucket_named_by_its_limit_alone() -> None:
+    lease = leaser(SharedCounters())
+    rate = limit(LimitKind.TOKENS_PER_MINUTE, 600)
+    assert lease.entry(rate, WALL).name == rate.key  # no window: it refills continuously
+    assert lease.entry(limit(), WALL).name == f"{limit().key}@2026-12-04"
+
+
+class Gated(FakeStore):
+    """Pool syncs wait for ``gate``; counts the syncs begun."""
+
+    def __init__(self, shared: SharedCounters, holder: str) -> None:
+        super().__init__(shared, holder)
+        self.gate = asyncio.Event()
+        self.begun = 0
+
+    async def pool_sync(self, pool: str, ends_at: datetime | None, amount: int, sync: PoolSync) -> PoolGrant:
+        self.begun += 1
+        await self.gate.wait()
+        return await super().pool_sync(pool, ends_at, amount, sync)
+
+
+async def test_one_sync_at_a_time_per_account() -> None:
+    store = Gated(SharedCounters(), "p1")
+    lease = Leaser(store, wall=lambda: WALL)  # type: ignore[arg-type]
+    entry = lease.entry(limit(), WALL)
+    account = entry.account
+    assert isinstance(account, PoolAccount)
+    account.held, account.lease_until, account.rate = 3, 1e12, 10.0  # busy: 10 per second
+    assert lease.take(entry, 1)  # low: a sync begins
+    await asyncio.sleep(0)
+    syncing = entry.syncing
+    assert syncing is not None and store.begun == 1
+    assert lease.take(entry, 1)  # lower still, but a sync is under way
+    await asyncio.sleep(0)
+    assert entry.syncing is syncing and store.begun == 1
+    store.gate.set()
+    await syncing
+
+
+async def test_a_busy_account_syncs_far_less_than_once_per_call() -> None:
+    shared = SharedCounters()
+    lease = leaser(shared)
+    entry = lease.entry(limit(amount=100_000), WALL)
+    for _ in range(200):
+        assert await lease.acquire(entry, 1)
+        entry.account.settle(1, 1)
+        await asyncio.sleep(0)
+    assert lease.statements <= 20
+
+
+async def test_a_call_waits_for_a_stuck_sync_only_until_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    store, clock = Gated(SharedCounters(), "p1"), Clock()
+    lease = Leaser(store, tuning=EngineTuning(wait_s=0.05), clock=clock, wall=lambda: WALL)  # type: ignore[arg-type]
+    entry = lease.entry(limit(), WALL)
+    waits: list[float | None] = []
+    wait_for = asyncio.wait_for
+
+    async def recording(aw: asyncio.Future[None], timeout: float | None) -> None:
+        waits.append(timeout)
+        clock.now += 0.05  # the wait used up the call's time
+        await wait_for(aw, timeout)
+
+    monkeypatch.setattr(asyncio, "wait_for", recording)
+    admitted = await wait_for(lease.acquire(entry, 1), 5.0)  # bounded, whatever happens
+    assert not admitted and waits == [pytest.approx(0.05)]
+    store.gate.set()
+
+
+async def test_a_call_admitted_by_the_sync_it_waited_for() -> None:
+    shared = SharedCounters()
+    lease = leaser(shared, wait_s=0.5)
+
+    class Slow(FakeStore):
+        async def pool_sync(self, *args: object) -> PoolGrant:
+            await asyncio.sleep(0.01)  # a real round trip, well within the wait
+            return await super().pool_sync(*args)  # type: ignore[arg-type]
+
+    lease._store = Slow(shared, "p1")  # type: ignore[assignment]
+    entry = lease.entry(limit(), WALL)
+    assert await lease.acquire(entry, 100)
+
+
+async def test_a_counter_seen_just_short_is_refused_without_asking_again() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    bucket = lease.entry(limit(LimitKind.REQUESTS_PER_MINUTE, 60), WALL)
+    account = bucket.account
+    assert isinstance(account, BucketAccount)
+    shared.levels[bucket.name] = 2.0
+    account.level, account.level_at, bucket.synced_at = 2.0, clock.now, clock.now
+    assert not await lease.acquire(bucket, 3)  # 2 left, none held: waiting cannot help
+    assert lease.statements == 0
+    account.held = 1.0  # 2 in the bucket + 1 held: enough, so it asks
+    assert await lease.acquire(bucket, 3)
+    assert lease.statements == 1
+    pool = lease.entry(limit(amount=100), WALL)
+    pa = pool.account
+    assert isinstance(pa, PoolAccount)
+    shared.taken[pool.name] = 95
+    pa.remaining, pool.synced_at = 5, clock.now
+    assert not await lease.acquire(pool, 6)
+    assert lease.statements == 1
+    assert await lease.acquire(pool, 5)  # exactly what remains: worth asking
+
+
+async def test_postgres_going_away_is_logged_once_with_the_share(caplog: pytest.LogCaptureFixture) -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    lease.live = 4
+    entry = lease.entry(limit(), WALL)
+    entry.account.pending = 10
+    shared.down = True
+    with caplog.at_level("INFO", logger="chatgate_server.limits.engine"):
+        await lease._sync(entry)
+        clock.now += 5.0
+        await lease._sync(entry)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "OSError" in warnings[0] and "25% of each limit" in warnings[0]
+        shared.down = False
+        clock.now += 5.0
+        await lease._sync(entry)
+        assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
