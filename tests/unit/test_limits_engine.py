@@ -51,9 +51,12 @@ class SharedCounters:
 class FakeStore:
     def __init__(self, shared: SharedCounters, holder: str) -> None:
         self.shared, self.holder, self.ttl_s, self.statements = shared, holder, 10.0, 0
+        self.calls: list[tuple[object, ...]] = []
+        """What each statement named: the counter, its window's end or its size."""
 
     async def pool_sync(self, pool: str, ends_at: datetime | None, amount: int, sync: PoolSync) -> PoolGrant:
         self.statements += 1
+        self.calls.append((pool, ends_at, amount))
         s = self.shared
         if s.down:
             raise OSError("postgres away")
@@ -72,6 +75,7 @@ class FakeStore:
         self, bucket: str, capacity: float, per_s: float, take: BucketTake
     ) -> tuple[int, float]:
         self.statements += 1
+        self.calls.append((bucket, capacity, per_s))
         s = self.shared
         if s.down:
             raise OSError("postgres away")
@@ -542,11 +546,10 @@ async def test_a_lease_is_renewed_at_half_life_even_with_nothing_to_report() -> 
     entry = lease.entry(limit(), WALL)
     account = entry.account
     assert isinstance(account, PoolAccount)
-    account.pending = 50
+    account.pending = 1
     await lease._sync(entry)
     account.pending = 0
-    assert account.held == 50 and account.lease_until == clock.now + 10.0
-    account.last_need = 50  # the slice it holds is exactly what it wants
+    assert account.held == 1 and account.lease_until == clock.now + 10.0  # one call's slice
     clock.now += 4.9
     asked = lease.statements
     await lease._sync(entry)
@@ -554,7 +557,7 @@ async def test_a_lease_is_renewed_at_half_life_even_with_nothing_to_report() -> 
     clock.now += 0.1
     await lease._sync(entry)
     assert lease.statements == asked + 1 and account.lease_until == clock.now + 10.0
-    assert account.held == 50
+    assert account.held == 1
 
 
 async def test_the_heartbeat_asks_to_be_counted_live_for_three_beats_or_a_lease() -> None:
@@ -588,7 +591,8 @@ async def test_a_failed_heartbeat_keeps_the_last_count_and_says_nothing_of_postg
 async def test_an_idle_account_is_forgotten_after_thirty_idle_periods_not_before() -> None:
     shared, clock = SharedCounters(), Clock()
     lease = clocked(shared, clock, idle_s=2.0)
-    entry = lease.entry(limit(), WALL)
+    lim = limit()  # the same object throughout, as the table keeps it between reloads
+    entry = lease.entry(lim, WALL)
     assert await lease.acquire(entry, 10)
     entry.account.settle(10, 10)
     if entry.syncing is not None:
@@ -600,10 +604,10 @@ async def test_an_idle_account_is_forgotten_after_thirty_idle_periods_not_before
     await entry.syncing
     clock.now = used + 59.9
     lease.tend(clock.now)
-    assert lease.entry(limit(), WALL) is entry
+    assert lease.entry(lim, WALL) is entry
     clock.now = used + 60.0
     lease.tend(clock.now)
-    assert lease.entry(limit(), WALL) is not entry
+    assert lease.entry(lim, WALL) is not entry  # forgotten, also by the hot path
 
 
 async def test_tend_leaves_an_account_alone_while_it_syncs() -> None:
@@ -627,6 +631,41 @@ async def test_tend_leaves_an_account_alone_while_it_syncs() -> None:
     gate.set()
     assert syncing is not None
     await syncing
+
+
+async def test_the_loop_beats_every_heartbeat_s_and_tends_every_tick() -> None:
+    shared, clock = SharedCounters(), Clock()
+    beats: list[float] = []
+
+    class Recording(FakeStore):
+        async def heartbeat(self, live_s: float) -> int:
+            beats.append(clock.now)
+            return 2
+
+    tuning = EngineTuning(tick_s=0.001, heartbeat_s=1.0)
+    lease = Leaser(Recording(shared, "p1"), tuning=tuning, clock=clock, wall=lambda: WALL)  # type: ignore[arg-type]
+    tended: list[float] = []
+    lease.tend = tended.append  # type: ignore[method-assign,assignment]
+
+    async def ticks(n: int) -> None:
+        goal = len(tended) + n
+        for _ in range(1000):  # bounded: the loop ticks every millisecond
+            await asyncio.sleep(0.001)
+            if len(tended) >= goal:
+                return
+        raise AssertionError("the loop stopped ticking")
+
+    lease.start()
+    await ticks(5)
+    assert beats == [100.0] and set(tended) == {100.0}  # the clock stands still: one beat
+    clock.now = 100.9
+    await ticks(3)
+    assert beats == [100.0]
+    clock.now = 101.0  # a heartbeat_s later
+    await ticks(3)
+    assert beats == [100.0, 101.0] and tended[-1] == 101.0
+    await lease.stop()
+    await lease.stop()  # twice is harmless
 
 
 async def test_the_loop_beats_and_tends_and_stop_gives_back_and_leaves() -> None:
@@ -1009,7 +1048,140 @@ async def test_postgres_going_away_is_logged_once_with_the_share(caplog: pytest.
         await lease._sync(entry)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1 and "OSError" in warnings[0] and "25% of each limit" in warnings[0]
+        lease.away, lease.live = False, 1
+        clock.now += 5.0
+        await lease._sync(entry)
+        assert "100% of each limit" in caplog.records[-1].getMessage()  # alone: all of it
+        caplog.clear()
+        lease.live = 4
         shared.down = False
         clock.now += 5.0
         await lease._sync(entry)
-        assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+        assert [r.levelname for r in caplog.records] == ["INFO"]
+
+
+async def test_an_idle_account_holding_nothing_sends_nothing() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    entry = lease.entry(limit(), WALL)
+    clock.now += 20.0  # idle, its (empty) lease long expired
+    await lease._sync(entry)
+    assert lease.statements == 0
+
+
+async def test_idle_accounts_report_a_spend_of_one_and_give_back_a_slice_of_one() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    spent, unused = lease.entry(limit(), WALL), lease.entry(limit(LimitKind.SPEND_PER_DAY), WALL)
+    for entry in (spent, unused):
+        entry.account.pending = 1
+        await lease._sync(entry)
+        entry.account.pending = 0
+    assert lease.take(spent, 1, clock.now)
+    spent.account.settle(1, 1)
+    clock.now += 2.0
+    for entry in (spent, unused):
+        await lease._sync(entry)
+        assert shared.leases[(entry.name, "p1")] == 0 and entry.account.held == 0
+    assert shared.taken == {spent.name: 1, unused.name: 0}
+
+
+async def test_statements_name_the_counter_its_window_and_its_rate() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    day = lease.entry(limit(amount=500), WALL)
+    rate = lease.entry(limit(LimitKind.REQUESTS_PER_MINUTE, 120), WALL)
+    assert await lease.acquire(day, 1) and await lease.acquire(rate, 1)
+    store = lease._store
+    assert isinstance(store, FakeStore)
+    assert (day.name, datetime(2026, 12, 5, tzinfo=UTC), 500) in store.calls
+    assert (rate.name, 120.0, 2.0) in store.calls  # capacity, and refilled at 2 per second
+
+
+async def test_an_idle_bucket_gives_its_slice_back_to_the_shared_bucket() -> None:
+    shared, clock = SharedCounters(), Clock()
+    lease = clocked(shared, clock)
+    entry = lease.entry(limit(LimitKind.TOKENS_PER_MINUTE, 600), WALL)
+    entry.account.pending = 50
+    await lease._sync(entry)
+    entry.account.pending = 0
+    assert shared.levels[entry.name] == 550
+    clock.now += 2.0
+    await lease._sync(entry)
+    assert shared.levels[entry.name] == 600 and entry.account.held == 0
+
+
+class Stuck(FakeStore):
+    """Every statement hangs: Postgres reachable but not answering."""
+
+    async def pool_sync(self, *args: object) -> PoolGrant:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def bucket_take(self, *args: object) -> tuple[int, float]:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def heartbeat(self, live_s: float) -> int:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def leave(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_statement_that_does_not_answer_in_db_timeout_s_counts_as_postgres_away() -> None:
+    clock = Clock()
+    lease = Leaser(Stuck(SharedCounters(), "p1"), tuning=EngineTuning(db_timeout_s=0.01), clock=clock)  # type: ignore[arg-type]
+    pool = lease.entry(limit(), WALL)
+    account = pool.account
+    assert isinstance(account, PoolAccount)
+    account.held, account.lease_until = 30, 1e12
+    clock.now += 2.0  # idle: the sync gives the 30 back
+    await asyncio.wait_for(lease._sync(pool), 5.0)  # bounded, whatever happens
+    assert lease.away and pool.failed_at == clock.now
+    assert (account.held, account.returning) == (0, 0)  # assumed given back: never too much
+    bucket = lease.entry(limit(LimitKind.REQUESTS_PER_MINUTE, 60), WALL)
+    bucket.account.pending = 1
+    await asyncio.wait_for(lease._sync(bucket), 5.0)
+    assert bucket.failed_at == clock.now
+    lease.live = 3
+    await asyncio.wait_for(lease._heartbeat(), 5.0)
+    assert lease.live == 3
+    await asyncio.wait_for(lease.stop(), 5.0)  # a goodbye that hangs does not hold shutdown
+
+
+async def test_stop_lets_a_sync_under_way_finish_before_giving_back() -> None:
+    shared = SharedCounters()
+    store = Gated(shared, "p1")
+    lease = Leaser(store, wall=lambda: WALL)  # type: ignore[arg-type]
+    entry = lease.entry(limit(), WALL)
+    entry.account.pending = 40
+    lease._start_sync(entry)
+    entry.account.pending = 0
+    stopping = asyncio.ensure_future(lease.stop())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not stopping.done() and store.begun == 1  # no second sync beside the first
+    store.gate.set()
+    await stopping
+    assert store.begun == 2 and entry.account.held == 0 and shared.taken[entry.name] == 0
+
+
+async def test_tend_looks_past_an_account_that_is_syncing() -> None:
+    shared, clock = SharedCounters(), Clock()
+    store = Gated(shared, "p1")
+    lease = Leaser(store, clock=clock, wall=lambda: WALL)  # type: ignore[arg-type]
+    busy = lease.entry(limit(), WALL)
+    busy.account.pending = 5
+    lease._start_sync(busy)  # first in order, and stuck
+    rate = lease.entry(limit(LimitKind.REQUESTS_PER_MINUTE, 60), WALL)
+    rate.account.held = 5.0
+    clock.now += 2.0  # idle: its 5 go back
+    lease.tend(clock.now)
+    assert rate.syncing is not None
+    await rate.syncing
+    assert shared.levels[rate.name] == 60 and rate.account.held == 0
+    store.gate.set()
+    assert busy.syncing is not None
+    await busy.syncing
