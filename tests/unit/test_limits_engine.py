@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -104,10 +105,11 @@ class Table:
 
 
 class Estimator:
-    """Every request's input counts 10 tokens."""
+    """Every message of the request counts 10 tokens (the tests send one)."""
 
-    def estimate(self, request: CompletionRequest, relayed: object) -> TokenUsage:
-        return TokenUsage(input_tokens=10, source="estimated")
+    def estimate(self, request: CompletionRequest, relayed: Sequence[str]) -> TokenUsage:
+        relayed_tokens = len("".join(relayed))  # nothing is relayed before admission
+        return TokenUsage(input_tokens=10 * len(request.messages) + relayed_tokens, source="estimated")
 
 
 def policy(idx: LimitIndex, leaser: Leaser, *, wall: datetime = WALL) -> LimitPolicy:
@@ -837,28 +839,31 @@ RPM = LimitKind.REQUESTS_PER_MINUTE
 
 async def test_a_rate_allowance_counts_the_bucket_and_says_when_it_is_full_again() -> None:
     clock = Clock()
-    idx = index((USER, LimitKind.REQUESTS_PER_MINUTE, 60))
+    idx = index((USER, LimitKind.REQUESTS_PER_MINUTE, 120))  # refills 2 per second
     lease = Leaser(SharedCounters().store("p1"), clock=clock, wall=lambda: WALL)  # type: ignore[arg-type]
     p = LimitPolicy(Table(idx), lease, Estimator(), default_table(), clock=clock, wall=lambda: WALL)  # type: ignore[arg-type]
     ticket = await p.admit(call())
     (allowance,) = ticket.allowances
-    assert (allowance.subject, allowance.kind, allowance.limit) == ("user:acme/u1", RPM, 60)
+    assert (allowance.subject, allowance.kind, allowance.limit) == ("user:acme/u1", RPM, 120)
     entry = lease.entry(idx.applicable("acme", "billing", "u1", "")[0], WALL)
     account = entry.account
     assert isinstance(account, BucketAccount)
     level = account.level_now(clock.now)
     assert allowance.remaining == int(level + max(account.held, 0))
-    assert allowance.resets_at == WALL + timedelta(seconds=60 - level)  # one per second
-    account.held, account.level = 5.0, 50.0
+    assert allowance.resets_at == WALL + timedelta(seconds=(120 - level) / 2)
+    account.held, account.level = 5.0, 100.0
     (allowance,) = ticket.allowances
-    assert allowance.remaining == 55 and allowance.resets_at == WALL + timedelta(seconds=10)
+    assert allowance.remaining == 105 and allowance.resets_at == WALL + timedelta(seconds=10)
+    account.held = 1.0  # one token held counts too
+    (allowance,) = ticket.allowances
+    assert allowance.remaining == 101
     account.held = -3.0  # a debt is not subtracted twice: the level is what others see
     (allowance,) = ticket.allowances
-    assert allowance.remaining == 50
-    account.level = 70.0  # never more than the limit
+    assert allowance.remaining == 100
+    account.level = 130.0  # never more than the limit
     account.held = 0.0
     (allowance,) = ticket.allowances
-    assert allowance.remaining == 60
+    assert allowance.remaining == 120
 
 
 async def test_a_budget_allowance_resets_at_the_end_of_the_window() -> None:
@@ -1185,3 +1190,72 @@ async def test_tend_looks_past_an_account_that_is_syncing() -> None:
     store.gate.set()
     assert busy.syncing is not None
     await busy.syncing
+
+
+async def test_a_callers_limit_and_a_models_limit_apply_to_their_calls() -> None:
+    mini = dataclasses.replace(USER, model="gpt-4o-mini")
+    p = policy(index((CALLER, RPM, 1), (mini, LimitKind.TOKENS_PER_DAY, 150)), leaser(SharedCounters()))
+    await p.admit(call())
+    refused = await refusal(p)
+    assert [v.subject for v in refused.violations] == [
+        "caller:acme/billing",
+        "user:acme/u1/model:gpt-4o-mini",
+    ]
+
+
+async def test_the_estimate_is_of_the_request_itself() -> None:
+    p = policy(index((USER, LimitKind.TOKENS_PER_DAY, 1000)), leaser(SharedCounters()))
+    two = dataclasses.replace(call(), messages=(ChatMessage("user", "hi"), ChatMessage("user", "again")))
+    (allowance,) = (await p.admit(two)).allowances
+    assert allowance.remaining == 1000 - (20 + 90)
+
+
+async def test_an_unpriced_model_refused_by_spend_is_also_refused_by_spent_tokens() -> None:
+    idx = index((USER, LimitKind.SPEND_PER_DAY, 10**9), (USER, LimitKind.TOKENS_PER_DAY, 100))
+    lease = leaser(SharedCounters())
+    p = policy(idx, lease)
+    tokens_only = policy(index((USER, LimitKind.TOKENS_PER_DAY, 100)), lease)
+    (await tokens_only.admit(call(model="no-such-model"))).settle(record(100))
+    refused = await refusal(p, call(model="no-such-model"))
+    assert [v.description.split(":")[0] for v in refused.violations] == [
+        "limit of 1000000000 micro-dollars per day (UTC)",
+        "limit of 100 tokens per day (UTC) reached (this call needs 100)",
+    ]
+
+
+async def test_spend_settles_to_the_cost_recorded() -> None:
+    p = policy(index((USER, LimitKind.SPEND_PER_DAY, 10_000)), leaser(SharedCounters()))
+    (await p.admit(call())).settle(record(100, 7))
+    (allowance,) = (await p.admit(call())).allowances
+    reservation = default_table().cost("gpt-4o-mini", TokenUsage(10, 90)).usd_micros
+    assert reservation is not None
+    assert allowance.remaining == 10_000 - 7 - reservation
+
+
+async def test_a_monthly_budget_spent_gives_no_retry_even_when_one_call_fits() -> None:
+    reservation = default_table().cost("gpt-4o-mini", TokenUsage(10, 90)).usd_micros
+    assert reservation is not None
+    p = policy(index((USER, LimitKind.SPEND_PER_MONTH, reservation + 1)), leaser(SharedCounters()))
+    await p.admit(call())
+    refused = await refusal(p)
+    assert refused.reason == "SPEND_PER_MONTH_EXCEEDED" and refused.retry_after is None
+    assert refused.violations[0].description.endswith(f"reached (this call needs {reservation})")
+
+
+async def test_a_call_waits_once_for_all_its_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    store, clock = Gated(SharedCounters(), "p1"), Clock()
+    lease = Leaser(store, tuning=EngineTuning(wait_s=0.05), clock=clock, wall=lambda: WALL)  # type: ignore[arg-type]
+    idx = index((TENANT, LimitKind.TOKENS_PER_DAY, 1000), (USER, LimitKind.TOKENS_PER_DAY, 1000))
+    p = LimitPolicy(Table(idx), lease, Estimator(), default_table(), clock=clock)  # type: ignore[arg-type]
+    waits: list[float | None] = []
+    wait_for = asyncio.wait_for
+
+    async def recording(aw: asyncio.Future[None], timeout: float | None) -> None:
+        waits.append(timeout)
+        clock.now += 0.05  # the first wait uses up the call's time
+        await wait_for(aw, timeout)
+
+    monkeypatch.setattr(asyncio, "wait_for", recording)
+    await wait_for(refusal(p, call(max_tokens=90)), 5.0)  # bounded, whatever happens
+    assert waits == [pytest.approx(0.05), 0.001]  # the second limit has no time left
+    store.gate.set()
