@@ -657,15 +657,16 @@ async def test_the_loop_beats_every_heartbeat_s_and_tends_every_tick() -> None:
                 return
         raise AssertionError("the loop stopped ticking")
 
+    clock.now = 0.0  # even at the clock's very start, the first tick beats
     lease.start()
     await ticks(5)
-    assert beats == [100.0] and set(tended) == {100.0}  # the clock stands still: one beat
-    clock.now = 100.9
+    assert beats == [0.0] and set(tended) == {0.0}  # the clock stands still: one beat
+    clock.now = 0.9
     await ticks(3)
-    assert beats == [100.0]
-    clock.now = 101.0  # a heartbeat_s later
+    assert beats == [0.0]
+    clock.now = 1.0  # a heartbeat_s later
     await ticks(3)
-    assert beats == [100.0, 101.0] and tended[-1] == 101.0
+    assert beats == [0.0, 1.0] and tended[-1] == 1.0
     await lease.stop()
     await lease.stop()  # twice is harmless
 
@@ -920,10 +921,11 @@ async def test_a_process_that_never_counted_the_others_takes_the_whole_limit_as_
 
 async def test_at_midnight_exactly_a_call_counts_against_the_new_day() -> None:
     lease = leaser(SharedCounters())
-    today = lease.entry(limit(), WALL)
+    lim = limit()  # the same object: the hot path's check of the window decides
+    today = lease.entry(lim, WALL)
     midnight = datetime(2026, 12, 5, tzinfo=UTC)
-    assert lease.entry(limit(), midnight) is not today
-    assert lease.entry(limit(), midnight).ends_at == datetime(2026, 12, 6, tzinfo=UTC)
+    assert lease.entry(lim, midnight) is not today
+    assert lease.entry(lim, midnight).ends_at == datetime(2026, 12, 6, tzinfo=UTC)
 
 
 async def test_a_reloaded_limit_is_what_refusals_and_allowances_name() -> None:
@@ -1049,6 +1051,7 @@ async def test_postgres_going_away_is_logged_once_with_the_share(caplog: pytest.
     shared.down = True
     with caplog.at_level("INFO", logger="chatgate_server.limits.engine"):
         await lease._sync(entry)
+        assert [r.levelname for r in caplog.records] == ["WARNING"]  # at once
         clock.now += 5.0
         await lease._sync(entry)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
