@@ -148,3 +148,93 @@ def test_worth_a_take_when_low_or_idle_with_something_held() -> None:
     bucket.held = 0.0
     assert not bucket.worth_syncing(3.0, idle_s=2.0)
     assert bucket.worth_syncing(2.9, idle_s=2.0)  # in use, holding nothing
+
+
+# --- decisions pinned by mutation testing (docs/TESTING.md) --------------------------
+
+
+def test_the_first_take_asks_for_what_the_call_needs_and_no_more() -> None:
+    bucket = BucketAccount(6000, now=100.0)
+    assert not bucket.take(5, 100.0)  # nothing held yet
+    bucket.pending = 5
+    assert bucket.plan(100.0, live=1, horizon_s=4.0, idle_s=2.0) == BucketTake(5, 0.0)
+
+
+def test_demand_is_measured_over_the_time_since_the_last_take() -> None:
+    bucket = BucketAccount(6000, now=100.0)  # 100 per second
+    bucket.held = 20.0
+    for i in range(20):  # 20 calls over 2 s: 10 per second
+        assert bucket.take(1, 100.0 + 2.0 * (i + 1) / 20)
+    take = bucket.plan(102.0, live=1, horizon_s=4.0, idle_s=2.0)
+    assert bucket.rate == 10
+    assert take == BucketTake(1 + 40, 0.0)  # one call + 4 s × 10/s
+
+
+def test_a_slice_between_one_and_two_slices_is_kept_whole() -> None:
+    bucket = BucketAccount(6000, now=0.0)
+    bucket.last_take, bucket.last_need = 0.0, 4
+    bucket.held = 6.0  # one slice is 4 (no demand measured): 6 is less than two
+    assert bucket.plan(0.5, live=1, horizon_s=4.0, idle_s=2.0) == BucketTake(0, 0.0)
+    assert bucket.held == 6.0
+
+
+def test_a_cancelled_reservation_goes_back_to_the_slice() -> None:
+    bucket = BucketAccount(600, now=0.0)
+    bucket.held = 10.0
+    assert bucket.take(4, 0.1)
+    bucket.cancel(4)
+    assert bucket.held == 10.0
+
+
+def test_a_lost_take_keeps_settlements_made_while_it_was_under_way() -> None:
+    bucket = BucketAccount(600, now=0.0)
+    bucket.held = -4.0
+    take = bucket.plan(0.0, live=1, horizon_s=4.0, idle_s=2.0)  # pays the debt
+    bucket.settle(5, 2)  # a call ends meanwhile: 3 unused come back
+    bucket.failed(take)
+    assert bucket.held == -1.0  # the debt is still owed, the 3 are still here
+
+
+def test_while_away_alone_the_local_bucket_is_the_whole_limit_at_its_rate() -> None:
+    bucket = BucketAccount(120, now=10.0)  # 2 per second
+    assert sum(bucket.take(1, 10.0, live=1) for _ in range(200)) == 120
+    assert not bucket.take(1, 10.4, live=1)
+    assert bucket.take(1, 10.5, live=1)  # 0.5 s × 2/s: one token
+    assert not bucket.take(1, 10.5, live=1)
+
+
+def test_after_reconnecting_a_later_outage_starts_a_fresh_local_bucket() -> None:
+    bucket = BucketAccount(60, now=0.0)
+    assert sum(bucket.take(1, 0.0, live=3) for _ in range(30)) == 20
+    bucket.reconnected()
+    assert sum(bucket.take(1, 0.0, live=3) for _ in range(30)) == 20
+
+
+def test_the_shared_level_refills_at_the_limits_rate() -> None:
+    bucket = BucketAccount(120, now=0.0)  # 2 per second
+    bucket.applied(BucketTake(0, 0.0), 0, 10.0, 50.0)
+    assert bucket.level_now(53.0) == 16.0
+    assert bucket.level_now(500.0) == 120.0
+
+
+def test_retry_after_counts_the_slice_held_and_the_rate() -> None:
+    bucket = BucketAccount(120, now=0.0)  # 2 per second
+    bucket.applied(BucketTake(0, 0.0), 0, 0.0, 0.0)
+    assert bucket.retry_after(6, 0.0) == 3.0
+    bucket.held = 2.0
+    assert bucket.retry_after(6, 0.0) == 2.0  # 2 held: 4 more to refill
+    bucket.held = 0.0
+    assert bucket.retry_after(120, 0.0) == 60.0  # the whole bucket fits, once full
+    assert bucket.retry_after(1, 10.0) == 0.05  # fits already: the floor
+
+
+def test_estimate_remaining_is_the_level_and_the_slice_held() -> None:
+    bucket = BucketAccount(120, now=0.0)
+    bucket.applied(BucketTake(0, 0.0), 0, 10.0, 0.0)
+    bucket.held = 3.0
+    assert bucket.estimate_remaining(1.0) == 15  # 10 + 2 refilled + 3 held
+    bucket.held = -5.0
+    assert bucket.estimate_remaining(1.0) == 12  # a debt is not counted twice
+    bucket.applied(BucketTake(0, 0.0), 0, 0.0, 1.0)
+    bucket.held = 0.0
+    assert bucket.estimate_remaining(1.0) == 0

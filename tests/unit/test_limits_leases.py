@@ -229,3 +229,99 @@ def test_only_an_empty_account_is_idle() -> None:
     granted(account, 10, 90)
     assert not account.idle(100.0, 2.0)
     assert account.estimate_remaining(1.0) == 100
+
+
+# --- decisions pinned by mutation testing (docs/TESTING.md) --------------------------
+
+
+def test_the_first_sync_asks_for_what_waiting_calls_need_and_no_more() -> None:
+    account = PoolAccount(1000, ttl_s=10, now=100.0)
+    assert account.amount == 1000  # the engine's share while away, and the pool's size
+    account.pending = 500
+    assert account.plan(100.0, live=1, horizon_s=2.0, idle_s=2.0) == PoolSync(0, 0, 500)
+
+
+def test_demand_is_measured_from_the_last_sync() -> None:
+    account = PoolAccount(10_000, ttl_s=10, now=100.0)
+    granted(account, 100, 9900, at=100.0)
+    busy_from(account, 100.0, 50, 1.0)
+    account.plan(101.0, live=1, horizon_s=2.0, idle_s=2.0)
+    assert account.rate == 50
+
+
+def busy_from(account: PoolAccount, start: float, calls: int, seconds: float) -> None:
+    for i in range(calls):
+        assert account.take(1, start + seconds * (i + 1) / calls)
+        account.settle(1, 1)
+
+
+def test_holding_two_slices_or_less_gives_nothing_back() -> None:
+    account = PoolAccount(100, ttl_s=10, now=0.0)
+    granted(account, 2, 98)  # one call's need is 1 and no demand is measured: keep 2
+    assert account.plan(1.0, live=1, horizon_s=2.0, idle_s=2.0) == PoolSync(0, 0, 0)
+
+
+def test_idle_with_a_long_call_in_flight_gives_back_only_what_is_unreserved() -> None:
+    account = PoolAccount(100, ttl_s=100, now=0.0)
+    granted(account, 30, 70)
+    assert account.take(10, 1.0)
+    assert account.plan(5.0, live=1, horizon_s=2.0, idle_s=2.0) == PoolSync(0, 20, 0)
+    other = PoolAccount(100, ttl_s=100, now=0.0)
+    granted(other, 10, 90)
+    assert other.take(10, 1.0)
+    assert other.plan(5.0, live=1, horizon_s=2.0, idle_s=2.0) == PoolSync(0, 0, 0)
+
+
+def test_an_expired_lease_holds_nothing_to_give_back() -> None:
+    account = PoolAccount(100, ttl_s=10, now=0.0)
+    granted(account, 30, 70)
+    account.last_take, account.pending = 12.0, 5  # still in use, calls waiting after expiry
+    sync = account.plan(12.0, live=1, horizon_s=2.0, idle_s=2.0)
+    assert sync.back == 0 and sync.want >= 5  # Postgres reclaimed the 30: ask afresh
+
+
+def test_low_water_mark_is_half_of_one_call_and_a_second_of_demand() -> None:
+    def account(available: int, rate: float) -> PoolAccount:
+        a = PoolAccount(1000, ttl_s=100, now=50.0)
+        granted(a, available, 1000 - available, at=50.0)
+        a.rate, a.last_need, a.last_take = rate, 1, 50.0
+        return a
+
+    # low: 2 × available < one call's need + a second of demand
+    assert account(5, 10.0).worth_syncing(50.5, idle_s=2.0)  # 10 < 11
+    assert not account(6, 10.0).worth_syncing(50.5, idle_s=2.0)  # 12 is not < 11
+    assert not account(5, 9.0).worth_syncing(50.5, idle_s=2.0)  # 10 is not < 10
+
+
+def test_idle_is_worth_a_sync_only_with_something_to_give_back_or_report() -> None:
+    def idle(held: int, reserved: int = 0, spent: int = 0) -> bool:
+        a = PoolAccount(1000, ttl_s=100, now=50.0)
+        granted(a, held, 1000 - held, at=50.0)
+        a.last_take, a.reserved, a.spent = 50.0, reserved, spent
+        return a.worth_syncing(52.0, idle_s=2.0)  # exactly idle_s later
+
+    assert idle(10)  # 10 unused to give back
+    assert idle(1)  # even one
+    assert idle(1, spent=1)  # one spent to report
+    assert not idle(2, reserved=2)  # all of it in use by a long call: nothing to say
+
+
+def test_idle_is_measured_from_the_last_take() -> None:
+    account = PoolAccount(100, ttl_s=10, now=100.0)
+    assert not account.idle(101.9, 2.0) and account.idle(102.0, 2.0)
+
+
+def test_a_lease_ends_at_its_expiry_exactly() -> None:
+    account = PoolAccount(100, ttl_s=10, now=0.0)
+    granted(account, 30, 70)
+    account.last_take, account.pending = 10.0, 1
+    assert account.plan(10.0, live=1, horizon_s=2.0, idle_s=2.0).back == 0
+
+
+def test_estimate_remaining_of_an_empty_pool_is_zero() -> None:
+    account = PoolAccount(100, ttl_s=10, now=0.0)
+    granted(account, 10, 0)
+    assert account.take(10, 1.0)
+    assert account.estimate_remaining(1.0) == 0
+    account.cancel(10)
+    assert account.estimate_remaining(1.0) == 10
