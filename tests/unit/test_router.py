@@ -244,8 +244,9 @@ def test_a_missing_azure_deployment_is_the_callers_mistake_only_when_the_name_wa
 
 
 def test_a_router_without_deployments_is_refused_at_construction() -> None:
-    with pytest.raises(ValueError, match="a router needs at least one deployment"):
+    with pytest.raises(ValueError) as refused:
         Router([])
+    assert str(refused.value) == "a router needs at least one deployment"
 
 
 def test_an_unserved_model_names_the_model_field() -> None:
@@ -425,3 +426,45 @@ def test_which_failed_calls_count_against_the_deployment(
     error: ChatgateError, started: bool, first_token: bool, counts: bool
 ) -> None:
     assert breaker_failure(error, started, first_token) is counts
+
+
+def test_a_fallback_to_a_model_no_route_names_is_chatgate_tomls_choice() -> None:
+    from chatgate_server.errors import UpstreamMisconfigured
+
+    clock = Clock()
+    azure = deployment("azure-any", clock)  # models: "*"
+    routes = {"fast": Route("fast", "gpt-4o", (azure,), fallback="gpt-4o-mini")}
+    plan = Router([azure], routes).plan("fast")
+    plan.next()
+    plan.failed(UpstreamError("503"))
+    leg = plan.next()
+    assert (leg.candidate.model, leg.candidate.fallback) == ("gpt-4o-mini", "gpt-4o-mini")
+    missing = UpstreamMisconfigured("misconfigured", problem="DeploymentNotFound", names_deployment=True)
+    assert leg.judge(missing) is missing  # the operator's problem, not the caller's
+
+
+def test_the_highest_draw_random_can_make_still_picks_a_deployment() -> None:
+    # 0.1 + 0.1 + 2/3 drawn at random()'s largest value: subtracting the weights in turn
+    # leaves exactly 0.0, never below it; the last deployment takes the place.
+    clock = Clock()
+    ds = [deployment(n, clock, weight=w) for n, w in (("a", 0.1), ("b", 0.1), ("c", 2 / 3))]
+    router = Router(ds, {"m": Route("m", "gpt-4o", tuple(ds), weighted=True)}, rng=lambda: 1 - 2**-53)
+    assert [c.deployment.name for c in router.plan("m").candidates] == ["c", "b", "a"]
+
+
+def test_every_call_on_a_deployment_counts_toward_its_stream_limit() -> None:
+    clock = Clock()
+    a, b = deployment("a", clock, max_concurrent_streams=2), deployment("b", clock)
+    router = Router([a, b], {"m": Route("m", "gpt-4o", (a, b))})
+    assert [router.plan("m").next().deployment.name for _ in range(3)] == ["a", "a", "b"]
+    assert a.in_flight == 2
+
+
+def test_a_plan_released_again_after_its_end_changes_nothing() -> None:
+    clock = Clock()
+    a = deployment("a", clock)
+    plan = Router([a]).plan("gpt-4o")
+    plan.next()
+    plan.succeeded()
+    plan.release()
+    assert a.in_flight == 0 and a.breaker.in_flight == 0 and a.breaker.state is BreakerState.CLOSED
