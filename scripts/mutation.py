@@ -44,6 +44,11 @@ MODULES: dict[str, tuple[str, str]] = {
     "buckets": ("limits/buckets.py", "test_limits_buckets.py"),
     "policy": ("limits/policy.py", "test_limits_engine.py"),
     "engine": ("limits/engine.py", "test_limits_engine.py"),
+    "router": ("upstream/router.py", "test_router.py"),
+    "headroom": ("upstream/headroom.py", "test_headroom.py"),
+    "admission": ("admission.py", "test_completion_admission.py"),
+    "blocks": ("limits/blocks.py", "test_blocks.py"),
+    "anomaly_rules": ("limits/anomaly_rules.py", "test_anomaly_rules.py"),
 }
 
 MUTMUT_SETTINGS = """

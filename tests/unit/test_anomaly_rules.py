@@ -7,6 +7,7 @@ import pytest
 from chatgate_server.domain import LimitKind
 from chatgate_server.limits.anomaly_rules import (
     CallerCount,
+    Finding,
     Rule,
     Step,
     UserHour,
@@ -124,3 +125,101 @@ def test_fanouts_at_the_threshold() -> None:
 )
 def test_escalation_steps(ceiling: Step, acted_before: bool, step: Step) -> None:
     assert step_for(ceiling, acted_before) is step
+
+
+def test_a_user_first_seen_yesterday_is_measured_against_one_day() -> None:
+    # baseline_days 1: the mean hour is a day's total over 24 hours, and the detail says "1 day".
+    (found,) = usage_spikes([UserHour("acme", "u-1d", "billing", 150_000, 0, DAY, 0, baseline_days=1)], S)
+    assert found.usual == pytest.approx(10_000) and "(over 1 day);" in found.detail
+    # No baseline day at all still divides by one day, never by zero.
+    (new,) = usage_spikes([UserHour("acme", "u-0d", "billing", 150_000, 0, DAY, 0, baseline_days=0)], S)
+    assert new.usual == pytest.approx(10_000)
+
+
+def test_every_spiking_user_is_found_not_only_those_before_a_quiet_one() -> None:
+    quiet = UserHour("acme", "u-q", "billing", 1_000, 0, 7 * DAY, 0)
+    loud = UserHour("acme", "u-l", "billing", 500_000, 0, 7 * DAY, 0)
+    assert [f.subject.name for f in usage_spikes([quiet, loud, quiet, loud], S)] == ["u-l", "u-l"]
+
+
+def test_when_tokens_and_spend_both_spike_the_larger_multiple_of_its_threshold_is_reported() -> None:
+    # Tokens 1.5x their threshold, spend 50x its floor: spend.
+    (found,) = usage_spikes([hour(150_000, spend=50_000_000)], S)
+    assert (found.measure, found.observed, found.threshold) == ("spend_usd_micros", 50_000_000, 1_000_000)
+    # Tokens 20x, spend 1.1x: tokens.
+    (found,) = usage_spikes([hour(2_000_000, spend=1_100_000)], S)
+    assert (found.measure, found.observed, found.threshold) == ("tokens", 2_000_000, 100_000)
+    # A threshold of zero (a zero floor, no baseline) counts as one, not as two.
+    zero = DetectorSettings(spike_factor=10, token_floor=0, spend_floor_micros=2)
+    (found,) = usage_spikes([hour(3, baseline_per_day=0, spend=5)], zero)
+    assert found.measure == "tokens"
+
+
+def test_tightening_a_user_without_baseline_under_a_zero_floor_allows_one_token_not_none() -> None:
+    zero = DetectorSettings(token_floor=0, spend_floor_micros=0)
+    (found,) = usage_spikes([hour(5, baseline_per_day=0, spend=5)], zero)
+    assert dict(found.tighten) == {LimitKind.TOKENS_PER_DAY: 1, LimitKind.SPEND_PER_DAY: 1}
+
+
+def test_large_spend_is_shown_in_dollars_to_the_cent() -> None:
+    (found,) = usage_spikes([hour(0, spend=10_000_000_000)], S)
+    assert found.detail.startswith("$10000.00 in the last hour, usually $0.00 an hour (over 7 days)")
+
+
+def test_a_refusal_burst_finding_in_full() -> None:
+    s = DetectorSettings(refusal_burst=300)
+    counts = [
+        CallerCount("acme", "search", 299),  # below: skipped, the next ones still looked at
+        CallerCount("acme", "shared", 410, top_user="u-9", top_user_count=205),
+        CallerCount("acme", "billing", 300),
+    ]
+    user, caller = refusal_bursts(counts, {("acme", "billing"): 1300}, s)
+    assert user == Finding(
+        Subject(Scope.USER, "acme", "u-9"),
+        Rule.REFUSAL_BURST,
+        "refusals",
+        205,
+        0.0,
+        300.0,
+        "205 of the 410 calls of caller shared refused in the last 5 minutes (threshold 300)"
+        " were this user's",
+        tighten=((LimitKind.REQUESTS_PER_MINUTE, 20),),  # whole requests: 205 // 10
+    )
+    assert caller == Finding(
+        Subject(Scope.CALLER, "acme", "billing"),
+        Rule.REFUSAL_BURST,
+        "refusals",
+        300,
+        0.0,
+        300.0,
+        "300 calls refused in the last 5 minutes (threshold 300)",
+        tighten=((LimitKind.REQUESTS_PER_MINUTE, 10),),  # 1300 an hour: 10 whole requests a minute
+    )
+    for found in (user, caller):
+        assert all(type(n) is int for _, n in found.tighten)
+
+
+def test_a_small_burst_of_one_user_is_slowed_to_one_request_a_minute() -> None:
+    (found,) = refusal_bursts(
+        [CallerCount("acme", "shared", 20, top_user="u-9", top_user_count=10)],
+        {},
+        DetectorSettings(refusal_burst=20),
+    )
+    assert found.subject.scope is Scope.USER and found.tighten == ((LimitKind.REQUESTS_PER_MINUTE, 1),)
+
+
+def test_a_fanout_finding_in_full_at_its_threshold() -> None:
+    s = DetectorSettings(new_users=100)
+    (found,) = user_fanouts(
+        [CallerCount("acme", "x", 99), CallerCount("acme", "signup", 100)], {("acme", "signup"): 2400}, s
+    )
+    assert found == Finding(
+        Subject(Scope.CALLER, "acme", "signup"),
+        Rule.USER_FANOUT,
+        "new_users",
+        100,
+        0.0,
+        100.0,
+        "100 user ids new to the tenant in the last hour (threshold 100)",
+        tighten=((LimitKind.REQUESTS_PER_MINUTE, 20),),  # 2400 an hour: 40 a minute, half
+    )

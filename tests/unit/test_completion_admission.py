@@ -291,3 +291,11 @@ async def test_the_first_event_tells_the_caller_every_allowance_in_policy_order(
     first = sent[0]
     assert isinstance(first, StreamStarted)
     assert [a.subject for a in first.allowances] == ["tenant:ids", "tenant:limits"]
+
+
+def test_without_preconditions_a_call_leaves_a_row_from_its_start() -> None:
+    # CompletionService reaches no await before admit() sets it anyway; the chain's
+    # promise is pinned here for any other caller of start().
+    log: list[tuple[str, str, object]] = []
+    assert AdmissionChain([], [Policy("limits", log)]).start(request()).recorded is True
+    assert AdmissionChain([Policy("ids", log)], []).start(request()).recorded is False

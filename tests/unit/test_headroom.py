@@ -109,3 +109,95 @@ def test_header_names_in_any_case() -> None:
     room.observe([(b"Retry-After", b"2")], 429)
     clock.now += 1.9
     assert room.cooling
+
+
+def test_a_limit_and_reset_without_a_remaining_count_reads_as_full() -> None:
+    room = Headroom(Clock())
+    room.observe(headers(x_ratelimit_limit_requests="100", x_ratelimit_reset_requests="30s"), 200)
+    assert room.fraction() == 1.0
+
+
+def test_a_figure_is_forgotten_at_its_reset_instant() -> None:
+    clock = Clock()
+    room = Headroom(clock)
+    room.observe(
+        headers(
+            x_ratelimit_limit_requests="100",
+            x_ratelimit_remaining_requests="10",
+            x_ratelimit_reset_requests="30s",
+        ),
+        200,
+    )
+    clock.now += 29.999
+    assert room.fraction() == pytest.approx(0.1)
+    clock.now = 130.0
+    assert room.fraction() == 1.0
+
+
+def test_azure_counts_are_trusted_for_exactly_a_minute_and_a_new_count_starts_a_new_one() -> None:
+    clock = Clock()
+    room = Headroom(clock)
+    room.observe(headers(x_ratelimit_remaining_requests="0"), 200)
+    clock.now = 159.999
+    assert room.fraction() == 0.0
+    clock.now = 160.0
+    assert room.fraction() == 1.0  # the minute is over
+    room.observe(headers(x_ratelimit_remaining_requests="0"), 200)  # a count at that very instant
+    assert room.fraction() == 0.0
+
+
+def test_one_request_left_of_an_unknown_limit_is_all_of_it() -> None:
+    room = Headroom(Clock())
+    room.observe(headers(x_ratelimit_remaining_requests="1"), 200)
+    assert room.fraction() == 1.0
+
+
+def test_zero_left_is_no_headroom_and_an_unreadable_or_negative_count_is_ignored() -> None:
+    room = Headroom(Clock())
+    room.observe(headers(x_ratelimit_limit_requests="100", x_ratelimit_remaining_requests="0"), 200)
+    assert room.fraction() == 0.0
+    for bad in ("-5", "nan", "lots"):
+        room = Headroom(Clock())
+        room.observe(headers(x_ratelimit_limit_requests="100", x_ratelimit_remaining_requests=bad), 200)
+        assert room.fraction() == 1.0, bad
+
+
+def test_other_headers_in_between_are_skipped_not_the_end_of_reading() -> None:
+    clock = Clock()
+    room = Headroom(clock)
+    room.observe(
+        [
+            (b"content-type", b"text/event-stream"),
+            (b"retry-after", b"1"),
+            (b"x-ratelimit-limit-requests", b"100"),
+            (b"x-ratelimit-remaining-requests", b"20"),
+        ],
+        429,
+    )
+    clock.now += 1  # the 429's cool-down over
+    assert room.fraction() == pytest.approx(0.2)
+
+
+def test_retry_after_ms_wins_in_either_order_to_the_millisecond() -> None:
+    for order in (
+        ((b"retry-after", b"3"), (b"retry-after-ms", b"2500")),
+        (
+            (b"retry-after-ms", b"2500"),
+            (b"retry-after", b"3"),
+        ),
+    ):
+        clock = Clock()
+        room = Headroom(clock)
+        room.observe(list(order), 429)
+        clock.now += 2.499
+        assert room.cooling
+        clock.now = 102.5
+        assert not room.cooling and room.fraction() == 1.0  # over at the instant it ends
+
+
+def test_a_short_retry_after_cools_only_that_long() -> None:
+    clock = Clock()
+    room = Headroom(clock)
+    room.observe(headers(retry_after_ms="200"), 429)
+    clock.now += 0.3
+    assert not room.cooling
