@@ -243,6 +243,18 @@ def test_a_missing_azure_deployment_is_the_callers_mistake_only_when_the_name_wa
     assert router.plan("gpt-4o-typo").next().judge(wrong_version) is wrong_version  # never the caller's
 
 
+def test_a_deployment_that_names_the_model_is_tried_before_a_pass_through() -> None:
+    for draw in (0.0, 0.5, 0.99):  # whatever the weighted draw
+        clock = Clock()
+        passthrough = deployment("azure-any", clock)  # models: "*"
+        mapped = deployment("azure-mapped", clock, models={"fast": "prod-mini"})
+        plan = Router([passthrough, mapped], rng=lambda d=draw: d).plan("fast")  # type: ignore[misc]
+        first = plan.next()
+        assert first.deployment is mapped and first.request(request("fast")).model == "prod-mini"
+        plan.failed(UpstreamError("503"))
+        assert plan.next().deployment is passthrough  # still the next one to try
+
+
 def test_a_router_without_deployments_is_refused_at_construction() -> None:
     with pytest.raises(ValueError) as refused:
         Router([])

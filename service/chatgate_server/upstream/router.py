@@ -138,10 +138,15 @@ class Router:
         seen.add(model)
         route = self.routes.get(model)
         if route is None:
-            serving = [d for d in self.deployments if d.serves(model)]
+            # Deployments that name the model come before those that only pass any name
+            # through ("*"): a pass-through (an Azure resource, a self-hosted server) may
+            # not have it under that name, where a deployment that maps it does.
+            named = [d for d in self.deployments if model in d.models]
+            passing = [d for d in self.deployments if model not in d.models and d.serves(model)]
+            ordered = self._steered(named, weighted=True) + self._steered(passing, weighted=True)
             # A fallback's name is chatgate.toml's, not the caller's.
             routed = fallback is not None
-            return [Candidate(d, model, fallback, routed) for d in self._steered(serving, weighted=True)]
+            return [Candidate(d, model, fallback, routed) for d in ordered]
         ordered = self._steered(route.deployments, weighted=route.weighted)
         out = [Candidate(d, route.model, fallback, routed=True) for d in ordered]
         if route.fallback is not None and route.fallback not in seen:
