@@ -22,7 +22,7 @@ import asyncio
 import getpass
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from chatgate_server.auth.commands import duration
@@ -39,12 +39,21 @@ def default_actor() -> str:
         return "unknown"
 
 
+def block_duration(text: str) -> timedelta:
+    """``--for``: a duration of at least a minute (a block of 0m would end as it begins,
+    yet read as done to whoever ran it)."""
+    value = duration(text)
+    if value <= timedelta(0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a block lasts at least 1m (or leave --for out)")
+    return value
+
+
 def add_block_commands(sub: Any) -> None:
     """Add ``block``, ``unblock`` and ``blocks`` to the ``chatgate`` subparsers."""
     block = sub.add_parser("block", help="refuse a tenant's, caller's or user's calls on every replica")
     _subject(block)
     block.add_argument(
-        "--for", dest="for_", type=duration, help="how long (30m, 12h, 2d); default until unblocked"
+        "--for", dest="for_", type=block_duration, help="how long (30m, 12h, 2d); default until unblocked"
     )
     block.add_argument("--reason", required=True, help="why; the refused caller reads it")
     block.add_argument("--by", default=None, help="who decided (default: your OS user name)")
