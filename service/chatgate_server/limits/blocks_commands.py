@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from chatgate_server.auth.commands import duration
-from chatgate_server.limits.blocks_records import Scope, Subject
+from chatgate_server.limits.blocks_records import MAX_REASON, Scope, Subject
 
 BLOCK_COMMANDS = ("block", "unblock", "blocks")
 
@@ -94,6 +94,8 @@ async def _run(url: str, args: argparse.Namespace, out: TextIO) -> int:
     from chatgate_server.usage.connect import session_kwargs, with_connect_timeout
 
     subject = Subject.parse(args.scope, args.subject) if args.command != "blocks" else None
+    if len(getattr(args, "reason", "")) > MAX_REASON:
+        raise ValueError(f"--reason is at most {MAX_REASON} characters")
     async with AsyncConnectionPool(
         with_connect_timeout(url), min_size=1, max_size=1, open=False, kwargs=session_kwargs()
     ) as pool:
