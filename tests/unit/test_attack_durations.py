@@ -52,3 +52,20 @@ def test_the_commands_say_one_usage_line(argv: list[str]) -> None:
     )
     assert done.returncode == 2, done
     assert "Traceback" not in done.stderr and "error: argument" in done.stderr.splitlines()[-1], done.stderr
+
+
+@pytest.mark.parametrize("text", ["99999999999d", "1000000000d", "99999999999999999999w"])
+def test_a_since_before_the_calendar_is_a_value_error(text: str) -> None:
+    from datetime import UTC, datetime
+
+    from chatgate_server.usage.commands import parse_when
+
+    with pytest.raises(ValueError, match="before the calendar"):
+        parse_when(text, datetime.now(UTC))
+
+
+def test_detector_policy_durations_must_last() -> None:
+    from chatgate_server.auth.commands import positive_duration
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        positive_duration("0m")

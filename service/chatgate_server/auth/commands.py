@@ -44,6 +44,15 @@ def duration(text: str) -> timedelta:
     return count * _UNITS[match[2]]
 
 
+def positive_duration(text: str) -> timedelta:
+    """A :func:`duration` of at least a minute: for what must last (a block, a detector
+    policy's tightening), where 0m would end as it begins."""
+    value = duration(text)
+    if value <= timedelta(0):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: at least 1m")
+    return value
+
+
 def add_callers_command(sub: Any) -> None:
     callers = sub.add_parser("callers", help="service credentials: create, list, revoke, rotate")
     actions = callers.add_subparsers(dest="action", required=True)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
-from chatgate_server.auth.commands import duration
+from chatgate_server.auth.commands import positive_duration
 from chatgate_server.limits.blocks_records import MAX_REASON, Scope, Subject
 
 BLOCK_COMMANDS = ("block", "unblock", "blocks")
@@ -42,10 +42,10 @@ def default_actor() -> str:
 def block_duration(text: str) -> timedelta:
     """``--for``: a duration of at least a minute (a block of 0m would end as it begins,
     yet read as done to whoever ran it)."""
-    value = duration(text)
-    if value <= timedelta(0):
-        raise argparse.ArgumentTypeError(f"{text!r}: a block lasts at least 1m (or leave --for out)")
-    return value
+    try:
+        return positive_duration(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: a block lasts at least 1m (or leave --for out)") from None
 
 
 def add_block_commands(sub: Any) -> None:
