@@ -1,0 +1,39 @@
+"""An upstream that reports absurd usage: a negative token count would be refused by the
+ledger's CHECK (the row dead-lettered, the call never billed) and would hand tokens back
+to a budget; one past any real call would overflow a cost. Both are protocol errors, as
+a token count that is not an integer already is."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from chatgate_server.domain import UsageReported
+from chatgate_server.errors import UpstreamProtocolError
+from chatgate_server.upstream.chunks import MAX_TOKEN_COUNT, ChunkDecoder
+
+
+def usage_chunk(**counts: object) -> str:
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, **counts}
+    return orjson.dumps({"id": "c", "model": "m", "choices": [], "usage": usage}).decode()
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        {"prompt_tokens": -5},
+        {"completion_tokens": -1},
+        {"prompt_tokens_details": {"cached_tokens": -3}},
+        {"completion_tokens_details": {"reasoning_tokens": -(2**40)}},
+        {"prompt_tokens": 2**63 - 1},
+        {"completion_tokens": MAX_TOKEN_COUNT + 1},
+    ],
+)
+def test_absurd_token_counts_are_protocol_errors(counts: dict[str, object]) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        ChunkDecoder().decode(usage_chunk(**counts))
+
+
+def test_a_large_but_possible_count_is_kept() -> None:
+    [_started, reported] = ChunkDecoder().decode(usage_chunk(prompt_tokens=2_000_000))
+    assert isinstance(reported, UsageReported) and reported.usage.input_tokens == 2_000_000
