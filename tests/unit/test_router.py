@@ -225,7 +225,8 @@ def test_a_missing_azure_deployment_is_the_callers_mistake_only_when_the_name_wa
     passthrough = deployment("azure-any", clock)  # models: "*" (each caller's name sent as is)
     mapped = deployment("azure-mapped", clock, models={"fast": "prod-mini"})
     routes = {"alias": Route("alias", "gpt-4o", (passthrough,))}
-    router = Router([passthrough, mapped], routes)
+    # Both serve "fast" (one by "*"): a draw past the middle puts the mapped one first.
+    router = Router([passthrough, mapped], routes, rng=lambda: 0.75)
 
     def judged(model: str) -> BaseException:
         missing = UpstreamMisconfigured("misconfigured", problem="DeploymentNotFound", names_deployment=True)
