@@ -8,7 +8,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from chatgate_server.domain import UsageReported
+from chatgate_server.domain import MAX_TOP_LOGPROBS, ContentDelta, UsageReported
 from chatgate_server.errors import UpstreamProtocolError
 from chatgate_server.upstream.chunks import MAX_TOKEN_COUNT, ChunkDecoder
 
@@ -37,3 +37,23 @@ def test_absurd_token_counts_are_protocol_errors(counts: dict[str, object]) -> N
 def test_a_large_but_possible_count_is_kept() -> None:
     [_started, reported] = ChunkDecoder().decode(usage_chunk(prompt_tokens=2_000_000))
     assert isinstance(reported, UsageReported) and reported.usage.input_tokens == 2_000_000
+
+
+def test_more_alternatives_than_anyone_can_ask_for_are_cut_to_twenty() -> None:
+    alternatives = [{"token": f"t{i}", "logprob": -1.0, "bytes": None} for i in range(5000)]
+    chunk = {
+        "id": "c",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"content": "hi"},
+                "logprobs": {
+                    "content": [{"token": "hi", "logprob": -0.1, "bytes": None, "top_logprobs": alternatives}]
+                },
+            }
+        ],
+    }
+    events = ChunkDecoder().decode(orjson.dumps(chunk).decode())
+    [delta] = [e for e in events if isinstance(e, ContentDelta)]
+    assert len(delta.logprobs[0].top) == MAX_TOP_LOGPROBS

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from chatgate_server.domain import (
+    MAX_TOP_LOGPROBS,
     ContentDelta,
     Finish,
     FinishReason,
@@ -174,7 +175,9 @@ def _logprobs(tokens: Any) -> tuple[TokenLogprob, ...]:
             _bytes(t.get("bytes")),
             tuple(
                 TopLogprob(_str(a.get("token")), _number(a.get("logprob")), _bytes(a.get("bytes")))
-                for a in t.get("top_logprobs") or ()
+                # Never more than a caller may ask for (OpenAI's bound): more is a lie
+                # each caller's event would carry, converted alternative by alternative.
+                for a in (t.get("top_logprobs") or ())[:MAX_TOP_LOGPROBS]
             ),
         )
         for t in tokens
