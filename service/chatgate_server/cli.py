@@ -90,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from chatgate_server import early_signals
 
         early_signals.note()
+    elif args.command != "simulator":
+        # A one-shot command ends with one line saying what went wrong; psycopg_pool's
+        # retries would each print a warning before it (logging's last-resort handler).
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     try:
         if args.command == "simulator":
             from chatgate_server.simulator.cli import main as simulator_main
