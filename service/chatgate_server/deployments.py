@@ -297,9 +297,11 @@ def _key(item: dict[str, Any], kind: str, at: str, env: Mapping[str, str]) -> Se
             value = Path(key_file).read_text(encoding="utf-8").strip()
         except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL in the name
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text, or not a file name"
-            raise _Problem(f"{at}.key_file", f"{key_file} cannot be read: {reason}") from None
+            # The path is not echoed: the likeliest key_file that cannot be read is the key
+            # itself, written where its file's name belongs.
+            raise _Problem(f"{at}.key_file", f"the file cannot be read: {reason}") from None
         if not value:
-            raise _Problem(f"{at}.key_file", f"{key_file} is empty")
+            raise _Problem(f"{at}.key_file", "the file is empty")
         where = f"{at}.key_file"
     if not (value.isascii() and value.isprintable()) or any(c.isspace() for c in value):
         # It goes into a header verbatim. Never echo it: a malformed key is still a secret.

@@ -152,6 +152,7 @@ def test_any_bytes_load_or_are_one_clean_line(tmp_path: Path, raw: bytes) -> Non
     check(path, {})
 
 
+OPENAI = '[[deployments]]\nname = "a"\nkind = "openai"\n'
 DEPLOYMENT = '[[deployments]]\nname = "a"\nkind = "compatible"\nbase_url = "http://127.0.0.1:1"\n'
 NASTY = {
     "key_file with a NUL": '[[deployments]]\nname = "a"\nkind = "openai"\nkey_file = "k\\u0000"\n',
@@ -162,7 +163,8 @@ NASTY = {
     "a header name with a newline": DEPLOYMENT + 'headers = { "a\\nb" = "x" }\n',
     "an unknown key with a newline": DEPLOYMENT + '"x\\ny" = 1\n',
     "a key name 10 KB long": DEPLOYMENT + '"' + "k" * 10_000 + '" = 1\n',
-    "the key itself as key_env": f'[[deployments]]\nname = "a"\nkind = "openai"\nkey_env = "{ENV_SECRET}"\n',
+    "the key itself as key_env": f'{OPENAI}key_env = "{ENV_SECRET}"\n',
+    "the key itself as key_file": f'{OPENAI}key_file = "{ENV_SECRET}"\n',
     "a key_env with a newline": '[[deployments]]\nname = "a"\nkind = "openai"\nkey_env = "A\\nB"\n',
 }
 
