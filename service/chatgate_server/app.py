@@ -554,7 +554,10 @@ class App:
                 await asyncio.to_thread(self._config_watch.rebase)
             try:
                 config = await asyncio.to_thread(load_config, path)
-            except ConfigError as exc:
+                # Read before anything is swapped: a price file broken since start-up
+                # (CHATGATE_PRICES_FILE) refuses the reload whole, not half-applied.
+                prices = await asyncio.to_thread(self._deployment_prices, config)
+            except (ConfigError, PriceFileError) as exc:
                 log.error("reload refused, the running deployments and routes are kept: %s", exc)
                 return False
             router = build_router(config, self.settings, keep=self._deployed)
@@ -563,7 +566,7 @@ class App:
             self._deployed = list(zip(config.deployments, router.deployments, strict=True))
             self.router = router
             self.breaker = router.deployments[0].breaker
-            self.service.use_router(router, self._deployment_prices(config))
+            self.service.use_router(router, prices)
             if self.deployment_health is not None:
                 self.deployment_health.track(router.deployments)
             self._retire(dropped)

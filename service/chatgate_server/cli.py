@@ -85,6 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_anomaly_commands(sub)
     add_limits_command(sub)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        # Before serve's imports: a prestop now must not end the process (early_signals.py).
+        from chatgate_server import early_signals
+
+        early_signals.note()
+    elif args.command != "simulator":
+        # A one-shot command ends with one line saying what went wrong; psycopg_pool's
+        # retries would each print a warning before it (logging's last-resort handler).
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     try:
         if args.command == "simulator":
             from chatgate_server.simulator.cli import main as simulator_main
@@ -186,6 +195,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _serve_async(settings: Settings, *, reuse_port: bool = False) -> int:
+    from chatgate_server import early_signals
     from chatgate_server.app import App, StartupError
 
     stop, hurry = asyncio.Event(), asyncio.Event()
@@ -204,6 +214,8 @@ async def _serve_async(settings: Settings, *, reuse_port: bool = False) -> int:
     # during start-up and applied once serving.
     withdraw = asyncio.Event()
     loop.add_signal_handler(signal.SIGUSR1, withdraw.set)
+    if early_signals.prestop_noted():
+        withdraw.set()
     app = App(settings, reuse_port=reuse_port)
     reloads: set[asyncio.Task[bool]] = set()
 

@@ -14,6 +14,7 @@ value is never part of it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -114,6 +115,7 @@ def from_settings(settings: Settings) -> DeploymentsConfig:
 # --- the config file ------------------------------------------------------------------
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _AZURE_VERSION = re.compile(r"v1|\d{4}-\d{2}-\d{2}(-preview)?")
 _DEPLOYMENT_KEYS = frozenset(
     {
@@ -157,7 +159,18 @@ class _Problem(Exception):
     """A problem at one key; becomes the one-line ConfigError naming file and key."""
 
     def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
+        super().__init__(f"{_shown(key, 200)}: {_shown(problem, 400)}")
+
+
+def _shown(text: str, limit: int) -> str:
+    """``text`` as one printable line of at most about ``limit`` characters: a quoted
+    TOML key or a header name may hold newlines and control characters, or run to
+    kilobytes, and the error must stay one line a terminal or log shows as it is."""
+    if not text:
+        return '""'
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None, *, keys: bool = True) -> DeploymentsConfig:
@@ -173,6 +186,8 @@ def load_config(path: Path, env: Mapping[str, str] | None = None, *, keys: bool 
         raise ConfigError(f"{path}: is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except ValueError:  # a NUL in the name (after its subclasses above)
+        raise ConfigError(f"{_shown(str(path), 400)}: cannot be read: not a file name") from None
     try:
         return _config(raw, str(path), os.environ if env is None else env, keys)
     except _Problem as exc:
@@ -248,7 +263,11 @@ def _url(item: dict[str, Any], kind: str, at: str) -> str:
     if kind == "azure" and "resource" not in item and "base_url" not in item:
         raise _Problem(f"{at}.resource", "required for kind azure (e.g. https://NAME.openai.azure.com)")
     raw = _string(item, key, at)
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError:  # an unclosed [IPv6 host, a port out of range
+        raise _Problem(f"{at}.{key}", "must be an http(s) URL (with a valid host and port)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _Problem(f"{at}.{key}", "must be an http(s) URL")
     if parts.username or parts.password or parts.query or parts.fragment:
@@ -265,6 +284,9 @@ def _key(item: dict[str, Any], kind: str, at: str, env: Mapping[str, str]) -> Se
         if kind == "compatible":
             return None  # a server that takes no key
         raise _Problem(f"{at}.key_env", f"required for kind {kind} (or key_file)")
+    if key_env and not _ENV_NAME.fullmatch(key_env):
+        # Never echoed: the likeliest value here that is no variable's name is the key itself.
+        raise _Problem(f"{at}.key_env", "must be the name of an environment variable (A-Z a-z 0-9 _)")
     if key_env:
         value = env.get(key_env, "").strip()
         if not value:
@@ -273,11 +295,13 @@ def _key(item: dict[str, Any], kind: str, at: str, env: Mapping[str, str]) -> Se
     else:
         try:
             value = Path(key_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise _Problem(f"{at}.key_file", f"{key_file} cannot be read: {reason}") from None
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL in the name
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text, or not a file name"
+            # The path is not echoed: the likeliest key_file that cannot be read is the key
+            # itself, written where its file's name belongs.
+            raise _Problem(f"{at}.key_file", f"the file cannot be read: {reason}") from None
         if not value:
-            raise _Problem(f"{at}.key_file", f"{key_file} is empty")
+            raise _Problem(f"{at}.key_file", "the file is empty")
         where = f"{at}.key_file"
     if not (value.isascii() and value.isprintable()) or any(c.isspace() for c in value):
         # It goes into a header verbatim. Never echo it: a malformed key is still a secret.
@@ -348,8 +372,9 @@ def _models(value: Any, at: str) -> dict[str, str]:
 
 def _number(item: dict[str, Any], key: str, at: str, default: float) -> float:
     value = item.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise _Problem(f"{at}.{key}", "must be a number above 0")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        # inf would win every weighted draw (and inf - inf is NaN in the draw itself).
+        raise _Problem(f"{at}.{key}", "must be a number above 0 (not inf)")
     return float(value)
 
 

@@ -261,6 +261,11 @@ class TopLogprob:
     token_bytes: bytes | None = None
 
 
+# The most alternatives per token a caller may ask for (top_logprobs; OpenAI's bound):
+# requests past it are refused, and an upstream's list is cut to it.
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
     """One answer token and how likely the model found it (with logprobs asked for)."""

@@ -61,6 +61,17 @@ class Replica:
 
     async def start(self, timeout: float = 30) -> None:
         """Start (or restart) the process and wait until its health says SERVING."""
+        await self.spawn()
+        deadline = time.monotonic() + timeout
+        while await health_status(self.health_target) != health_pb2.HealthCheckResponse.SERVING:
+            assert self.proc is not None and self.proc.returncode is None, (
+                f"{self.name} exited during start-up:\n{self.log_tail()}"
+            )
+            assert time.monotonic() < deadline, f"{self.name} did not become healthy:\n{self.log_tail()}"
+            await asyncio.sleep(0.1)
+
+    async def spawn(self) -> None:
+        """Start (or restart) the process, without waiting for it."""
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -72,11 +83,6 @@ class Replica:
                 env=self._env,
                 stderr=log,
             )
-        deadline = time.monotonic() + timeout
-        while await health_status(self.health_target) != health_pb2.HealthCheckResponse.SERVING:
-            assert self.proc.returncode is None, f"{self.name} exited during start-up:\n{self.log_tail()}"
-            assert time.monotonic() < deadline, f"{self.name} did not become healthy:\n{self.log_tail()}"
-            await asyncio.sleep(0.1)
 
     @property
     def pid(self) -> int:

@@ -228,8 +228,8 @@ def test_a_missing_azure_deployment_is_the_callers_mistake_only_when_the_name_wa
     passthrough = deployment("azure-any", clock)  # models: "*" (each caller's name sent as is)
     mapped = deployment("azure-mapped", clock, models={"fast": "prod-mini"})
     routes = {"alias": Route("alias", "gpt-4o", (passthrough,))}
-    # Both serve "fast" (the "*" entry too): a draw that puts the mapped deployment first.
-    router = Router([passthrough, mapped], routes, rng=lambda: 0.99)
+    # Both serve "fast" (the "*" entry too); the one that maps it is tried first.
+    router = Router([passthrough, mapped], routes)
 
     def judged(model: str) -> BaseException:
         missing = UpstreamMisconfigured("misconfigured", problem="DeploymentNotFound", names_deployment=True)

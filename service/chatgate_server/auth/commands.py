@@ -24,16 +24,33 @@ from typing import Any, TextIO
 from chatgate_server.auth.records import KNOWN_ROLES
 
 CALLERS_COMMAND = "callers"
-_DURATION = re.compile(r"^(\d+)([mhdw])$")
+_DURATION = re.compile(r"^([0-9]+)([mhdw])$")
 _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 
 
+# The longest duration a command takes: past it, leave the option out (until revoked,
+# until unblocked). A timedelta overflows near 2.7 million years, a date in year 9999.
+MAX_DURATION = timedelta(days=36_525)
+
+
 def duration(text: str) -> timedelta:
-    """``30m``, ``12h``, ``90d``, ``2w`` as a timedelta (argparse type)."""
+    """``30m``, ``12h``, ``90d``, ``2w`` as a timedelta (argparse type), up to a century."""
     match = _DURATION.match(text.strip())
     if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30m, 12h, 90d or 2w")
-    return int(match[1]) * _UNITS[match[2]]
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a duration such as 30m, 12h, 90d or 2w")
+    count = int(match[1])
+    if count > MAX_DURATION / _UNITS[match[2]]:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is longer than {MAX_DURATION.days}d")
+    return count * _UNITS[match[2]]
+
+
+def positive_duration(text: str) -> timedelta:
+    """A :func:`duration` of at least a minute: for what must last (a block, a detector
+    policy's tightening), where 0m would end as it begins."""
+    value = duration(text)
+    if value <= timedelta(0):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: at least 1m")
+    return value
 
 
 def add_callers_command(sub: Any) -> None:

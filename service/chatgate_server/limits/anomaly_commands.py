@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
-from chatgate_server.auth.commands import duration
+from chatgate_server.auth.commands import positive_duration
 
 ANOMALY_COMMANDS = ("anomalies",)
 USAGE_VIEW = "anomalies"
@@ -53,8 +53,12 @@ def add_anomaly_commands(sub: Any) -> None:
     policy = actions.add_parser("policy", help="show, or set with --escalate, a tenant's detector policy")
     policy.add_argument("tenant", nargs="?", help="the tenant (omit to list every policy)")
     policy.add_argument("--escalate", choices=("flag", "tighten", "block"), help="the highest step allowed")
-    policy.add_argument("--tighten-for", type=duration, help="how long detector limits last (default 24h)")
-    policy.add_argument("--block-for", type=duration, help="how long a detector block lasts (default 1h)")
+    policy.add_argument(
+        "--tighten-for", type=positive_duration, help="how long detector limits last (default 24h)"
+    )
+    policy.add_argument(
+        "--block-for", type=positive_duration, help="how long a detector block lasts (default 1h)"
+    )
     policy.add_argument("--by", default=None, help="who decided (default: your OS user name)")
 
 

@@ -22,11 +22,11 @@ import asyncio
 import getpass
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
-from chatgate_server.auth.commands import duration
-from chatgate_server.limits.blocks_records import Scope, Subject
+from chatgate_server.auth.commands import positive_duration
+from chatgate_server.limits.blocks_records import MAX_REASON, Scope, Subject
 
 BLOCK_COMMANDS = ("block", "unblock", "blocks")
 
@@ -39,12 +39,21 @@ def default_actor() -> str:
         return "unknown"
 
 
+def block_duration(text: str) -> timedelta:
+    """``--for``: a duration of at least a minute (a block of 0m would end as it begins,
+    yet read as done to whoever ran it)."""
+    try:
+        return positive_duration(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: a block lasts at least 1m (or leave --for out)") from None
+
+
 def add_block_commands(sub: Any) -> None:
     """Add ``block``, ``unblock`` and ``blocks`` to the ``chatgate`` subparsers."""
     block = sub.add_parser("block", help="refuse a tenant's, caller's or user's calls on every replica")
     _subject(block)
     block.add_argument(
-        "--for", dest="for_", type=duration, help="how long (30m, 12h, 2d); default until unblocked"
+        "--for", dest="for_", type=block_duration, help="how long (30m, 12h, 2d); default until unblocked"
     )
     block.add_argument("--reason", required=True, help="why; the refused caller reads it")
     block.add_argument("--by", default=None, help="who decided (default: your OS user name)")
@@ -85,6 +94,8 @@ async def _run(url: str, args: argparse.Namespace, out: TextIO) -> int:
     from chatgate_server.usage.connect import session_kwargs, with_connect_timeout
 
     subject = Subject.parse(args.scope, args.subject) if args.command != "blocks" else None
+    if len(getattr(args, "reason", "")) > MAX_REASON:
+        raise ValueError(f"--reason is at most {MAX_REASON} characters")
     async with AsyncConnectionPool(
         with_connect_timeout(url), min_size=1, max_size=1, open=False, kwargs=session_kwargs()
     ) as pool:

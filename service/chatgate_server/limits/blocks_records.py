@@ -6,6 +6,11 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime
 
+# The longest names and reason the blocks table holds (migration 0011).
+MAX_TENANT = 128
+MAX_NAME = 256
+MAX_REASON = 1024
+
 
 class Scope(enum.StrEnum):
     """Whom a block (or a finding) applies to; the values are the words operators type."""
@@ -39,12 +44,19 @@ class Subject:
         text = text.strip()
         if scope is Scope.TENANT:
             if not text or "/" in text:
-                raise ValueError(f"{text!r}: a tenant is one name, such as acme")
-            return cls(scope, text)
-        tenant, sep, name = text.partition("/")
-        if not sep or not tenant or not name:
-            example = "acme/billing" if scope is Scope.CALLER else "acme/u-42"
-            raise ValueError(f"{text!r}: name the {scope.value} as <tenant>/<{scope.value}>, e.g. {example}")
+                raise ValueError(f"{text[:MAX_TENANT]!r}: a tenant is one name, such as acme")
+            tenant, name = text, ""
+        else:
+            tenant, sep, name = text.partition("/")
+            if not sep or not tenant or not name:
+                example = "acme/billing" if scope is Scope.CALLER else "acme/u-42"
+                raise ValueError(
+                    f"{text[:MAX_TENANT]!r}: name the {scope.value} as <tenant>/<{scope.value}>,"
+                    f" e.g. {example}"
+                )
+        if len(tenant) > MAX_TENANT or len(name) > MAX_NAME:
+            # The table's bounds (migration 0011): a usage error, not Postgres's refusal.
+            raise ValueError(f"a tenant is at most {MAX_TENANT} characters, a name {MAX_NAME}")
         return cls(scope, tenant, name)
 
     def __str__(self) -> str:

@@ -37,13 +37,21 @@ _OPTIONS: dict[str, tuple[LimitKind, bool]] = {
 }
 
 
+# The largest amount the limits table holds (bigint): past it Postgres refuses the row.
+MAX_AMOUNT = 2**63 - 1
+# The longest reason the table holds (migration 0009).
+MAX_REASON = 1024
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError("a limit cannot be negative")
+    if value > MAX_AMOUNT:
+        raise argparse.ArgumentTypeError(f"a limit is at most {MAX_AMOUNT}")
     return value
 
 
@@ -52,9 +60,12 @@ def _dollars(text: str) -> int:
     from chatgate_server.usage.pricing import usd_micros
 
     try:
-        return usd_micros(text.strip())
+        micros = usd_micros(text.strip())
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if micros > MAX_AMOUNT:
+        raise argparse.ArgumentTypeError(f"a limit is at most ${MAX_AMOUNT // 1_000_000}")
+    return micros
 
 
 def add_limits_command(sub: Any) -> None:
@@ -110,6 +121,8 @@ async def _run(url: str, args: argparse.Namespace, out: TextIO) -> int:
         chosen = {kind: amount for kind, amount in amounts.items() if amount is not None}
         if not chosen:
             raise ValueError("name at least one limit, e.g. --requests-per-minute 600")
+        if len(args.reason) > MAX_REASON:
+            raise ValueError(f"--reason is at most {MAX_REASON} characters")
     async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False, kwargs=session_kwargs()) as pool:
         await pool.open(wait=True, timeout=10)
         store = LimitStore(pool)

@@ -28,6 +28,11 @@ class Scope(enum.StrEnum):
     USER = "user"
 
 
+# The longest names the limits table holds (migration 0009): checked before the row is
+# sent, so a name too long is a usage error rather than Postgres's multi-line refusal.
+MAX_TENANT = 128
+MAX_NAME = 256
+
 EACH_USER = "*"
 """``subject`` of a user-scope limit that applies to each user of the tenant."""
 
@@ -79,13 +84,19 @@ class Target:
     def parse(cls, scope: str, who: str, model: str = "") -> Target:
         """From the command line: ``tenant acme``, ``caller acme/billing``, ``user acme/u-42``."""
         kind = Scope(scope)
+        if len(model) > MAX_NAME:
+            raise ValueError(f"a model name is at most {MAX_NAME} characters")
         if kind is Scope.TENANT:
             if not who or "/" in who:
-                raise ValueError(f"a tenant is named alone, not {who!r}")
+                raise ValueError(f"a tenant is named alone, not {who[:MAX_TENANT]!r}")
+            if len(who) > MAX_TENANT:
+                raise ValueError(f"a tenant is at most {MAX_TENANT} characters")
             return cls(kind, who, "", model)
         tenant, slash, subject = who.partition("/")
         if not slash or not tenant or not subject:
-            raise ValueError(f"a {scope} is named TENANT/NAME, not {who!r}")
+            raise ValueError(f"a {scope} is named TENANT/NAME, not {who[:MAX_TENANT]!r}")
+        if len(tenant) > MAX_TENANT or len(subject) > MAX_NAME:
+            raise ValueError(f"a tenant is at most {MAX_TENANT} characters, a {scope}'s name {MAX_NAME}")
         if kind is Scope.CALLER and subject == EACH_USER:
             raise ValueError("'*' (each user) is only for user limits")
         return cls(kind, tenant, subject, model)

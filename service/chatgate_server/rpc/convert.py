@@ -19,6 +19,7 @@ from google.protobuf import struct_pb2
 from chatgate.v1 import chat_pb2 as pb
 from chatgate_server.completion import OutboundEvent, StreamFinished, StreamStarted
 from chatgate_server.domain import (
+    MAX_TOP_LOGPROBS,
     Allowance,
     Caller,
     ChatMessage,
@@ -111,7 +112,6 @@ MAX_TAG_KEY_CHARS = 64
 MAX_TAG_VALUE_CHARS = 256
 # OpenAI refuses a longer prompt_cache_key (string_above_max_length); so does Azure.
 MAX_PROMPT_CACHE_KEY_CHARS = 64
-MAX_TOP_LOGPROBS = 20
 # Where a bad number in a Struct is, as a JSON pointer, capped for the violation.
 _MAX_POINTER_CHARS = 120
 

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from chatgate_server.domain import (
+    MAX_TOP_LOGPROBS,
     ContentDelta,
     Finish,
     FinishReason,
@@ -46,6 +47,9 @@ _EMPTY: dict[str, Any] = {}
 MAX_ID_CHARS = 256
 # The service tier goes into the usage row; real ones are a word ("default", "flex").
 MAX_TIER_CHARS = 32
+# More tokens than any one call can use (context windows are millions at most); a count
+# past it is a lie. Times any price, it stays far inside a bigint of micro-dollars.
+MAX_TOKEN_COUNT = 1 << 40
 
 
 class ChunkDecoder:
@@ -171,7 +175,9 @@ def _logprobs(tokens: Any) -> tuple[TokenLogprob, ...]:
             _bytes(t.get("bytes")),
             tuple(
                 TopLogprob(_str(a.get("token")), _number(a.get("logprob")), _bytes(a.get("bytes")))
-                for a in t.get("top_logprobs") or ()
+                # Never more than a caller may ask for (OpenAI's bound): more is a lie
+                # each caller's event would carry, converted alternative by alternative.
+                for a in (t.get("top_logprobs") or ())[:MAX_TOP_LOGPROBS]
             ),
         )
         for t in tokens
@@ -204,6 +210,10 @@ def _str(value: Any) -> str:
 def _count(value: Any) -> int:
     if type(value) is not int:
         raise UpstreamProtocolError("upstream usage has a non-integer token count")
+    if not 0 <= value <= MAX_TOKEN_COUNT:
+        # Negative: the ledger's CHECK refuses the row (dead-lettered, never billed) and a
+        # budget would get tokens back; past any real call: a cost beyond bigint.
+        raise UpstreamProtocolError("upstream usage has a negative or impossible token count")
     return value
 
 

@@ -16,6 +16,7 @@ headroom: a server that sends none is never steered away from.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -44,9 +45,12 @@ def parse_duration(text: str) -> float | None:
     """``6m0s``, ``1.5s``, ``20ms``, ``1h2m`` or plain seconds → seconds; None if unreadable."""
     text = text.strip()
     try:
-        return min(max(float(text), 0.0), MAX_RESET_S)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        # "nan" would make a reset time no clock ever reaches: a figure kept forever.
+        return None if math.isnan(seconds) else min(max(seconds, 0.0), MAX_RESET_S)
     parts = _DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         return None
@@ -67,7 +71,8 @@ class _Limit:
         if self.remaining is None or now >= self.reset_at:
             return 1.0
         limit = self.limit if self.limit else max(self.remaining, 1.0)
-        return max(self.remaining - used_since, 0.0) / limit
+        # An upstream that says it has more left than its limit has full headroom, not more.
+        return min(max(self.remaining - used_since, 0.0) / limit, 1.0)
 
 
 class Headroom:
@@ -134,4 +139,6 @@ def _number(raw: bytes) -> float | None:
         value = float(raw)
     except ValueError:
         return None
-    return value if value >= 0 and value == value else None  # NaN fails the second test
+    # NaN and infinity are lies: inf/inf is NaN, which no headroom comparison accepts
+    # (the router would drop the deployment from every plan).
+    return value if value >= 0 and math.isfinite(value) else None

@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["SSEDecoder"]
+from chatgate_server.errors import UpstreamProtocolError
+
+__all__ = ["MAX_EVENT_BYTES", "SSEDecoder"]
+
+# The most of one unfinished event held: a chat-completions chunk is a few KB (one with
+# 20 top log-probabilities per token, or a long tool-call fragment, tens of KB). An
+# upstream that never ends its event must fail the stream, not fill memory until the
+# deadline.
+MAX_EVENT_BYTES = 1 << 20
 
 _BOM = b"\xef\xbb\xbf"
 # One pass for both CRLF and lone CR; twice as fast as bytes.replace(b"\r\n", ...).
@@ -61,6 +69,8 @@ class SSEDecoder:
         # The old buffer holds no b"\n\n", so only its last byte can start one.
         end = buf.rfind(b"\n\n", len(old) - 1 if old else 0)
         if end < 0:
+            if len(buf) > MAX_EVENT_BYTES:
+                raise UpstreamProtocolError(f"upstream stream event exceeds {MAX_EVENT_BYTES} bytes")
             self._buf = buf
             return []
         self._buf = buf[end + 2 :]

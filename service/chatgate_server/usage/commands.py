@@ -157,7 +157,10 @@ def parse_when(text: str, now: datetime) -> datetime:
     """``7d`` → now − 7 days; ``2026-11-01`` → that UTC midnight; ISO date-times as given (UTC if naive)."""
     match = _DURATION.match(text.strip())
     if match:
-        return now - int(match[1]) * _UNITS[match[2]]
+        try:
+            return now - int(match[1]) * _UNITS[match[2]]
+        except OverflowError:  # past what a timedelta or year 1 can hold
+            raise ValueError(f"{text[:40]!r} reaches back before the calendar does") from None
     try:
         parsed = datetime.fromisoformat(text.strip())
     except ValueError:

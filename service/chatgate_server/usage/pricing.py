@@ -242,7 +242,7 @@ def merge(shipped: Iterable[PriceRow], operator: Iterable[PriceRow]) -> list[Pri
 def read_operator_file(path: Path) -> list[PriceRow]:
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL in the name
         raise PriceFileError(f"{path}: cannot be read ({type(exc).__name__})") from None
     return parse_price_file(text, str(path), operator=True)
 
