@@ -218,9 +218,16 @@ async def _serve_async(settings: Settings, *, reuse_port: bool = False) -> int:
         withdraw.set()
     app = App(settings, reuse_port=reuse_port)
     reloads: set[asyncio.Task[bool]] = set()
+    started = False
+    reload_pending = early_signals.reload_noted()
 
     def on_hangup() -> None:
         # SIGHUP re-reads CHATGATE_CONFIG; a bad file is refused and logged (App.reload).
+        # During start-up it is kept for once serving: the file may change after it is read.
+        nonlocal reload_pending
+        if not started:
+            reload_pending = True
+            return
         task = loop.create_task(app.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -231,6 +238,9 @@ async def _serve_async(settings: Settings, *, reuse_port: bool = False) -> int:
     except StartupError as exc:
         print(f"chatgate: {exc}", file=sys.stderr)
         return 1
+    started = True
+    if reload_pending:
+        on_hangup()
     withdrawing = asyncio.create_task(_withdraw_on(withdraw, app))
     await stop.wait()
     withdrawing.cancel()

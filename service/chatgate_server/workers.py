@@ -125,6 +125,8 @@ def _run(settings: Settings, workers: int) -> int:
         signal.signal(sig, on_signal)
     if early_signals.prestop_noted():  # before these handlers (cli.main noted it)
         received.append(signal.SIGUSR1)
+    if early_signals.reload_noted():
+        received.append(signal.SIGHUP)
     # Migrations are done (or checked) above; N children must not race on them.
     env = {**os.environ, "CHATGATE_MIGRATE_ON_START": "false", SUPERVISED_ENV: str(os.getpid())}
     children = [_spawn(env) for _ in range(workers)]
@@ -208,7 +210,7 @@ def _spawn(env: Mapping[str, str]) -> subprocess.Popen[bytes]:
     parent = os.getpid()
 
     def die_with_parent() -> None:
-        early_signals.blocked_in_child()  # a prestop forwarded while it starts waits for it
+        early_signals.blocked_in_child()  # a prestop or reload forwarded while it starts waits for it
         if sys.platform == "linux":
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != parent:  # the supervisor died before prctl took effect

@@ -59,3 +59,33 @@ async def test_prestop_while_workers_start_is_applied_once_they_serve(
             assert await replica.exit_code() == 0, replica.log_tail()
         finally:
             await replica.stop()
+
+
+async def test_a_reload_signal_while_workers_start_is_applied_once_they_serve(
+    migrated_database_url: str, simulator: Simulator, tmp_path: Path
+) -> None:
+    """SIGHUP (reload) has the same default action: one forwarded to a worker still
+    importing killed it, and the supervisor then stopped every worker."""
+    env = {"OPENAI_BASE_URL": simulator.base_url, "DATABASE_URL": migrated_database_url}
+    env["CHATGATE_HEALTH_LISTEN"] = f"127.0.0.1:{free_port()}"
+    replica = Replica("hup", tmp_path, env, workers=2)
+    try:
+        await replica.spawn()
+        deadline = time.monotonic() + 20
+        while not catches(replica.pid, signal.SIGHUP):
+            assert replica.proc is not None and replica.proc.returncode is None, replica.log_tail()
+            assert time.monotonic() < deadline, "SIGHUP never caught"
+            await asyncio.sleep(0.005)
+        replica.signal(signal.SIGHUP)  # the workers are still starting
+        while await health_status(replica.health_target) is None:
+            assert replica.proc is not None and replica.proc.returncode is None, replica.log_tail()
+            assert time.monotonic() < deadline + 20, replica.log_tail()
+            await asyncio.sleep(0.1)
+        async with grpc.aio.insecure_channel(replica.target) as channel:
+            for n in range(4):  # both workers alive and serving
+                assert await outcome(channel, f"u-hup-early-{n}") == "OUTCOME_COMPLETED"
+        assert replica.proc is not None and replica.proc.returncode is None, replica.log_tail()
+        replica.signal(signal.SIGTERM)
+        assert await replica.exit_code() == 0, replica.log_tail()
+    finally:
+        await replica.stop()
