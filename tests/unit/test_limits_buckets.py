@@ -46,10 +46,22 @@ def test_retry_after_is_the_refill_time_and_none_when_it_can_never_fit() -> None
 
 def test_while_postgres_is_away_a_local_bucket_runs_at_the_share_of_the_rate() -> None:
     bucket = BucketAccount(60, now=0.0)
-    admitted = sum(bucket.take(1, 0.0, live=3) for _ in range(100))
-    assert admitted == 20  # a burst of capacity / 3
+    assert not bucket.take(1, 0.0, live=3)  # no burst on going away: only the share's refill
     assert not bucket.take(1, 2.0, live=3)
     assert bucket.take(1, 3.0, live=3)  # refills at 1/s ÷ 3
+    assert not bucket.take(1, 3.0, live=3)
+    assert sum(bucket.take(1, 600.0, live=3) for _ in range(100)) == 20  # holds capacity / 3 at most
+
+
+def test_flapping_between_away_and_back_adds_no_burst() -> None:
+    bucket = BucketAccount(60, now=0.0)  # one per second
+    admitted = 0
+    for flap in range(10):  # away for 3 s, back, away again...
+        start = flap * 3.0
+        admitted += sum(bucket.take(1, start, live=3) for _ in range(50))
+        admitted += sum(bucket.take(1, start + 3.0, live=3) for _ in range(50))
+        bucket.reconnected()
+    assert admitted == 10  # the share's rate (1/3 per s) over 30 s; a burst per flap was 200
 
 
 def test_windows_are_utc_days_and_calendar_months() -> None:
@@ -197,17 +209,20 @@ def test_a_lost_take_keeps_settlements_made_while_it_was_under_way() -> None:
 
 def test_while_away_alone_the_local_bucket_is_the_whole_limit_at_its_rate() -> None:
     bucket = BucketAccount(120, now=10.0)  # 2 per second
-    assert sum(bucket.take(1, 10.0, live=1) for _ in range(200)) == 120
+    assert not bucket.take(1, 10.0, live=1)
     assert not bucket.take(1, 10.4, live=1)
     assert bucket.take(1, 10.5, live=1)  # 0.5 s × 2/s: one token
     assert not bucket.take(1, 10.5, live=1)
+    assert sum(bucket.take(1, 500.0, live=1) for _ in range(200)) == 120  # the whole capacity at most
 
 
-def test_after_reconnecting_a_later_outage_starts_a_fresh_local_bucket() -> None:
+def test_after_reconnecting_a_later_outage_starts_a_fresh_empty_local_bucket() -> None:
     bucket = BucketAccount(60, now=0.0)
-    assert sum(bucket.take(1, 0.0, live=3) for _ in range(30)) == 20
+    assert sum(bucket.take(1, 0.0, live=3) for _ in range(30)) == 0
+    assert sum(bucket.take(1, 60.0, live=3) for _ in range(30)) == 20  # filled up while away
     bucket.reconnected()
-    assert sum(bucket.take(1, 0.0, live=3) for _ in range(30)) == 20
+    assert sum(bucket.take(1, 60.0, live=3) for _ in range(30)) == 0  # not carried over
+    assert sum(bucket.take(1, 63.0, live=3) for _ in range(30)) == 1
 
 
 def test_the_shared_level_refills_at_the_limits_rate() -> None:
