@@ -128,7 +128,23 @@ def count_tokens(text: str, encoding: str) -> int:
     """Tokens in ``text`` (special-token markers in user text count as plain text)."""
     if not text:
         return 0
+    if len(text) <= _SHORT_CHARS:
+        # Roles, names, tool names: a handful of strings counted again on every call
+        # (a role is a tokenizer call of ~1.5 µs, as much as a short prompt's content).
+        key = (text, encoding)
+        found = _short_counts.get(key)
+        if found is None:
+            if len(_short_counts) >= _SHORT_MAX:
+                _short_counts.clear()
+            found = _short_counts[key] = len(_encoding(encoding).encode(text, disallowed_special=()))
+        return found
     return len(_encoding(encoding).encode(text, disallowed_special=()))
+
+
+# Counts of short strings, kept (bounded: a caller cannot grow it without limit).
+_SHORT_CHARS = 16
+_SHORT_MAX = 4096
+_short_counts: dict[tuple[str, str], int] = {}
 
 
 class _Counter:
