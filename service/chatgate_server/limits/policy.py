@@ -142,6 +142,11 @@ class LimitPolicy:
         self._table = table
         self._leaser = leaser
         self._estimator = estimator
+        # The estimator's input count alone when it has one (no usage object built).
+        count = getattr(estimator, "input_tokens", None)
+        self._input_tokens: Callable[[CompletionRequest], int] = (
+            count if callable(count) else lambda request: estimator.estimate(request, ()).input_tokens
+        )
         self._prices = prices
         self._max_completion_tokens = max_completion_tokens
         self._clock = clock
@@ -185,7 +190,7 @@ class LimitPolicy:
 
     def _reservation(self, request: CompletionRequest, out: int, priced: bool) -> tuple[int, int]:
         """Tokens the call may use, and what they may cost (_UNPRICED: no price)."""
-        estimated = self._estimator.estimate(request, ()).input_tokens
+        estimated = self._input_tokens(request)
         if not priced:
             return estimated + out, 0
         price = self._prices.lookup(request.model)
