@@ -225,3 +225,17 @@ def test_the_input_count_admission_uses_is_the_estimates_input() -> None:
     ):
         assert estimator.input_tokens(request) == estimator.estimate(request, ()).input_tokens
         assert estimator.estimate(request, ("Hello", " there")).output_tokens == 2
+
+
+async def test_a_table_with_only_applicable_is_enough() -> None:
+    """The policy asks the table for nothing but ``applicable`` (fakes, other tables)."""
+    table, _ = await loaded(Definition(USER, LimitKind.TOKENS_PER_DAY, 1000))
+
+    class Bare:
+        def applicable(self, tenant: str, caller: str, user: str, model: str) -> object:
+            return table.applicable(tenant, caller, user, model)
+
+    p = policy(Bare(), [0.0])  # type: ignore[arg-type]
+    for remaining in (900, 800):
+        (allowance,) = (await p.admit(call())).allowances
+        assert allowance.remaining == remaining

@@ -177,7 +177,9 @@ class LimitPolicy:
         return LimitTicket(held, cap, self._leaser, wall, self._clock)
 
     def _plan(self, limits: tuple[Limit, ...]) -> _Plan:
-        index = self._table.index
+        # Only ``applicable`` is required of the table; its ``index`` (when it has one)
+        # says when it reloaded.
+        index = getattr(self._table, "index", None)
         if index is not self._plans_of:  # reloaded: the old sets are gone
             self._plans.clear()
             self._plans_of = index
