@@ -1,7 +1,7 @@
 """Where chatgate's CPU goes: py-spy samples it under one scenario's load and folds the stacks.
 
-``python -m bench.profile [--scenario short] [--seconds 10]`` starts the upstream and
-chatgate as the suite does (same pinning), drives the scenario's load, records
+``python -m bench.profile [--scenario short] [--seconds 10] [--target T]`` starts the
+upstream and chatgate as the suite does (same pinning), drives the scenario's load, records
 chatgate with ``py-spy record --format raw`` (py-spy must be installed:
 ``pip install py-spy``; it is not a dependency) and prints the functions with the most
 samples, by own time and including callees, with paths shortened. The raw stacks are
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.procs import ROOT
 from bench.run import Suite
-from bench.scenarios import FULL, Scenario
+from bench.scenarios import FULL, LIMITED_TARGETS, Scenario
 
 _FRAME = re.compile(r"^(?P<fn>.*?) \((?P<path>.*?)(?::\d+)?\)$")
 
@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
     p.add_argument("--scenario", default="short", choices=[s.name for s in FULL if not s.slow_consumer])
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument(
+        "--target",
+        default="chatgate",
+        choices=["chatgate", *LIMITED_TARGETS],
+        help="whose calls: the bench caller, or one held to limits (the limits scenario's targets)",
+    )
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile.txt")
     p.add_argument("--database-url", default=None)
@@ -95,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="chatgate-profile-") as tmp, ExitStack() as stack:
         suite = Suite(args, stack, Path(tmp))
         suite.create_database()
+        if args.target in LIMITED_TARGETS:
+            suite.limited_tokens = suite.limited_callers()  # before chatgate starts
         suite.start_simulator()
         if args.trace_sample > 0:
             suite.start_otlp_sink()
         suite.start_chatgate("chatgate", workers=None, pinned=True)
         server = suite.servers["chatgate"][0]
         result: dict[str, object] = {}
-        load = threading.Thread(target=lambda: result.update(suite.load(scenario, "chatgate", server)))
+        load = threading.Thread(target=lambda: result.update(suite.load(scenario, args.target, server)))
         load.start()
         threading.Event().wait(1.5)
         subprocess.run(

@@ -58,7 +58,7 @@ class BucketAccount:
     def take(self, n: int, now: float, *, live: int | None = None) -> bool:
         """Take ``n`` from the slice — or, while Postgres is away (``live`` given), from
         this process's own bucket of 1/live of the capacity and rate."""
-        self.last_need = max(n, 1)
+        self.last_need = n if n > 1 else 1
         if self.held >= n:
             self.held -= n
         elif live is not None and self._local_take(n, now, live):

@@ -126,11 +126,12 @@ class Leaser:
         if now is None:
             now = self._clock()
         account = entry.account
-        if isinstance(account, BucketAccount):
-            ok = account.take(n, now, live=self.live if self.away else None)
+        if not self.away:
+            ok = account.take(n, now)
+        elif isinstance(account, BucketAccount):
+            ok = account.take(n, now, live=self.live)
         else:
-            share = account.amount // max(self.live, 1) if self.away else None
-            ok = account.take(n, now, share=share)
+            ok = account.take(n, now, share=account.amount // max(self.live, 1))
         if ok and entry.syncing is None and account.worth_syncing(now, idle_s=self.tuning.idle_s):
             self._start_sync(entry)
         return ok

@@ -77,8 +77,11 @@ class PoolAccount:
     def take(self, n: int, now: float, *, share: int | None = None) -> bool:
         """Reserve ``n`` if the lease covers it — or, while Postgres is away (``share``
         given), if this process's share of the window does."""
-        self.last_need = max(n, 1)
-        if self.available(now) < n and (share is None or self.used_in_window + n > share):
+        self.last_need = n if n > 1 else 1
+        # available(now), inlined: this runs for every limit of every call.
+        held = self.held if now < self.lease_until else 0
+        short = held - self.spent - self.reserved - self.returning < n
+        if short and (share is None or self.used_in_window + n > share):
             return False
         self.reserved += n
         self.used_in_window += n
@@ -143,14 +146,16 @@ class PoolAccount:
     def worth_syncing(self, now: float, *, idle_s: float) -> bool:
         """Whether the background loop should sync now: running low, lease half gone,
         spending to report, or idle with something to give back."""
-        lease = self._lease_now(now)
-        if lease == 0 and self.spent == 0 and self.reserved == 0:
+        lease = self.held if now < self.lease_until else 0  # _lease_now, inlined (a take asks)
+        spent, reserved = self.spent, self.reserved
+        if lease == 0 and spent == 0 and reserved == 0:
             return False
-        if self.available(now) * 2 < self.last_need + int(self.rate) and now - self.last_take < idle_s:
+        busy = now - self.last_take < idle_s
+        if busy and (lease - spent - reserved - self.returning) * 2 < self.last_need + int(self.rate):
             return True
         if now >= self.lease_until - self.ttl_s / 2:
             return True
-        return now - self.last_take >= idle_s and (lease - self.spent - self.reserved > 0 or self.spent > 0)
+        return not busy and (lease - spent - reserved > 0 or spent > 0)
 
     def idle(self, now: float, idle_s: float) -> bool:
         """Nothing held, spent or reserved, and no demand: the account can be dropped."""

@@ -20,7 +20,6 @@ from chatgate.v1 import chat_pb2 as pb
 from chatgate_server.completion import OutboundEvent, StreamFinished, StreamStarted
 from chatgate_server.domain import (
     MAX_TOP_LOGPROBS,
-    Allowance,
     Caller,
     ChatMessage,
     CompletionRequest,
@@ -453,14 +452,7 @@ def to_proto(event: OutboundEvent) -> pb.CompleteResponse:
     if type(event) is RefusalDelta:
         return _Response(refusal=_Refusal(text=event.text))
     if type(event) is StreamStarted:
-        return _Response(
-            started=pb.Started(
-                request_id=event.request_id,
-                model=event.model,
-                upstream_response_id=event.upstream_response_id,
-                allowances=[_allowance(a) for a in event.allowances],
-            )
-        )
+        return _started(event)
     if type(event) is StreamFinished:
         return _Response(finished=_finished(event))
     raise TypeError(f"not an outbound event: {type(event).__name__}")
@@ -490,19 +482,25 @@ _LIMIT_KINDS = {
 }
 
 
-def _allowance(allowance: Allowance) -> pb.Allowance:
-    out = pb.Allowance(
-        subject=allowance.subject,
-        kind=_LIMIT_KINDS[allowance.kind],
-        limit=allowance.limit,
-        remaining=allowance.remaining,
-    )
-    if allowance.resets_at is not None:
-        # Whole microseconds from the epoch, set directly: FromDatetime costs several
-        # times more, and a call may carry a dozen allowances.
-        micros = round(allowance.resets_at.timestamp() * 1_000_000)
-        out.resets_at.seconds, rest = divmod(micros, 1_000_000)
-        out.resets_at.nanos = rest * 1000
+def _started(event: StreamStarted) -> pb.CompleteResponse:
+    # Filled in place: a message passed to a constructor is copied (the response's
+    # Started, and each Allowance in it), which cost more than the rest of this.
+    out = _Response()
+    started = out.started
+    started.SetInParent()  # present even if every field below is empty
+    started.request_id = event.request_id
+    started.model = event.model
+    started.upstream_response_id = event.upstream_response_id
+    if event.allowances:
+        add = started.allowances.add
+        for a in event.allowances:
+            item = add(subject=a.subject, kind=_LIMIT_KINDS[a.kind], limit=a.limit, remaining=a.remaining)
+            if a.resets_at is not None:
+                # Whole microseconds from the epoch, set directly: FromDatetime costs
+                # several times more, and a call may carry a dozen allowances.
+                seconds, rest = divmod(round(a.resets_at.timestamp() * 1_000_000), 1_000_000)
+                item.resets_at.seconds = seconds
+                item.resets_at.nanos = rest * 1000
     return out
 
 

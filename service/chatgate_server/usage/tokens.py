@@ -128,7 +128,23 @@ def count_tokens(text: str, encoding: str) -> int:
     """Tokens in ``text`` (special-token markers in user text count as plain text)."""
     if not text:
         return 0
+    if len(text) <= _SHORT_CHARS:
+        # Roles, names, tool names: a handful of strings counted again on every call
+        # (a role is a tokenizer call of ~1.5 µs, as much as a short prompt's content).
+        key = (text, encoding)
+        found = _short_counts.get(key)
+        if found is None:
+            if len(_short_counts) >= _SHORT_MAX:
+                _short_counts.clear()
+            found = _short_counts[key] = len(_encoding(encoding).encode(text, disallowed_special=()))
+        return found
     return len(_encoding(encoding).encode(text, disallowed_special=()))
+
+
+# Counts of short strings, kept (bounded: a caller cannot grow it without limit).
+_SHORT_CHARS = 16
+_SHORT_MAX = 4096
+_short_counts: dict[tuple[str, str], int] = {}
 
 
 class _Counter:
@@ -189,23 +205,40 @@ class TiktokenEstimator:
 
     def estimate(self, request: CompletionRequest, relayed: Sequence[str]) -> TokenUsage:
         encoding = encoding_name_for(request.model)
-        inputs, outputs = _Counter(encoding), _Counter(encoding)
-        input_tokens = sum(_message_tokens(m, inputs) for m in request.messages)
-        input_tokens += _tools_tokens(request.tools, inputs) + REPLY_PRIMING_TOKENS
-        output_tokens = outputs("".join(relayed))
-        for what, counter in (("input", inputs), ("output", outputs)):
-            if counter.skipped_chars:
-                log.info(
-                    "%s token estimate extrapolated: %d of %d characters tokenized",
-                    what,
-                    counter.sampled_chars,
-                    counter.sampled_chars + counter.skipped_chars,
-                )
+        input_tokens = self._input(request, encoding)
+        output_tokens = 0
+        if relayed:
+            outputs = _Counter(encoding)
+            output_tokens = outputs("".join(relayed))
+            _log_extrapolated("output", outputs)
         return TokenUsage(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             source="estimated",
             estimate_encoding=encoding,
+        )
+
+    def input_tokens(self, request: CompletionRequest) -> int:
+        """The input part of :meth:`estimate` alone: what admission reserves for a call
+        held to a token or spend limit, on every such call (no usage object, no output)."""
+        return self._input(request, encoding_name_for(request.model))
+
+    @staticmethod
+    def _input(request: CompletionRequest, encoding: str) -> int:
+        inputs = _Counter(encoding)
+        tokens = sum([_message_tokens(m, inputs) for m in request.messages])
+        tokens += _tools_tokens(request.tools, inputs) + REPLY_PRIMING_TOKENS
+        _log_extrapolated("input", inputs)
+        return tokens
+
+
+def _log_extrapolated(what: str, counter: _Counter) -> None:
+    if counter.skipped_chars:
+        log.info(
+            "%s token estimate extrapolated: %d of %d characters tokenized",
+            what,
+            counter.sampled_chars,
+            counter.sampled_chars + counter.skipped_chars,
         )
 
 

@@ -112,7 +112,8 @@ class Allowance:
 @dataclass(frozen=True, slots=True)
 class Started:
     """First event: the request id (yours or generated), the model that answers, and
-    what each limit that applies still allows (empty when none applies)."""
+    what the limits that apply still allow — one per kind, the tightest of a kind
+    (empty when none applies)."""
 
     request_id: str
     model: str

@@ -60,7 +60,8 @@ class Completion:
     cost: Cost | None
     finished: bool
     allowances: tuple[Allowance, ...] = ()
-    """What each limit that applies still allowed when the call started (Started)."""
+    """What the limits that apply still allowed when the call started (Started): one
+    per kind, the tightest when several of a kind apply."""
     logprobs: tuple[TokenLogprob, ...] = ()
     """Each token of ``text`` with its log-probability, when the request asked for them."""
 

@@ -974,9 +974,10 @@ class Started(_message.Message):
     """The upstream's id for this completion (e.g. "chatcmpl-…")."""
     @_builtins.property
     def allowances(self) -> _containers.RepeatedCompositeFieldContainer[Global___Allowance]:
-        """What each limit that applies to this call still allows, this call's
-        reservation already taken: the gRPC form of OpenAI's `x-ratelimit-*`
-        headers. Empty when no limit applies.
+        """What the limits on this call still allow, this call's reservation already
+        taken: one per kind of limit (when several of a kind apply, the one with
+        the least remaining), the gRPC form of OpenAI's `x-ratelimit-*` headers.
+        Empty when no limit applies.
         """
 
     def __init__(
