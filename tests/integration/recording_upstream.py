@@ -2,7 +2,8 @@
 deliberately does not: the credential headers and the full target (path and query).
 
 For tests that must see which key reached which deployment, and the Azure URL form.
-It answers every POST with a short, well-formed stream (one word, usage, [DONE]).
+It answers every POST with a short, well-formed stream (one word, usage, [DONE]), or
+with the bytes a test puts in ``stream`` (a recorded one).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class RecordingUpstream:
         self.seen: list[Seen] = []
         # Extra response headers, e.g. x-ratelimit-remaining-requests (tests change them).
         self.headers: dict[str, str] = {}
+        # A recorded stream to answer with instead of the short one (tests set it).
+        self.stream: bytes | None = None
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -68,7 +71,7 @@ class RecordingUpstream:
                         headers[name.strip().lower()] = value.strip()
                 body = orjson.loads(await reader.readexactly(int(headers.get("content-length", "0"))))
                 self.seen.append(Seen(method, target, headers, body))
-                payload = _stream(str(body.get("model") or "azure-model"))
+                payload = self.stream or _stream(str(body.get("model") or "azure-model"))
                 extra = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items()).encode()
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
