@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,26 +17,32 @@ from pathlib import Path
 from tests.conftest import REPO_ROOT
 
 
-def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--scenarios",
-            "short,request-ids,slow-consumer",
-            "--no-workers",
-            "--out",
-            str(tmp_path),
-        ],
+def run_bench(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m bench …`` in its own process group: on a timeout the servers, the
+    simulator and the load it started go too (subprocess.run kills only the bench)."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "bench", *args],
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    result = run_bench(
+        ["--quick", "--scenarios", "short,request-ids,slow-consumer", "--no-workers", "--out", str(tmp_path)],
         # ~30 s alone; the bound only catches a hang (a loaded CI host took over 110 s).
         timeout=300,
-        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "targets:" in result.stdout  # the table was printed
