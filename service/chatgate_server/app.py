@@ -457,9 +457,10 @@ class App:
         goaway: asyncio.Future[None] | None = None
         if self._server is not None:
             # GOAWAY now: clients open no new streams here (a round_robin client moves
-            # to the other replicas at once, and a call already on its way is refused
-            # by the transport, which gRPC retries elsewhere by itself); running streams
-            # go on. gRPC is given no deadline of its own: the drain below ends them.
+            # to the other replicas at once; a call already on its way is refused by the
+            # transport, or cancelled unrun if gRPC's core had queued it (grpc/grpc#41785),
+            # and the clients' retry policy sends either elsewhere); running streams go
+            # on. gRPC is given no deadline of its own: the drain below ends them.
             goaway = asyncio.ensure_future(self._server.stop(_UNTIL_DRAINED_S))
             await asyncio.sleep(0)  # let it send the GOAWAY before anything else
         if self._config_watch is not None:

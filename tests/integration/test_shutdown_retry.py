@@ -9,6 +9,7 @@ tokens of a cut stream were delivered and billed, so retrying is not free, and t
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
@@ -76,3 +77,29 @@ async def test_a_call_refused_while_draining_got_nothing_and_may_go_elsewhere(st
     other = await start_app()
     events = await run(other, request_id, "gpt-4o-mini")  # the same request_id runs there
     assert isinstance(events[-1], Finished) and events[-1].outcome is Outcome.COMPLETED
+
+
+async def test_calls_grpc_queued_as_a_replica_stopped_are_answered_by_another(start_app: AppFactory) -> None:
+    """gRPC's server core cancels the calls it received but had not yet handed to
+    chatgate when the server stops (grpc/grpc#41785): they never ran, and the client's
+    retry policy sends them to another replica instead of failing them CANCELLED."""
+    stopping, other = await start_app(), await start_app()
+    target = f"ipv4:127.0.0.1:{stopping.port},127.0.0.1:{other.port}"
+    async with AsyncClient(target, timeout=30) as client:
+
+        async def call() -> Outcome | grpc.StatusCode:
+            request = build_request("gpt-4o-mini::chunks=2", [user("Hello!")], user_id="u-queued")
+            try:
+                return (await client.collect(request)).outcome
+            except ChatgateError as error:
+                return error.code
+
+        assert {await call() for _ in range(4)} == {Outcome.COMPLETED}  # both replicas connected
+        calls = [asyncio.create_task(call()) for _ in range(60)]
+        await asyncio.sleep(0)
+        # Hold this event loop (both servers run on it) while gRPC's threads carry the
+        # calls in: they queue inside the servers' gRPC core, not yet handed to chatgate.
+        time.sleep(0.1)  # noqa: ASYNC251 - blocking on purpose
+        await stopping.stop(5)
+        outcomes = await asyncio.gather(*calls)
+    assert outcomes == [Outcome.COMPLETED] * len(calls)

@@ -16,7 +16,10 @@ export const DEFAULT_TIMEOUT_MS = 60_000;
  * error model's rule (docs/CALLING.md). Each retry picks a replica afresh, so a call a
  * draining or dying replica refused is answered by another; the server's
  * grpc-retry-pushback-ms trailer forbids it for upstream failures (chatgate already
- * retried those) and sets the wait when RetryInfo's is short.
+ * retried those) and sets the wait when RetryInfo's is short. CANCELLED too: gRPC's
+ * server core cancels the calls it had received but not yet handed to chatgate when a
+ * replica stops (grpc/grpc#41785), so such a call never ran; chatgate itself never ends
+ * a call with CANCELLED, and a call this client cancels is not retried.
  */
 export const DEFAULT_SERVICE_CONFIG = Object.freeze({
   loadBalancingConfig: [{ round_robin: {} }],
@@ -28,7 +31,7 @@ export const DEFAULT_SERVICE_CONFIG = Object.freeze({
         initialBackoff: "0.1s",
         maxBackoff: "1s",
         backoffMultiplier: 2,
-        retryableStatusCodes: ["UNAVAILABLE"],
+        retryableStatusCodes: ["UNAVAILABLE", "CANCELLED"],
       },
     },
   ],

@@ -1,6 +1,6 @@
 // The default service config: round_robin over every address of the target, and the
-// retry of UNAVAILABLE before any event. Against real grpc-js servers on loopback ports
-// that stand in for replicas (one refuses, one answers), so the balancing and the
+// retry of UNAVAILABLE (and CANCELLED) before any event. Against real grpc-js servers on
+// loopback ports that stand in for replicas (one refuses, one answers), so the balancing and the
 // retries are gRPC's own, over real connections.
 import assert from "node:assert/strict";
 import { after, describe, it } from "node:test";
@@ -18,10 +18,12 @@ async function replica(reply) {
     Complete(call) {
       state.calls += 1;
       const answer = reply(state.calls);
+      if (answer.hang) return; // no event, ever: the caller gives up
       if (answer.fail) {
         const metadata = new grpc.Metadata();
         if (answer.pushback !== undefined) metadata.set("grpc-retry-pushback-ms", answer.pushback);
-        call.emit("error", { code: grpc.status.UNAVAILABLE, details: answer.fail, metadata });
+        const code = answer.code ?? grpc.status.UNAVAILABLE;
+        call.emit("error", { code, details: answer.fail, metadata });
         return;
       }
       call.write({ started: { requestId: `r${state.calls}`, model: "gpt-4o-mini" } });
@@ -70,6 +72,36 @@ describe("default service config", () => {
     } finally {
       client.close();
       other.close();
+    }
+  });
+
+  it("retries CANCELLED before any event (a call gRPC's server core dropped on shutdown)", async () => {
+    const stopping = await replica((n) => (n === 1 ? { fail: "server shutdown", code: grpc.status.CANCELLED } : {}));
+    servers.push(stopping);
+    const client = new ChatgateClient(stopping.address, { timeoutMs: 5_000 });
+    try {
+      assert.equal((await client.collect(request)).outcome, "completed");
+      assert.equal(stopping.state.calls, 2);
+    } finally {
+      client.close();
+    }
+  });
+
+  it("does not retry a call its caller cancelled", async () => {
+    const silent = await replica(() => ({ hang: true }));
+    servers.push(silent);
+    const client = new ChatgateClient(silent.address, { timeoutMs: 5_000 });
+    const controller = new AbortController();
+    try {
+      const stream = client.complete(request, { signal: controller.signal });
+      const reading = stream.next();
+      while (silent.state.calls === 0) await new Promise((resolve) => setTimeout(resolve, 10));
+      controller.abort();
+      await assert.rejects(reading);
+      await new Promise((resolve) => setTimeout(resolve, 500)); // a retry would be here by now
+      assert.equal(silent.state.calls, 1);
+    } finally {
+      client.close();
     }
   });
 

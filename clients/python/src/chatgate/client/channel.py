@@ -40,13 +40,17 @@ SERVICE_CONFIG: dict[str, Any] = {
             # event". A retry picks a replica afresh, so a call refused by one that is
             # draining, or cut by a replica that died, is answered by another. The
             # server steers it with grpc-retry-pushback-ms (never for its own key's
-            # failure; RetryInfo's wait when short).
+            # failure; RetryInfo's wait when short). CANCELLED too: gRPC's server core
+            # cancels the calls it had received but not yet handed to chatgate when a
+            # replica stops (grpc/grpc#41785), so such a call never ran; chatgate itself
+            # never ends a call with CANCELLED, and a call this client cancels is not
+            # retried.
             "retryPolicy": {
                 "maxAttempts": 3,
                 "initialBackoff": "0.1s",
                 "maxBackoff": "1s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
             },
         }
     ],
