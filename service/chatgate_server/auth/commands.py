@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from chatgate_server.auth.records import KNOWN_ROLES
+from chatgate_server.terminal import print_table
 
 CALLERS_COMMAND = "callers"
 _DURATION = re.compile(r"^([0-9]+)([mhdw])$")
@@ -151,6 +152,4 @@ def _print_listing(out: TextIO, credentials: list[Any], now: datetime) -> None:
         )
         for c in credentials
     ]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out)
+    print_table(header, rows, out)

@@ -21,11 +21,11 @@ import argparse
 import asyncio
 import csv
 import sys
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from chatgate_server.auth.commands import positive_duration
+from chatgate_server.terminal import print_table
 
 ANOMALY_COMMANDS = ("anomalies",)
 USAGE_VIEW = "anomalies"
@@ -137,7 +137,7 @@ async def _list(pool: Any, since: datetime, args: argparse.Namespace, out: TextI
         writer.writerow(header)
         writer.writerows(rows)
     else:
-        _table(header, rows, out)
+        print_table(header, rows, out)
         print(f"{len(rows)} finding(s) since {_when(since)}", file=out)
     return 0
 
@@ -170,7 +170,7 @@ async def _policy(pool: Any, args: argparse.Namespace, out: TextIO) -> int:
         (p.tenant, p.escalate.value, _span(p.tighten_for), _span(p.block_for), p.set_by or "-")
         for p in policies
     ]
-    _table(("tenant", "escalate", "tighten_for", "block_for", "set_by"), rows, out)
+    print_table(("tenant", "escalate", "tighten_for", "block_for", "set_by"), rows, out)
     return 0
 
 
@@ -185,9 +185,3 @@ def _span(span: timedelta) -> str:
 
 def _when(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out)

@@ -21,12 +21,12 @@ import argparse
 import asyncio
 import getpass
 import sys
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from chatgate_server.auth.commands import positive_duration
 from chatgate_server.limits.blocks_records import MAX_REASON, Scope, Subject
+from chatgate_server.terminal import print_table
 
 BLOCK_COMMANDS = ("block", "unblock", "blocks")
 
@@ -150,7 +150,7 @@ async def _list(pool: Any, args: argparse.Namespace, out: TextIO) -> int:
             )
             for e in entries
         ]
-        _table(("at", "action", "subject", "source", "by", "until", "reason"), history, out)
+        print_table(("at", "action", "subject", "source", "by", "until", "reason"), history, out)
         return 0
     blocks = await blocks_store.active_blocks(pool, args.tenant)
     rows = [
@@ -164,7 +164,7 @@ async def _list(pool: Any, args: argparse.Namespace, out: TextIO) -> int:
         )
         for b in blocks
     ]
-    _table(("subject", "source", "by", "since", "until", "reason"), rows, out)
+    print_table(("subject", "source", "by", "since", "until", "reason"), rows, out)
     return 0
 
 
@@ -176,9 +176,3 @@ def _until(at: datetime | None, action: str) -> str:
     if action != "block":
         return "-"
     return _when(at) if at is not None else "unblocked"
-
-
-def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], out: TextIO) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out)

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from chatgate_server.domain import LimitKind
 from chatgate_server.limits.definitions import SPEND_KINDS, Definition, Scope, Target
+from chatgate_server.terminal import print_table
 
 LIMITS_COMMAND = "limits"
 
@@ -184,6 +185,4 @@ def _show(out: TextIO, definitions: list[Definition], only: Target | None) -> No
     if not rows:
         print("no limits set", file=out)
         return
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out)
+    print_table(header, rows, out)

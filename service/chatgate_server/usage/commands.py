@@ -26,6 +26,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from chatgate_server.terminal import print_table, shown
+
 if TYPE_CHECKING:
     from chatgate_server.usage.reports import Dimension, Group, Totals, UsageSpike
 
@@ -302,7 +304,7 @@ def _print_report(
     untagged = [i for i, d in enumerate(dims) if d.value == "tag"]  # Dimension.TAG
     rows = [[UNTAGGED if i in untagged and not c else c for i, c in enumerate(r)] for r in rows]
     footer = ["TOTAL"] + [""] * (len(dims) - 1) + _totals_row(totals) if dims else _totals_row(totals)
-    _table(header, rows, footer, len(dims), out)
+    print_table(header, rows, out, text_columns=len(dims), footer=footer, rules=True)
 
 
 def _print_spikes(spikes: Sequence[UsageSpike], fmt: str, out: TextIO) -> None:
@@ -336,28 +338,7 @@ def _print_spikes(spikes: Sequence[UsageSpike], fmt: str, out: TextIO) -> None:
         writer.writerow(header)
         writer.writerows(rows)
         return
-    _table(header, rows, None, 2, out)
-
-
-def _table(
-    header: list[str], rows: list[list[str]], footer: list[str] | None, text_columns: int, out: TextIO
-) -> None:
-    everything = [header, *rows, *([footer] if footer else [])]
-    widths = [max(len(r[i]) for r in everything) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i < text_columns else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    print(line(header), file=out)
-    print("  ".join("-" * w for w in widths), file=out)
-    for row in rows:
-        print(line(row), file=out)
-    if footer:
-        print("  ".join("-" * w for w in widths), file=out)
-        print(line(footer), file=out)
+    print_table(header, rows, out, text_columns=2, rules=True)
 
 
 async def _retention(url: str, months: int, window: timedelta, dry_run: bool, out: TextIO) -> int:
@@ -438,8 +419,8 @@ def _list_dead_letters(args: argparse.Namespace, out: TextIO) -> int:
     for d in letters:
         r = d.record
         print(
-            f"{r.started_at.isoformat()}  {r.request_id[:80]}  tenant={r.tenant[:40]}  "
-            f"model={r.requested_model[:60]}  {d.error[:200]}",
+            f"{r.started_at.isoformat()}  {shown(r.request_id[:80])}  tenant={shown(r.tenant[:40])}  "
+            f"model={shown(r.requested_model[:60])}  {shown(d.error[:200])}",
             file=out,
         )
     print(f"{len(letters)} dead letter(s) in {len(paths)} file(s) under {root}", file=out)
@@ -462,5 +443,5 @@ async def _replay_dead_letters(url: str, args: argparse.Namespace, out: TextIO) 
         file=out,
     )
     for d in result.refused:
-        print(f"still refused: {d.record.request_id[:80]}: {d.error[:200]}", file=out)
+        print(f"still refused: {shown(d.record.request_id[:80])}: {shown(d.error[:200])}", file=out)
     return 1 if result.refused else 0
