@@ -101,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return simulator_main(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command in _DATABASE_COMMANDS or wants_usage_anomalies(args):
+            from chatgate_server import command_deadline
+
+            command_deadline.arm(args.command)
         if args.command == "migrate":
             return _migrate()
         if args.command == "config":
@@ -123,6 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"chatgate: configuration error: {exc}", file=sys.stderr)
         return 2
+
+
+# The one-shot commands that talk to Postgres, each bounded as a whole (command_deadline.py);
+# not migrate: a migration of a large table may take long, and its Job has a deadline.
+_DATABASE_COMMANDS = frozenset(
+    (CALLERS_COMMAND, LIMITS_COMMAND, *BLOCK_COMMANDS, *ANOMALY_COMMANDS, *USAGE_COMMANDS)
+)
 
 
 def _migrate() -> int:
