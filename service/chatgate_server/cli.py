@@ -101,10 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return simulator_main(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        if args.command in _DATABASE_COMMANDS or wants_usage_anomalies(args):
-            from chatgate_server import command_deadline
-
-            command_deadline.arm(args.command)
         if args.command == "migrate":
             return _migrate()
         if args.command == "config":
@@ -113,16 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _health(args.address, args.timeout, ledger=args.ledger, deployments=args.deployments)
         if args.command == "prestop":
             return _prestop(args.pid, args.wait_seconds)
-        if args.command == CALLERS_COMMAND:
-            return run_callers_command(args)
-        if args.command in BLOCK_COMMANDS:
-            return run_block_command(args)
-        if args.command in ANOMALY_COMMANDS or wants_usage_anomalies(args):
-            return run_anomaly_command(args)
-        if args.command == LIMITS_COMMAND:
-            return run_limits_command(args)
-        if args.command in USAGE_COMMANDS:
-            return run_usage_command(args)
+        if args.command in _DATABASE_COMMANDS or wants_usage_anomalies(args):
+            from chatgate_server.command_deadline import bounded
+
+            with bounded(args.command):
+                return _database_command(args)
         return _serve(args.workers)
     except ConfigError as exc:
         print(f"chatgate: configuration error: {exc}", file=sys.stderr)
@@ -134,6 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 _DATABASE_COMMANDS = frozenset(
     (CALLERS_COMMAND, LIMITS_COMMAND, *BLOCK_COMMANDS, *ANOMALY_COMMANDS, *USAGE_COMMANDS)
 )
+
+
+def _database_command(args: argparse.Namespace) -> int:
+    if args.command == CALLERS_COMMAND:
+        return run_callers_command(args)
+    if args.command in BLOCK_COMMANDS:
+        return run_block_command(args)
+    if args.command in ANOMALY_COMMANDS or wants_usage_anomalies(args):
+        return run_anomaly_command(args)
+    if args.command == LIMITS_COMMAND:
+        return run_limits_command(args)
+    return run_usage_command(args)
 
 
 def _migrate() -> int:

@@ -17,9 +17,12 @@ one-shot command processes, never in ``serve``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from types import FrameType
 
 from chatgate_server.config import ConfigError
@@ -43,10 +46,21 @@ def command_timeout_from_env() -> float | None:
     return seconds or None
 
 
-def arm(command: str) -> None:
-    """End this process with one line if ``command`` is still running after the bound."""
+@contextlib.contextmanager
+def bounded(command: str) -> Iterator[None]:
+    """End this process with one line if ``command`` is still running after the bound.
+
+    The timer is disarmed when the block ends, so ``main()`` called in-process leaves
+    nothing behind. The command runs unbounded off the main thread (signals cannot be
+    handled there) and when a timer is armed already: whoever armed it (a test
+    harness's per-test timeout) owns SIGALRM and bounds the command itself."""
     seconds = command_timeout_from_env()
-    if seconds is None:
+    if (
+        seconds is None
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getitimer(signal.ITIMER_REAL)[0] > 0
+    ):
+        yield
         return
 
     def expire(signum: int, frame: FrameType | None) -> None:
@@ -58,5 +72,10 @@ def arm(command: str) -> None:
         )
         os._exit(EXIT_CODE)  # no cleanup to wait for: the open transaction rolls back
 
-    signal.signal(signal.SIGALRM, expire)
+    previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
