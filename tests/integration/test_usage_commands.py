@@ -157,7 +157,8 @@ def test_usage_report_refuses_bad_arguments_in_one_line(migrated_database_url: s
     ran = chatgate("usage", "--by", "planet", url=migrated_database_url)
     assert ran.returncode == 1
     assert ran.stderr.strip().splitlines() == [
-        "chatgate: usage: --by 'planet': use tenant, user, model, day, deployment, fallback or tag:<key>"
+        "chatgate: usage: --by 'planet': use tenant, user, model, day, deployment, fallback, service_tier"
+        " or tag:<key>"
     ]
 
 
@@ -385,6 +386,30 @@ def test_usage_by_tag_labels_the_rows_without_it(migrated_database_url: str, ten
 
     ran = chatgate("usage", *window, "--by", "tag:feature", "--format", "csv", url=migrated_database_url)
     assert {row["tag"] for row in csv.DictReader(io.StringIO(ran.stdout))} == {"", "search"}
+
+
+def test_usage_by_service_tier_splits_what_each_tier_served(migrated_database_url: str, tenant: str) -> None:
+    # Whole days ago: a report reads those from the daily rollup, which keeps no tier;
+    # grouping by tier must read the rows.
+    now = datetime.combine(datetime.now(UTC).date() - timedelta(days=2), time(12), tzinfo=UTC)
+    records = [
+        record(tenant, "alice", now, tokens=1000, service_tier="flex"),
+        record(tenant, "alice", now, tokens=2000, service_tier="flex"),
+        record(tenant, "bob", now, tokens=4000, service_tier="priority"),
+        record(tenant, "bob", now, tokens=8000),  # the upstream named no tier
+    ]
+    insert(migrated_database_url, records)
+    since = (now - timedelta(days=3)).isoformat()
+    ran = chatgate(
+        "usage", "--since", since, "--tenant", tenant, "--by", "service_tier", "--format", "csv",
+        url=migrated_database_url,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    got = {
+        row["service_tier"]: (int(row["requests"]), int(row["total_tokens"]))
+        for row in csv.DictReader(io.StringIO(ran.stdout))
+    }
+    assert got == {"flex": (2, 3000), "priority": (1, 4000), "": (1, 8000)}
 
 
 def test_reprice_prices_a_deployments_rows_from_its_own_file(

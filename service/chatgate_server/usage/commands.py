@@ -63,8 +63,8 @@ def add_usage_commands(sub: Any) -> None:
     report.add_argument(
         "--by",
         default="",
-        help="comma-separated groupings: tenant, user, model, day, deployment, fallback, tag:<key> "
-        "(e.g. --by user,model)",
+        help="comma-separated groupings: tenant, user, model, day, deployment, fallback, service_tier,"
+        " tag:<key> (e.g. --by user,model)",
     )
     report.add_argument("--tenant", help="only this tenant")
     report.add_argument("--user", action="append", default=[], help="only this user (repeatable)")
@@ -182,7 +182,8 @@ def parse_by(text: str) -> tuple[tuple[Dimension, ...], str | None]:
             dim = Dimension(name)
         except ValueError:
             raise ValueError(
-                f"--by {part!r}: use tenant, user, model, day, deployment, fallback or tag:<key>"
+                f"--by {part!r}: use tenant, user, model, day, deployment, fallback, service_tier"
+                " or tag:<key>"
             ) from None
         if dim is Dimension.TAG:
             if not key:

@@ -55,6 +55,7 @@ class Dimension(enum.StrEnum):
     TAG = "tag"  # the value of one tag key ("" for rows without it)
     DEPLOYMENT = "deployment"  # the upstream deployment that served it ("" for none)
     FALLBACK = "fallback"  # the route's fallback model that served it ("" when the model asked for did)
+    SERVICE_TIER = "service_tier"  # the tier the upstream said served it ("" when it said none)
 
 
 # Column of the unified source for each dimension.
@@ -66,7 +67,11 @@ _KEY_COLUMN: dict[Dimension, LiteralString] = {
     Dimension.TAG: "tag",
     Dimension.DEPLOYMENT: "deployment",
     Dimension.FALLBACK: "fallback",
+    Dimension.SERVICE_TIER: "service_tier",
 }
+
+# Kept on the rows only (not in the daily rollup): grouping by them reads the rows.
+_ROWS_ONLY = frozenset((Dimension.DEPLOYMENT, Dimension.FALLBACK, Dimension.SERVICE_TIER))
 
 _SUMS: tuple[LiteralString, ...] = (
     "requests",
@@ -297,7 +302,8 @@ def _records(query: UsageQuery, a: str, b: str, params: dict[str, Any]) -> sql.C
     return sql.SQL(
         "SELECT tenant, user_id, requested_model AS model, (started_at AT TIME ZONE 'UTC')::date AS day,"
         " {tag} AS tag, coalesce(deployment, '') AS deployment,"
-        " coalesce(fallback_model, '') AS fallback, 1::bigint AS requests,"
+        " coalesce(fallback_model, '') AS fallback, coalesce(service_tier, '') AS service_tier,"
+        " 1::bigint AS requests,"
         " input_tokens, output_tokens, cached_input_tokens,"
         " reasoning_tokens, total_tokens, coalesce(cost_usd_micros, 0) AS cost_usd_micros,"
         " (cost_usd_micros IS NULL)::int::bigint AS unpriced_requests"
@@ -313,7 +319,8 @@ def _records(query: UsageQuery, a: str, b: str, params: dict[str, Any]) -> sql.C
 
 def _rollup(query: UsageQuery, params: dict[str, Any]) -> sql.Composable:
     return sql.SQL(
-        "SELECT tenant, user_id, model, day, '' AS tag, '' AS deployment, '' AS fallback, requests,"
+        "SELECT tenant, user_id, model, day, '' AS tag, '' AS deployment, '' AS fallback,"
+        " '' AS service_tier, requests,"
         " input_tokens, output_tokens,"
         " cached_input_tokens, reasoning_tokens, total_tokens, cost_usd_micros, unpriced_requests"
         " FROM usage_daily WHERE day >= %(day_lo)s AND day < %(day_hi)s{filters}"
@@ -322,8 +329,8 @@ def _rollup(query: UsageQuery, params: dict[str, Any]) -> sql.Composable:
 
 def _source(query: UsageQuery, end: datetime, params: dict[str, Any]) -> sql.Composable:
     params["start"], params["end"] = query.start, end
-    if query.tag_key or query.tags or {Dimension.DEPLOYMENT, Dimension.FALLBACK} & set(query.group_by):
-        # The daily rollup keeps neither tags, deployments nor fallbacks: rows only.
+    if query.tag_key or query.tags or _ROWS_ONLY & set(query.group_by):
+        # The daily rollup keeps no tags, deployments, fallbacks or tiers: rows only.
         return _records(query, "start", "end", params)
     lo, hi = _split(query.start, end)
     if lo >= hi:
