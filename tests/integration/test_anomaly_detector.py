@@ -176,6 +176,34 @@ async def test_a_spike_is_found_a_normal_user_and_a_slow_ramp_are_not(
     assert "1 finding(s)" in listing.stdout
 
 
+async def test_a_caller_spending_through_many_users_within_their_usual_is_found(
+    pool: AsyncConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    """A leaked caller credential: "reports" usually makes one small call a day; in the
+    last hour it spent 4 000 tokens for each of twelve users, each of them far within
+    their own usual hour — no user is a finding, the caller is. A caller seen for the
+    first time ("batch") is not judged against a baseline it does not have."""
+    acme, now = tenant(), now_()
+    today = now.date()
+    users = [f"u-{i}" for i in range(12)]
+    for back in range(1, 8):
+        day = now - timedelta(days=back)
+        add_calls(db, acme, "u-0", at=day, calls=1, tokens=1_000, caller="reports")
+        add_calls(db, acme, "u-1", at=day, calls=24, tokens=10_000, caller="billing")
+    for user in users:
+        add_days(db, acme, user, [DAY] * 7, today)
+        add_calls(db, acme, user, at=now - timedelta(minutes=15), calls=4, tokens=1_000, caller="reports")
+        add_calls(db, acme, user, at=now - timedelta(minutes=30), calls=1, tokens=2_000, caller="billing")
+    add_calls(db, acme, "u-new", at=now - timedelta(minutes=5), calls=10, tokens=5_000, caller="batch")
+    add_days(db, acme, "u-new", [DAY] * 7, today)
+
+    found = await detector(pool, Clock(now)).run_once()
+    assert mine(found, acme) == [(f"caller {acme}/reports", Rule.USAGE_SPIKE, Step.FLAG)]
+    (finding, _) = next((f, s) for f, s in found or [] if f.subject.tenant == acme)
+    assert finding.observed == 48_000 and finding.threshold == 20_000  # the floor: its usual is ~42/h
+    assert "through this caller" in finding.detail
+
+
 async def test_a_new_user_is_found_only_above_the_floor(
     pool: AsyncConnectionPool, db: psycopg.Connection[Any]
 ) -> None:

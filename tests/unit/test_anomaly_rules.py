@@ -7,10 +7,12 @@ import pytest
 from chatgate_server.domain import LimitKind
 from chatgate_server.limits.anomaly_rules import (
     CallerCount,
+    CallerHour,
     Finding,
     Rule,
     Step,
     UserHour,
+    caller_spikes,
     refusal_bursts,
     step_for,
     usage_spikes,
@@ -223,3 +225,36 @@ def test_a_fanout_finding_in_full_at_its_threshold() -> None:
         "100 user ids new to the tenant in the last hour (threshold 100)",
         tighten=((LimitKind.REQUESTS_PER_MINUTE, 20),),  # 2400 an hour: 40 a minute, half
     )
+
+
+def caller_hour(tokens: int, baseline_per_day: int = DAY, days: int = 7, spend: int = 0) -> CallerHour:
+    return CallerHour("acme", "reports", tokens, spend, days * baseline_per_day, 0, days)
+
+
+def test_a_caller_far_above_its_own_baseline_is_a_finding_of_the_caller() -> None:
+    assert caller_spikes([caller_hour(30_000)], S) == []  # its busy hour
+    assert caller_spikes([caller_hour(100_000)], S) == []  # 10x its mean hour: not above
+    (found,) = caller_spikes([caller_hour(100_001)], S)
+    assert found.subject == Subject(Scope.CALLER, "acme", "reports")
+    assert (found.rule, found.measure, found.observed, found.threshold) == (
+        Rule.USAGE_SPIKE,
+        "tokens",
+        100_001,
+        100_000,
+    )
+    assert found.usual == pytest.approx(10_000)
+    assert "through this caller" in found.detail and "over 7 days" in found.detail
+    # Tightening: the caller's tokens per day at half its usual day.
+    assert dict(found.tighten)[LimitKind.TOKENS_PER_DAY] == DAY // 2
+
+
+def test_a_caller_without_history_is_left_to_the_per_user_rule() -> None:
+    assert caller_spikes([caller_hour(10_000_000, baseline_per_day=0, days=0)], S) == []
+
+
+def test_a_callers_short_history_is_its_baseline_and_the_floor_still_holds() -> None:
+    # Two days of 24 000 tokens: 1 000 an hour; 10x is below the floor, so the floor rules.
+    assert caller_spikes([caller_hour(20_000, baseline_per_day=24_000, days=2)], S) == []
+    (found,) = caller_spikes([caller_hour(20_001, baseline_per_day=24_000, days=2)], S)
+    assert (found.usual, found.threshold) == (pytest.approx(1_000), 20_000)
+    assert "over 2 days" in found.detail

@@ -30,13 +30,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from chatgate_server.limits import anomaly_store as store
 from chatgate_server.limits import blocks_store
 from chatgate_server.limits.anomaly_rules import (
+    CallerHour,
     Finding,
     Step,
+    caller_spikes,
     refusal_bursts,
     step_for,
     usage_spikes,
@@ -67,6 +69,11 @@ class AnomalyDetector:
         self._clock = clock
         self._on_finding = on_finding
         self._task: asyncio.Task[None] | None = None
+        # Callers' baselines, by (tenant, caller), for the UTC day they were read on: the
+        # baseline days end yesterday, so a caller's does not change within a day, and
+        # reading it from the rows once a day keeps each run's reads small.
+        self._baselines: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self._baselines_day: date | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="anomaly-detector")
@@ -107,6 +114,7 @@ class AnomalyDetector:
         """The new findings, the tenants' policies and the subjects acted on lately."""
         s = self._s
         found = usage_spikes(await store.user_hours(conn, now, s), s)
+        found += caller_spikes(await self._caller_hours(conn, now), s)
         bursts = await store.refusal_counts(conn, now, s)
         fanouts = await store.new_user_counts(conn, now, s)
         rates = await store.hour_requests(conn, now, [(c.tenant, c.caller) for c in [*bursts, *fanouts]])
@@ -121,6 +129,19 @@ class AnomalyDetector:
         policies = await store.policies(conn)
         acted = await store.acted_on(conn, now - ESCALATION_MEMORY)
         return new, policies, acted
+
+    async def _caller_hours(self, conn: store.Conn, now: datetime) -> list[CallerHour]:
+        hours = await store.caller_hours(conn, now, self._s)
+        today = now.astimezone(UTC).date()
+        if self._baselines_day != today:
+            self._baselines, self._baselines_day = {}, today
+        missing = [key for key in hours if key not in self._baselines]
+        if missing:
+            self._baselines.update(await store.caller_baselines(conn, now, self._s, missing))
+        return [
+            CallerHour(tenant, caller, tokens, spend, *self._baselines[(tenant, caller)])
+            for (tenant, caller), (tokens, spend) in hours.items()
+        ]
 
     async def _act(
         self,

@@ -13,6 +13,11 @@ Three rules, each over what Postgres already holds (limits/anomaly_store.py read
   runs at 3× their mean: the default factor (10) leaves room for that. A slow ramp
   (a fifth more every day) keeps even its busy hours at a few times its trailing mean
   and is not found; a rise that crosses 10× within a day is what a spike is.
+  The same rule judges each **caller** of a tenant against its own baseline (its rows of
+  the baseline days): a caller's credential used to spend through many users, each of
+  them within their own usual, is still far above what the caller itself usually
+  spends. A caller with no history in the baseline days is not judged by it (a new
+  service's first busy hour is not abuse; its users are still judged one by one).
 - **refusal_burst** (per caller of a tenant, or the user behind most of it): at least
   ``refusal_burst`` calls refused in the last five minutes — rows with outcome
   ``rejected`` (a limit, a policy) plus the calls refused at the edge without a row
@@ -71,6 +76,19 @@ class UserHour:
 
 
 @dataclass(frozen=True, slots=True)
+class CallerHour:
+    """One caller's last hour next to its baseline days (sums over those days)."""
+
+    tenant: str
+    caller: str
+    tokens: int
+    spend_micros: int
+    baseline_tokens: int
+    baseline_spend_micros: int
+    baseline_days: int  # from its first day in the baseline to yesterday; 0: no history
+
+
+@dataclass(frozen=True, slots=True)
 class CallerCount:
     """A count for one caller of a tenant (refusals in five minutes, new users in an hour)."""
 
@@ -115,10 +133,10 @@ def usage_spikes(hours: Iterable[UserHour], s: DetectorSettings) -> list[Finding
                 "spend_usd_micros",
             ),
         ]
-        fired = [c for c in candidates if c is not None]
-        if not fired:
+        fired = _strongest(*candidates)
+        if fired is None:
             continue
-        measure, observed, usual, threshold = max(fired, key=lambda c: c[1] / max(c[3], 1))
+        measure, observed, usual, threshold = fired
         found.append(
             Finding(
                 Subject(Scope.USER, h.tenant, h.user_id),
@@ -134,6 +152,49 @@ def usage_spikes(hours: Iterable[UserHour], s: DetectorSettings) -> list[Finding
                         LimitKind.TOKENS_PER_DAY,
                         _half_daily(h.baseline_tokens, days, s.token_floor),
                     ),
+                    (
+                        LimitKind.SPEND_PER_DAY,
+                        _half_daily(h.baseline_spend_micros, days, s.spend_floor_micros),
+                    ),
+                ),
+            )
+        )
+    return found
+
+
+def caller_spikes(hours: Iterable[CallerHour], s: DetectorSettings) -> list[Finding]:
+    """The callers whose last hour is far above their own baseline; callers without one
+    are left to the per-user rule (see the module docstring)."""
+    found = []
+    for h in hours:
+        if h.baseline_days < 1:
+            continue
+        days = min(h.baseline_days, s.baseline_days)
+        fired = _strongest(
+            _spike(h.tokens, h.baseline_tokens / (days * 24), s.spike_factor, s.token_floor, "tokens"),
+            _spike(
+                h.spend_micros,
+                h.baseline_spend_micros / (days * 24),
+                s.spike_factor,
+                s.spend_floor_micros,
+                "spend_usd_micros",
+            ),
+        )
+        if fired is None:
+            continue
+        measure, observed, usual, threshold = fired
+        found.append(
+            Finding(
+                Subject(Scope.CALLER, h.tenant, h.caller),
+                Rule.USAGE_SPIKE,
+                measure,
+                observed,
+                usual,
+                threshold,
+                f"{_amount(measure, observed)} in the last hour through this caller, usually"
+                f" {_amount(measure, usual)} an hour (over {days} day{'s' if days > 1 else ''})",
+                tighten=(
+                    (LimitKind.TOKENS_PER_DAY, _half_daily(h.baseline_tokens, days, s.token_floor)),
                     (
                         LimitKind.SPEND_PER_DAY,
                         _half_daily(h.baseline_spend_micros, days, s.spend_floor_micros),
@@ -219,6 +280,12 @@ def _spike(
 ) -> tuple[str, int, float, float] | None:
     threshold = max(factor * usual, float(floor))
     return (measure, observed, usual, threshold) if observed > threshold else None
+
+
+def _strongest(*candidates: tuple[str, int, float, float] | None) -> tuple[str, int, float, float] | None:
+    """Of the measures that fired, the one furthest above its threshold."""
+    fired = [c for c in candidates if c is not None]
+    return max(fired, key=lambda c: c[1] / max(c[3], 1)) if fired else None
 
 
 def _half_daily(baseline_total: int, days: int, floor: int) -> int:

@@ -129,6 +129,59 @@ async def user_hours(conn: Conn, now: datetime, s: DetectorSettings) -> list[Use
     ]
 
 
+_CALLER_HOURS = """
+    SELECT tenant, caller_service, sum(total_tokens), coalesce(sum(cost_usd_micros), 0)
+    FROM usage_records WHERE started_at >= %(start)s AND started_at < %(end)s
+    GROUP BY 1, 2
+    HAVING sum(total_tokens) > %(token_floor)s OR coalesce(sum(cost_usd_micros), 0) > %(spend_floor)s
+"""
+
+
+async def caller_hours(
+    conn: Conn, now: datetime, s: DetectorSettings
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """(tenant, caller) → (tokens, spend) of the callers whose last hour is above a floor."""
+    params = {
+        "start": now - WINDOW,
+        "end": now,
+        "token_floor": s.token_floor,
+        "spend_floor": s.spend_floor_micros,
+    }
+    rows = await (await conn.execute(_CALLER_HOURS, params)).fetchall()
+    return {(str(t), str(c)): (int(tk), int(sp)) for t, c, tk, sp in rows}
+
+
+_CALLER_BASELINES = """
+    SELECT tenant, caller_service, sum(total_tokens), coalesce(sum(cost_usd_micros), 0),
+           %(day_hi)s - min((started_at AT TIME ZONE 'UTC')::date)
+    FROM usage_records
+    WHERE started_at >= %(lo_start)s AND started_at < %(day_start)s
+      AND (tenant, caller_service) IN (SELECT * FROM unnest(%(tenants)s::text[], %(callers)s::text[]))
+    GROUP BY 1, 2
+"""
+
+
+async def caller_baselines(
+    conn: Conn, now: datetime, s: DetectorSettings, callers: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """(tenant, caller) → (tokens, spend, days) over the baseline days, for each of
+    ``callers`` ((0, 0, 0) for one without rows then). From the rows — the daily
+    roll-up has no caller — so the detector asks once per caller per UTC day."""
+    keys = sorted(set(callers))
+    if not keys:
+        return {}
+    bounds = _day_bounds(now, s.baseline_days)
+    params = {
+        **bounds,
+        "lo_start": bounds["day_start"] - timedelta(days=s.baseline_days),
+        "tenants": [t for t, _ in keys],
+        "callers": [c for _, c in keys],
+    }
+    rows = await (await conn.execute(_CALLER_BASELINES, params)).fetchall()
+    found = {(str(t), str(c)): (int(tk), int(sp), int(days)) for t, c, tk, sp, days in rows}
+    return {key: found.get(key, (0, 0, 0)) for key in keys}
+
+
 _REFUSALS = """
     WITH refused AS (
         SELECT tenant, caller_service AS caller, user_id, count(*) AS n FROM usage_records
