@@ -233,6 +233,7 @@ def caller_hour(tokens: int, baseline_per_day: int = DAY, days: int = 7, spend: 
 
 def test_a_caller_far_above_its_own_baseline_is_a_finding_of_the_caller() -> None:
     assert caller_spikes([caller_hour(30_000)], S) == []  # its busy hour
+    assert len(caller_spikes([caller_hour(30_000), caller_hour(100_001)], S)) == 1  # not only the first
     assert caller_spikes([caller_hour(100_000)], S) == []  # 10x its mean hour: not above
     (found,) = caller_spikes([caller_hour(100_001)], S)
     assert found.subject == Subject(Scope.CALLER, "acme", "reports")
@@ -258,3 +259,26 @@ def test_a_callers_short_history_is_its_baseline_and_the_floor_still_holds() -> 
     (found,) = caller_spikes([caller_hour(20_001, baseline_per_day=24_000, days=2)], S)
     assert (found.usual, found.threshold) == (pytest.approx(1_000), 20_000)
     assert "over 2 days" in found.detail
+
+
+def test_a_caller_with_one_day_of_history_is_judged_and_one_without_does_not_hide_the_next() -> None:
+    one_day = caller_hour(30_000, baseline_per_day=24_000, days=1)
+    found = caller_spikes([caller_hour(10_000_000, baseline_per_day=0, days=0), one_day], S)
+    assert [f.detail for f in found] == [
+        "30,000 tokens in the last hour through this caller, usually 1,000 tokens an hour (over 1 day)"
+    ]
+
+
+def test_a_callers_spend_spike_in_full() -> None:
+    # $24 a day over a week: $1 an hour; $12.50 in the last hour is over 10x and the floor.
+    h = CallerHour("acme", "reports", 0, 12_500_000, 0, 7 * 24_000_000, 7)
+    (found,) = caller_spikes([h], S)
+    assert (found.measure, found.observed, found.usual, found.threshold) == (
+        "spend_usd_micros",
+        12_500_000,
+        pytest.approx(1_000_000),
+        10_000_000,
+    )
+    assert found.detail == "$12.50 in the last hour through this caller, usually $1.00 an hour (over 7 days)"
+    assert dict(found.tighten)[LimitKind.SPEND_PER_DAY] == 12_000_000  # half its usual day
+    assert caller_spikes([CallerHour("acme", "reports", 0, 10_000_000, 0, 7 * 24_000_000, 7)], S) == []
