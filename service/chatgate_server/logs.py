@@ -20,6 +20,8 @@ from typing import Any
 import orjson
 from opentelemetry import trace
 
+from chatgate_server.terminal import shown
+
 _request_id: ContextVar[str | None] = ContextVar("chatgate_request_id", default=None)
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
@@ -79,9 +81,19 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class _TextFormatter(logging.Formatter):
+    """Each line with its non-printable characters spelled out (terminal.py): messages
+    carry what callers chose (request and user ids), which must neither act on the
+    terminal reading the log nor start a line of their own. A traceback, added after,
+    keeps its line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return shown(super().formatMessage(record))
+
+
 def text_formatter() -> logging.Formatter:
     """Human-readable lines; ``[-]`` where no call is bound."""
-    return logging.Formatter(TEXT_FORMAT, defaults={"request_id": "-"})
+    return _TextFormatter(TEXT_FORMAT, defaults={"request_id": "-"})
 
 
 def configure_logging(level: str, *, json_lines: bool = True) -> None:
