@@ -122,43 +122,16 @@ def usage_spikes(hours: Iterable[UserHour], s: DetectorSettings) -> list[Finding
     found = []
     for h in hours:
         days = max(1, min(h.baseline_days, s.baseline_days))
-        span_hours = days * 24
-        candidates = [
-            _spike(h.tokens, h.baseline_tokens / span_hours, s.spike_factor, s.token_floor, "tokens"),
-            _spike(
-                h.spend_micros,
-                h.baseline_spend_micros / span_hours,
-                s.spike_factor,
-                s.spend_floor_micros,
-                "spend_usd_micros",
-            ),
-        ]
-        fired = _strongest(*candidates)
-        if fired is None:
-            continue
-        measure, observed, usual, threshold = fired
-        found.append(
-            Finding(
-                Subject(Scope.USER, h.tenant, h.user_id),
-                Rule.USAGE_SPIKE,
-                measure,
-                observed,
-                usual,
-                threshold,
-                f"{_amount(measure, observed)} in the last hour, usually {_amount(measure, usual)} an hour "
-                f"(over {days} day{'s' if days > 1 else ''}); mostly through caller {h.caller}",
-                tighten=(
-                    (
-                        LimitKind.TOKENS_PER_DAY,
-                        _half_daily(h.baseline_tokens, days, s.token_floor),
-                    ),
-                    (
-                        LimitKind.SPEND_PER_DAY,
-                        _half_daily(h.baseline_spend_micros, days, s.spend_floor_micros),
-                    ),
-                ),
-            )
+        finding = _hour_spike(
+            Subject(Scope.USER, h.tenant, h.user_id),
+            (h.tokens, h.spend_micros),
+            (h.baseline_tokens, h.baseline_spend_micros),
+            days,
+            s,
+            how=("", f"; mostly through caller {h.caller}"),
         )
+        if finding is not None:
+            found.append(finding)
     return found
 
 
@@ -169,40 +142,53 @@ def caller_spikes(hours: Iterable[CallerHour], s: DetectorSettings) -> list[Find
     for h in hours:
         if h.baseline_days < 1:
             continue
-        days = min(h.baseline_days, s.baseline_days)
-        fired = _strongest(
-            _spike(h.tokens, h.baseline_tokens / (days * 24), s.spike_factor, s.token_floor, "tokens"),
-            _spike(
-                h.spend_micros,
-                h.baseline_spend_micros / (days * 24),
-                s.spike_factor,
-                s.spend_floor_micros,
-                "spend_usd_micros",
-            ),
+        finding = _hour_spike(
+            Subject(Scope.CALLER, h.tenant, h.caller),
+            (h.tokens, h.spend_micros),
+            (h.baseline_tokens, h.baseline_spend_micros),
+            min(h.baseline_days, s.baseline_days),
+            s,
+            how=(" through this caller", ""),
         )
-        if fired is None:
-            continue
-        measure, observed, usual, threshold = fired
-        found.append(
-            Finding(
-                Subject(Scope.CALLER, h.tenant, h.caller),
-                Rule.USAGE_SPIKE,
-                measure,
-                observed,
-                usual,
-                threshold,
-                f"{_amount(measure, observed)} in the last hour through this caller, usually"
-                f" {_amount(measure, usual)} an hour (over {days} day{'s' if days > 1 else ''})",
-                tighten=(
-                    (LimitKind.TOKENS_PER_DAY, _half_daily(h.baseline_tokens, days, s.token_floor)),
-                    (
-                        LimitKind.SPEND_PER_DAY,
-                        _half_daily(h.baseline_spend_micros, days, s.spend_floor_micros),
-                    ),
-                ),
-            )
-        )
+        if finding is not None:
+            found.append(finding)
     return found
+
+
+def _hour_spike(
+    subject: Subject,
+    hour: tuple[int, int],
+    baseline: tuple[int, int],
+    days: int,
+    s: DetectorSettings,
+    how: tuple[str, str],
+) -> Finding | None:
+    """The spike finding for one subject's last hour (tokens, spend) against its
+    baseline days' sums, or None; ``how`` words the detail around the amounts."""
+    (tokens, spend), (baseline_tokens, baseline_spend) = hour, baseline
+    span_hours = days * 24
+    fired = _strongest(
+        _spike(tokens, baseline_tokens / span_hours, s.spike_factor, s.token_floor, "tokens"),
+        _spike(spend, baseline_spend / span_hours, s.spike_factor, s.spend_floor_micros, "spend_usd_micros"),
+    )
+    if fired is None:
+        return None
+    measure, observed, usual, threshold = fired
+    where, after = how
+    return Finding(
+        subject,
+        Rule.USAGE_SPIKE,
+        measure,
+        observed,
+        usual,
+        threshold,
+        f"{_amount(measure, observed)} in the last hour{where}, usually {_amount(measure, usual)} an hour "
+        f"(over {days} day{'s' if days > 1 else ''}){after}",
+        tighten=(
+            (LimitKind.TOKENS_PER_DAY, _half_daily(baseline_tokens, days, s.token_floor)),
+            (LimitKind.SPEND_PER_DAY, _half_daily(baseline_spend, days, s.spend_floor_micros)),
+        ),
+    )
 
 
 def refusal_bursts(

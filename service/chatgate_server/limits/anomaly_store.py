@@ -93,6 +93,12 @@ def _day_bounds(start: datetime, days: int) -> dict[str, Any]:
     }
 
 
+def _hour_and_floors(now: datetime, s: DetectorSettings) -> dict[str, Any]:
+    """The last hour's bounds and the floors below which nothing is a spike."""
+    floors = {"token_floor": s.token_floor, "spend_floor": s.spend_floor_micros}
+    return {"start": now - WINDOW, "end": now, **floors}
+
+
 _USER_HOURS = """
     WITH cur AS (
         SELECT tenant, user_id, mode() WITHIN GROUP (ORDER BY caller_service) AS caller,
@@ -115,13 +121,7 @@ _USER_HOURS = """
 
 async def user_hours(conn: Conn, now: datetime, s: DetectorSettings) -> list[UserHour]:
     """Users whose last hour is above a floor, with their baseline days' sums."""
-    params = {
-        "start": now - WINDOW,
-        "end": now,
-        "token_floor": s.token_floor,
-        "spend_floor": s.spend_floor_micros,
-        **_day_bounds(now, s.baseline_days),
-    }
+    params = {**_hour_and_floors(now, s), **_day_bounds(now, s.baseline_days)}
     rows = await (await conn.execute(_USER_HOURS, params)).fetchall()
     return [
         UserHour(str(t), str(u), str(c), int(tk), int(sp), int(bt), int(bs), int(days))
@@ -141,13 +141,7 @@ async def caller_hours(
     conn: Conn, now: datetime, s: DetectorSettings
 ) -> dict[tuple[str, str], tuple[int, int]]:
     """(tenant, caller) → (tokens, spend) of the callers whose last hour is above a floor."""
-    params = {
-        "start": now - WINDOW,
-        "end": now,
-        "token_floor": s.token_floor,
-        "spend_floor": s.spend_floor_micros,
-    }
-    rows = await (await conn.execute(_CALLER_HOURS, params)).fetchall()
+    rows = await (await conn.execute(_CALLER_HOURS, _hour_and_floors(now, s))).fetchall()
     return {(str(t), str(c)): (int(tk), int(sp)) for t, c, tk, sp in rows}
 
 
