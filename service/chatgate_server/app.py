@@ -31,6 +31,7 @@ from chatgate_server.limits.anomaly_rules import Finding, Step
 from chatgate_server.limits.anomaly_store import add_refusal_counts
 from chatgate_server.limits.blocks import BlockPolicy, BlockTable
 from chatgate_server.limits.wiring import LimitsRuntime
+from chatgate_server.loop_lag import LoopLag
 from chatgate_server.rpc.authn import OFF_WARNING, Authenticator
 from chatgate_server.rpc.convert import RequestLimits
 from chatgate_server.rpc.deployment_health import DeploymentHealth
@@ -143,6 +144,7 @@ class App:
         self.refusals = RefusalCounter()
         self._refusal_flusher: RefusalFlusher | None = None
         self.detector: AnomalyDetector | None = None
+        self._loop_lag: LoopLag | None = None
         self.limits: LimitsRuntime | None = None
 
     async def start(self) -> int:
@@ -265,10 +267,13 @@ class App:
         )
         self._observe()
         authenticator = await self._authenticator(postgres_ok)
+        self._loop_lag = LoopLag()
+        self._loop_lag.start()
         chat = ChatServicer(
             service,
             deadline_cap_s=s.deadline_cap_s,
             limits=RequestLimits(max_request_bytes=s.max_request_bytes, allowed_models=s.allowed_models),
+            loop_lag=self._loop_lag,
         )
         self.edge = Edge(
             EdgeLimits(
@@ -507,6 +512,9 @@ class App:
         if self.detector is not None:
             await _bounded("anomaly detector", self.detector.stop(), 5)
             self.detector = None
+        if self._loop_lag is not None:
+            await self._loop_lag.stop()
+            self._loop_lag = None
         if self._refusal_flusher is not None:
             await _bounded("refusal counts", self._refusal_flusher.stop(), 5)
             self._refusal_flusher = None

@@ -26,10 +26,16 @@ MAX_MARGIN_S = 1.0
 MAX_MARGIN_SHARE = 0.25
 
 
-def final_event_margin(caller_remaining: float) -> float:
-    """How long before the caller's deadline chatgate cuts the stream."""
+# A loop that runs late runs the cut late, and then the final event's write: the margin
+# grows by twice the loop's recent lag (loop_lag.py), still within MAX_MARGIN_SHARE.
+LAG_FACTOR = 2.0
+
+
+def final_event_margin(caller_remaining: float, loop_lag: float = 0.0) -> float:
+    """How long before the caller's deadline chatgate cuts the stream, given how late
+    this process's event loop has lately been running what is due."""
     margin = min(max(caller_remaining * MARGIN_FRACTION, MIN_MARGIN_S), MAX_MARGIN_S)
-    return min(margin, caller_remaining * MAX_MARGIN_SHARE)
+    return min(margin + LAG_FACTOR * loop_lag, caller_remaining * MAX_MARGIN_SHARE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +53,14 @@ class Deadline:
         caller_remaining: float | None,
         cap: float,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        loop_lag: float = 0.0,
     ) -> Deadline:
         """The earlier of the caller's deadline (seconds left, or None; less the final
-        event's margin) and the cap."""
+        event's margin, wider while the loop runs late) and the cap."""
         now = clock()
         if caller_remaining is not None:
-            ours = caller_remaining - final_event_margin(caller_remaining)
+            ours = caller_remaining - final_event_margin(caller_remaining, loop_lag)
             if ours < cap:
                 return cls(now + max(ours, 0.0), set_by_cap=False, clock=clock)
         return cls(now + cap, set_by_cap=True, clock=clock)

@@ -11,15 +11,17 @@ a caller reaches chatgate: the Python client, the Node client and grpcurl.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from chatgate.client import AsyncClient, ChatgateError, Outcome, build_request
+from chatgate.client import AsyncClient, ChatgateError, Client, Outcome, build_request
 from chatgate_server.app import App
 from chatgate_server.deadline import final_event_margin
 from tests.integration.test_node_client import NODE_CLIENT, ensure_node_dependencies, run, tool
@@ -124,3 +126,46 @@ async def test_grpcurl_gets_the_final_event(app: App) -> None:
     assert finished["outcome"] == "OUTCOME_DEADLINE_EXCEEDED"
     assert int(finished["usage"]["output_tokens"]) > 0 and int(finished["usage"]["input_tokens"]) > 0
     assert finished["usage"]["source"] == "USAGE_SOURCE_ESTIMATED" and "usd_micros" in finished["cost"]
+
+
+async def test_a_server_whose_loop_runs_late_still_sends_the_final_event(app: App) -> None:
+    """Saturation, simulated: something holds chatgate's event loop 350 ms at a time, so
+    the cut at the deadline and the final event's write both run late. The margin grows
+    with the loop's recent lag (loop_lag.py), so the event still beats the caller's
+    deadline. The callers are sync clients on threads: gRPC's own threads read for them,
+    whatever this loop does."""
+    stalls = 0
+
+    async def hog() -> None:
+        nonlocal stalls
+        while True:
+            time.sleep(0.35)  # noqa: ASYNC251 - blocking the loop is the point
+            stalls += 1
+            await asyncio.sleep(0.05)
+
+    def one(client: Client) -> ChatgateError:
+        with pytest.raises(ChatgateError) as info:
+            client.collect(build_request(SLOW, "hello", user_id="user-lag"), timeout=4.0)
+        return info.value
+
+    hogging = asyncio.create_task(hog())
+    try:
+        await asyncio.sleep(1.0)  # the loop's lag is seen before the calls start
+        with Client(f"127.0.0.1:{app.port}") as client:
+            errors = await asyncio.gather(*(asyncio.to_thread(one, client) for _ in range(4)))
+    finally:
+        hogging.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hogging
+    assert stalls > 5
+    for error in errors:
+        assert error.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        partial = error.partial
+        assert partial is not None and partial.finished, "the stream ended without its finished event"
+        assert partial.outcome is Outcome.DEADLINE_EXCEEDED
+
+
+def test_the_margin_widens_with_the_loops_lag_within_its_share() -> None:
+    assert final_event_margin(4.0, loop_lag=0.2) == pytest.approx(0.25 + 0.4)
+    assert final_event_margin(4.0, loop_lag=2.0) == pytest.approx(1.0)  # a quarter of the time left
+    assert final_event_margin(600.0, loop_lag=0.5) == pytest.approx(2.0)  # past the 1 s ceiling

@@ -14,6 +14,7 @@ from chatgate.v1 import chat_pb2_grpc
 from chatgate_server.access_log import note_request
 from chatgate_server.completion import CompletionService, OutboundEvent
 from chatgate_server.deadline import Deadline
+from chatgate_server.loop_lag import NO_LAG, LoopLag
 from chatgate_server.rpc import convert
 from chatgate_server.rpc.edge import current_caller
 from chatgate_server.rpc.tracing import trace_ids
@@ -28,10 +29,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         *,
         deadline_cap_s: float,
         limits: convert.RequestLimits = convert.DEFAULT_LIMITS,
+        loop_lag: LoopLag = NO_LAG,
     ) -> None:
         self._service = service
         self._limits = limits
         self._deadline_cap_s = deadline_cap_s
+        self._loop_lag = loop_lag
 
     # A coroutine handler that writes with context.write() (grpc.aio allows both
     # forms for server streaming; the generated stub types only the generator form):
@@ -42,7 +45,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         context: grpc.aio.ServicerContext[pb.CompleteRequest, pb.CompleteResponse],
     ) -> None:
         # One deadline for the whole call, computed before anything else.
-        deadline = Deadline.start(context.time_remaining(), self._deadline_cap_s)
+        deadline = Deadline.start(
+            context.time_remaining(), self._deadline_cap_s, loop_lag=self._loop_lag.recent()
+        )
         to_proto = convert.to_proto
         write = context.write
 
