@@ -1,6 +1,7 @@
 """What limits add to one call in-process: CPU per call with none, three and eight limits.
 
-``python -m bench.limits_cost [--calls 5000] [--rounds 5] [--profile]`` runs calls
+``python -m bench.limits_cost [--calls 5000] [--rounds 5] [--profile]
+[--system-prompt-chars N [--no-repeated-counts]]`` runs calls
 through :class:`~chatgate_server.completion.CompletionService` with a fake upstream
 (five events, usage reported), each event turned into its protobuf form as the RPC
 layer does, and the limits policy in front — over an in-memory stand-in for the shared
@@ -52,6 +53,7 @@ from chatgate_server.upstream.breaker import CircuitBreaker
 from chatgate_server.upstream.deployment import Deployment
 from chatgate_server.upstream.retry import RetryPolicy
 from chatgate_server.upstream.router import Router
+from chatgate_server.usage import tokens
 from chatgate_server.usage.pricing import default_table
 from chatgate_server.usage.tokens import TiktokenEstimator, warm_up
 
@@ -158,11 +160,18 @@ def _service(limits: int) -> CompletionService:
     )
 
 
-def _request(i: int) -> CompletionRequest:
+# A service's system prompt, the same on every call (``--system-prompt-chars``).
+_SYSTEM = "You are ACME's support assistant. Answer about products, policies and orders; cite the section. "
+
+
+def _request(i: int, system_chars: int = 0) -> CompletionRequest:
+    system = (_SYSTEM * (system_chars // len(_SYSTEM) + 1))[:system_chars]
+    # A new str each call, as each request decodes its own: nothing cached on the object.
+    prompt = (ChatMessage(role="system", content="".join(list(system))),) if system_chars else ()
     return CompletionRequest(
         request_id=f"r-{i}",
         model="gpt-4o-mini",
-        messages=(ChatMessage(role="user", content="Say something, one word per chunk."),),
+        messages=(*prompt, ChatMessage(role="user", content=f"Say something, one word per chunk. ({i})")),
         user_id=f"bench-user-{i % 50}",
         caller=Caller(tenant="bench", service="loadgen"),
     )
@@ -172,23 +181,23 @@ async def _send(event: OutboundEvent) -> None:
     to_proto(event).SerializeToString()
 
 
-async def _calls(svc: CompletionService, n: int) -> float:
+async def _calls(svc: CompletionService, n: int, system_chars: int = 0) -> float:
     """CPU seconds for ``n`` calls, one after another."""
-    requests = [_request(i) for i in range(n)]
+    requests = [_request(i, system_chars) for i in range(n)]
     start = time.process_time()
     for request in requests:
         await svc.run(request, Deadline.start(None, 30.0), _send)
     return time.process_time() - start
 
 
-async def _measure(calls: int, rounds: int) -> dict[int, list[float]]:
+async def _measure(calls: int, rounds: int, system_chars: int) -> dict[int, list[float]]:
     services = {n: _service(n) for n in (0, 3, 8)}
     for svc in services.values():
-        await _calls(svc, 500)  # warm: accounts made, slices granted, caches filled
+        await _calls(svc, 500, system_chars)  # warm: accounts made, slices granted, caches filled
     out: dict[int, list[float]] = {n: [] for n in services}
     for _ in range(rounds):
         for n, svc in services.items():
-            out[n].append(await _calls(svc, calls) / calls * 1e6)
+            out[n].append(await _calls(svc, calls, system_chars) / calls * 1e6)
             await asyncio.sleep(0)  # let background syncs run between rounds
     return out
 
@@ -208,12 +217,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=5000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="cProfile the eight-limit set")
+    p.add_argument(
+        "--system-prompt-chars",
+        type=int,
+        default=0,
+        help="add a system prompt of this many characters, the same on every call",
+    )
+    p.add_argument(
+        "--no-repeated-counts",
+        action="store_true",
+        help="tokenize every long text again (what the estimator did before it kept their counts)",
+    )
     args = p.parse_args(argv)
     warm_up()
+    if args.no_repeated_counts:
+        tokens._REPEATED_MIN_CHARS = 1 << 62
     if args.profile:
         asyncio.run(_profile(args.calls))
         return 0
-    results = asyncio.run(_measure(args.calls, args.rounds))
+    results = asyncio.run(_measure(args.calls, args.rounds, args.system_prompt_chars))
     base = statistics.median(results[0])
     for n, per_call in results.items():
         median = statistics.median(per_call)

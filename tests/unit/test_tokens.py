@@ -14,6 +14,7 @@ from chatgate_server.usage.tokens import (
     TOKENS_PER_NAME,
     TOOLS_PREAMBLE_TOKENS,
     TiktokenEstimator,
+    count_tokens,
     encoding_name_for,
     seed_tiktoken_cache,
 )
@@ -162,3 +163,60 @@ def test_small_requests_are_still_counted_exactly() -> None:
     exact = len(enc("o200k_base").encode(text))
     assert usage.output_tokens == exact
     assert usage.input_tokens == exact + TOKENS_PER_MESSAGE + 1 + REPLY_PRIMING_TOKENS
+
+
+class CountingEncoder:
+    """tiktoken's o200k_base, noting the length of every text it tokenizes."""
+
+    def __init__(self) -> None:
+        self.encoding = enc("o200k_base")
+        self.calls: list[int] = []
+
+    def encode(self, text: str, disallowed_special: tuple[()] = ()) -> list[int]:
+        self.calls.append(len(text))
+        return list(self.encoding.encode(text, disallowed_special=disallowed_special))
+
+
+@pytest.fixture
+def counting(monkeypatch: pytest.MonkeyPatch) -> CountingEncoder:
+    from chatgate_server.usage import tokens
+
+    encoder = CountingEncoder()
+    monkeypatch.setattr(tokens, "_encoding", lambda name: encoder)
+    monkeypatch.setattr(tokens, "_repeated_counts", {})
+    return encoder
+
+
+def test_a_long_text_that_comes_back_is_counted_once_and_right(counting: CountingEncoder) -> None:
+    """A service's system prompt rides on every call: it is tokenized once, then its
+    count is found by a keyed digest — the same count, whichever object holds the text;
+    another text of the same length is counted on its own."""
+    prompt = "You are ACME's support assistant; cite the policy section you rely on. " * 40
+    other = prompt.replace("ACME", "EMCA")
+    want = {t: len(counting.encoding.encode(t, disallowed_special=())) for t in (prompt, other)}
+    for _ in range(3):
+        assert count_tokens("".join(list(prompt)), "o200k_base") == want[prompt]  # a new str each time
+    assert count_tokens(other, "o200k_base") == want[other]
+    assert counting.calls == [len(prompt), len(other)]
+    short = "Hello there, how are you?" * 10  # under the length worth keeping: counted each time
+    count_tokens(short, "o200k_base")
+    count_tokens(short, "o200k_base")
+    assert counting.calls[2:] == [len(short), len(short)]
+
+
+def test_the_long_texts_kept_are_bounded_least_recently_used_out(
+    counting: CountingEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chatgate_server.usage import tokens
+
+    monkeypatch.setattr(tokens, "_REPEATED_MAX", 3)
+    a, b, c, d = (f"{name} " + "word " * 200 for name in "abcd")
+    for text in (a, b, c, a, d):  # a is used again before d comes: b is the least recent
+        count_tokens(text, "o200k_base")
+    assert len(tokens._repeated_counts) == 3
+    counting.calls.clear()
+    for text in (a, c, d):
+        count_tokens(text, "o200k_base")
+    assert counting.calls == []  # kept
+    count_tokens(b, "o200k_base")
+    assert counting.calls == [len(b)]  # the one that went

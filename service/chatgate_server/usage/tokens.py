@@ -22,8 +22,10 @@ names tiktoken looks for; tiktoken still verifies their sha256.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -138,6 +140,8 @@ def count_tokens(text: str, encoding: str) -> int:
                 _short_counts.clear()
             found = _short_counts[key] = len(_encoding(encoding).encode(text, disallowed_special=()))
         return found
+    if len(text) >= _REPEATED_MIN_CHARS:
+        return _repeated_count(text, encoding)
     return len(_encoding(encoding).encode(text, disallowed_special=()))
 
 
@@ -145,6 +149,31 @@ def count_tokens(text: str, encoding: str) -> int:
 _SHORT_CHARS = 16
 _SHORT_MAX = 4096
 _short_counts: dict[tuple[str, str], int] = {}
+
+# Counts of long strings, by a keyed digest of their text: a service's system prompt or
+# few-shot examples come back on every call, and tokenizing 4 KB costs ~100 µs where
+# its digest costs a few. Keyed with a secret of this process, so no caller can make
+# its text's entry stand for another's; least recently used first out, at most
+# _REPEATED_MAX entries of a few dozen bytes each. By hand: functools.lru_cache would
+# keep every text it saw alive as a key.
+_REPEATED_MIN_CHARS = 512
+_REPEATED_MAX = 1024
+_repeated_key = secrets.token_bytes(16)
+_repeated_counts: dict[tuple[str, bytes], int] = {}
+
+
+def _repeated_count(text: str, encoding: str) -> int:
+    digest = hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=16, key=_repeated_key
+    ).digest()
+    key = (encoding, digest)
+    found = _repeated_counts.pop(key, None)
+    if found is None:
+        if len(_repeated_counts) >= _REPEATED_MAX:
+            del _repeated_counts[next(iter(_repeated_counts))]
+        found = len(_encoding(encoding).encode(text, disallowed_special=()))
+    _repeated_counts[key] = found  # (again) the most recently used
+    return found
 
 
 class _Counter:
