@@ -17,11 +17,12 @@ until its content changes. Reload rules are the SIGHUP ones: the watch only deci
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+from chatgate_server.background import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,7 @@ class ConfigWatch:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(task)
 
     async def _run(self) -> None:
         while True:

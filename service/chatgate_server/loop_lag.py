@@ -15,10 +15,11 @@ without patching the loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Callable
+
+from chatgate_server.background import stop_tasks
 
 INTERVAL_S = 0.1
 HALF_LIFE_S = 5.0
@@ -53,11 +54,8 @@ class LoopLag:
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="loop-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_tasks(self._task)
+        self._task = None
 
     async def _watch(self) -> None:
         while True:

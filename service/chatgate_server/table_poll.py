@@ -10,9 +10,10 @@ than once per poll. Why polling and not LISTEN/NOTIFY: auth/table.py says.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+
+from chatgate_server.background import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,8 @@ class TablePoller:
         self._task = asyncio.create_task(self._poll(), name=self._what.replace(" ", "-"))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_tasks(self._task)
+        self._task = None
 
     async def _poll(self) -> None:
         failing = False

@@ -17,12 +17,12 @@ While Postgres is away the counts wait in memory, bounded: past ``max_keys`` dis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
+from chatgate_server.background import stop_tasks
 from chatgate_server.domain import Caller
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,8 @@ class RefusalFlusher:
         self._task = asyncio.create_task(self._loop(), name="refusal-counts")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_tasks(self._task)
+        self._task = None
         await self.flush()
 
     async def flush(self) -> None:

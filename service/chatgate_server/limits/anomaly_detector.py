@@ -27,11 +27,11 @@ After commit, each finding is logged once (WARNING) and counted in the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
+from chatgate_server.background import stop_tasks
 from chatgate_server.limits import anomaly_store as store
 from chatgate_server.limits import blocks_store
 from chatgate_server.limits.anomaly_rules import (
@@ -79,11 +79,8 @@ class AnomalyDetector:
         self._task = asyncio.create_task(self._loop(), name="anomaly-detector")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_tasks(self._task)
+        self._task = None
 
     async def run_once(self) -> list[tuple[Finding, Step]] | None:
         """One run; the findings recorded with their step, or None when another process

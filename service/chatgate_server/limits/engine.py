@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from chatgate_server.background import stop_tasks
 from chatgate_server.domain import LimitKind
 from chatgate_server.limits.buckets import BucketAccount
 from chatgate_server.limits.counters import CounterStore
@@ -273,11 +274,8 @@ class Leaser:
 
     async def stop(self) -> None:
         """Stop the loop and give back everything held (bounded by the sync timeout)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_tasks(self._task)
+        self._task = None
         pending = [e.syncing for e in self._entries.values() if e.syncing is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)

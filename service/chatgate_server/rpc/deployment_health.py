@@ -13,11 +13,11 @@ reason to take a replica out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 
 from grpc_health.v1 import health, health_pb2
 
+from chatgate_server.background import stop_tasks
 from chatgate_server.upstream.breaker import BreakerState, CircuitBreaker, Listener
 from chatgate_server.upstream.deployment import Deployment
 
@@ -102,11 +102,6 @@ class DeploymentHealth:
                 self._applied[name] = status
 
     async def close(self) -> None:
-        tasks = [*self._wakers.values(), *([self._applier] if self._applier else [])]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(*self._wakers.values(), self._applier)
         self._wakers.clear()
         self._applier = None

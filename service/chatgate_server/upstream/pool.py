@@ -31,6 +31,8 @@ from types import TracebackType
 
 import httpcore
 
+from chatgate_server.background import stop_tasks
+
 __all__ = ["REAP_INTERVAL_S", "UpstreamPool"]
 
 # How often idle connections are checked for a server-side close or keep-alive expiry.
@@ -206,11 +208,8 @@ class UpstreamPool:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-            self._reaper = None
+        await stop_tasks(self._reaper)
+        self._reaper = None
         while self._idle:
             await self._drop(self._idle.pop())
 

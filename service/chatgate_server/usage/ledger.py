@@ -62,6 +62,7 @@ import psycopg
 from opentelemetry import trace
 
 from chatgate_server.admission import NO_TICKET, Ticket
+from chatgate_server.background import stop_tasks
 from chatgate_server.domain import CompletionRequest, UsageRecord
 from chatgate_server.errors import LedgerFull
 from chatgate_server.usage.dberrors import describe, is_bad_record
@@ -257,11 +258,7 @@ class UsageLedger:
         self._room.set()
         with contextlib.suppress(Exception):
             await self.flush()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(*self._tasks)
         self._tasks = []
         # Writes still pending on a stuck Postgres: their rows are in the spool already.
         for late in self._late_writes:
