@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
-from chatgate_server.config import ConfigError
+from chatgate_server.config import float_setting
 
 ENV = "CHATGATE_COMMAND_TIMEOUT_SECONDS"
 DEFAULT_S = 120.0
@@ -34,16 +34,7 @@ EXIT_CODE = 1
 
 def command_timeout_from_env() -> float | None:
     """The bound in seconds (None: no bound, when set to 0). ConfigError if malformed."""
-    raw = os.environ.get(ENV, "").strip()
-    if not raw:
-        return DEFAULT_S
-    try:
-        seconds = float(raw)
-    except ValueError:
-        raise ConfigError(f"{ENV} must be a number of seconds (0: no bound), not {raw!r}") from None
-    if not 0 <= seconds <= 86_400 or seconds != seconds:
-        raise ConfigError(f"{ENV} must be between 0 (no bound) and 86400 seconds, not {raw!r}")
-    return seconds or None
+    return float_setting(os.environ, ENV, DEFAULT_S, minimum=0, maximum=86_400) or None
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ and exits non-zero.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -191,8 +192,8 @@ class Settings:
             openai_base_url=_base_url(e),
             database_url=_required(e, "DATABASE_URL"),
             listen=_listen(e, "CHATGATE_LISTEN", "0.0.0.0:50051"),
-            deadline_cap_s=_float(e, "CHATGATE_DEADLINE_CAP_SECONDS", 60.0, minimum=0.001),
-            shutdown_grace_s=_float(e, "CHATGATE_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0),
+            deadline_cap_s=float_setting(e, "CHATGATE_DEADLINE_CAP_SECONDS", 60.0, minimum=0.001),
+            shutdown_grace_s=float_setting(e, "CHATGATE_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0),
             migrate_on_start=_flag(e, "CHATGATE_MIGRATE_ON_START", False),
             max_concurrent_streams=_int(e, "CHATGATE_MAX_CONCURRENT_STREAMS", 4096, minimum=1),
             max_health_watches=_int(e, "CHATGATE_MAX_HEALTH_WATCHES", 1024, minimum=1),
@@ -200,27 +201,31 @@ class Settings:
                 e, "CHATGATE_MAX_HEALTH_WATCHES_PER_CONNECTION", 16, minimum=1
             ),
             max_request_bytes_in_flight=_in_flight_budget(e),
-            upstream_connect_timeout_s=_float(
+            upstream_connect_timeout_s=float_setting(
                 e, "CHATGATE_UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001
             ),
             upstream_max_connections=_int(e, "CHATGATE_UPSTREAM_MAX_CONNECTIONS", 4096, minimum=1),
-            upstream_first_byte_timeout_s=_float(
+            upstream_first_byte_timeout_s=float_setting(
                 e, "CHATGATE_UPSTREAM_FIRST_BYTE_TIMEOUT_SECONDS", 30.0, minimum=0.001
             ),
             coalesce_deltas=_flag(e, "CHATGATE_COALESCE_DELTAS", True),
             retry_max_attempts=_int(e, "CHATGATE_RETRY_MAX_ATTEMPTS", 3, minimum=1),
-            retry_base_s=_float(e, "CHATGATE_RETRY_BASE_SECONDS", 0.5, minimum=0),
-            retry_cap_s=_float(e, "CHATGATE_RETRY_CAP_SECONDS", 8.0, minimum=0),
+            retry_base_s=float_setting(e, "CHATGATE_RETRY_BASE_SECONDS", 0.5, minimum=0),
+            retry_cap_s=float_setting(e, "CHATGATE_RETRY_CAP_SECONDS", 8.0, minimum=0),
             breaker_failure_threshold=_int(e, "CHATGATE_BREAKER_FAILURE_THRESHOLD", 5, minimum=1),
-            breaker_window_s=_float(e, "CHATGATE_BREAKER_WINDOW_SECONDS", 10.0, minimum=0.001),
+            breaker_window_s=float_setting(e, "CHATGATE_BREAKER_WINDOW_SECONDS", 10.0, minimum=0.001),
             breaker_failure_rate=_fraction(e, "CHATGATE_BREAKER_FAILURE_RATE", 0.5),
-            breaker_cooldown_s=_float(e, "CHATGATE_BREAKER_COOLDOWN_SECONDS", 30.0, minimum=0),
-            breaker_max_cooldown_s=_float(e, "CHATGATE_BREAKER_MAX_COOLDOWN_SECONDS", 300.0, minimum=0),
+            breaker_cooldown_s=float_setting(e, "CHATGATE_BREAKER_COOLDOWN_SECONDS", 30.0, minimum=0),
+            breaker_max_cooldown_s=float_setting(
+                e, "CHATGATE_BREAKER_MAX_COOLDOWN_SECONDS", 300.0, minimum=0
+            ),
             ledger_queue_size=_int(e, "CHATGATE_LEDGER_QUEUE_SIZE", 10000, minimum=1),
             ledger_batch_size=_int(e, "CHATGATE_LEDGER_BATCH_SIZE", 500, minimum=1),
-            ledger_write_timeout_s=_float(e, "CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS", 5.0, minimum=0.01),
-            ledger_spool_after_s=_float(e, "CHATGATE_LEDGER_SPOOL_AFTER_SECONDS", 0.2, minimum=0.01),
-            ledger_retry_cap_s=_float(e, "CHATGATE_LEDGER_RETRY_CAP_SECONDS", 30.0, minimum=0.01),
+            ledger_write_timeout_s=float_setting(
+                e, "CHATGATE_LEDGER_WRITE_TIMEOUT_SECONDS", 5.0, minimum=0.01
+            ),
+            ledger_spool_after_s=float_setting(e, "CHATGATE_LEDGER_SPOOL_AFTER_SECONDS", 0.2, minimum=0.01),
+            ledger_retry_cap_s=float_setting(e, "CHATGATE_LEDGER_RETRY_CAP_SECONDS", 30.0, minimum=0.01),
             spool_dir=spool_dir_from_env(e),
             spool_max_bytes=_int(e, "CHATGATE_SPOOL_MAX_MB", 1024, minimum=1) * 1024 * 1024,
             request_id_window_h=request_id_window_from_env(e),
@@ -229,7 +234,7 @@ class Settings:
             max_request_bytes=_int(e, "CHATGATE_MAX_REQUEST_BYTES", 4 * 1024 * 1024, minimum=1024),
             allowed_models=_list(e, "CHATGATE_ALLOWED_MODELS"),
             config_file=config_file,
-            config_poll_s=_float(e, "CHATGATE_CONFIG_POLL_SECONDS", 2.0, minimum=0),
+            config_poll_s=float_setting(e, "CHATGATE_CONFIG_POLL_SECONDS", 2.0, minimum=0),
             prices_file=prices_file_from_env(e),
             auth=_choice(e, "CHATGATE_AUTH", "TOKENS", ("TOKENS", "OFF")).lower(),
             tls_cert_file=cert,
@@ -242,7 +247,7 @@ class Settings:
             database_transaction_pooling=_flag(e, "CHATGATE_DATABASE_TRANSACTION_POOLING", False),
             anomaly=_anomaly(e),
             limits_max_completion_tokens=_int(e, "CHATGATE_LIMITS_MAX_COMPLETION_TOKENS", 4096, minimum=1),
-            limits_lease_ttl_s=_float(e, "CHATGATE_LIMITS_LEASE_TTL_SECONDS", 10.0, minimum=1.0),
+            limits_lease_ttl_s=float_setting(e, "CHATGATE_LIMITS_LEASE_TTL_SECONDS", 10.0, minimum=1.0),
         )
 
     @property
@@ -294,7 +299,9 @@ def retention_months_from_env(env: Mapping[str, str] | None = None) -> int:
 def request_id_window_from_env(env: Mapping[str, str] | None = None) -> float:
     """CHATGATE_REQUEST_ID_WINDOW_HOURS alone, for ``chatgate usage-retention`` (which
     deletes request-id reservations older than it)."""
-    return _float(os.environ if env is None else env, "CHATGATE_REQUEST_ID_WINDOW_HOURS", 24.0, minimum=0.001)
+    return float_setting(
+        os.environ if env is None else env, "CHATGATE_REQUEST_ID_WINDOW_HOURS", 24.0, minimum=0.001
+    )
 
 
 def database_url_from_env(env: Mapping[str, str] | None = None) -> str:
@@ -344,15 +351,15 @@ def _optional_listen(env: Mapping[str, str], name: str) -> ListenAddress | None:
 
 
 def _connection_age(env: Mapping[str, str]) -> float | None:
-    age = _float(env, "CHATGATE_MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=0)
+    age = float_setting(env, "CHATGATE_MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=0)
     return age or None
 
 
 def _connection_age_grace(env: Mapping[str, str]) -> float:
     """The grace must outlast the longest stream: a shorter one would cut streams that
     are still within their deadline, which connection recycling must never do."""
-    cap = _float(env, "CHATGATE_DEADLINE_CAP_SECONDS", 60.0, minimum=0.001)
-    grace = _float(env, "CHATGATE_MAX_CONNECTION_AGE_GRACE_SECONDS", cap + 10.0, minimum=0)
+    cap = float_setting(env, "CHATGATE_DEADLINE_CAP_SECONDS", 60.0, minimum=0.001)
+    grace = float_setting(env, "CHATGATE_MAX_CONNECTION_AGE_GRACE_SECONDS", cap + 10.0, minimum=0)
     if grace < cap:
         raise ConfigError(
             "CHATGATE_MAX_CONNECTION_AGE_GRACE_SECONDS must be at least CHATGATE_DEADLINE_CAP_SECONDS "
@@ -411,7 +418,11 @@ def _listen(env: Mapping[str, str], name: str, default: str) -> ListenAddress:
     return ListenAddress(host, int(port_text))
 
 
-def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+def float_setting(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float, maximum: float = math.inf
+) -> float:
+    """The number in ``env[name]`` (``default`` when unset or blank), or ConfigError
+    naming the variable when it is not a number within [minimum, maximum]."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -421,11 +432,13 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float)
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     if not value >= minimum:  # also rejects NaN
         raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum:g}, got {raw!r}")
     return value
 
 
 def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
-    value = _float(env, name, default, minimum=0)
+    value = float_setting(env, name, default, minimum=0)
     if value > 1:
         raise ConfigError(f"{name} must be between 0 and 1, got {value:g}")
     return value
