@@ -348,7 +348,7 @@ export interface CallOptions {
 
 export const DEFAULT_TIMEOUT_MS: number;
 export const DEFAULT_CHANNEL_OPTIONS: Readonly<ChannelOptions>;
-/** round_robin over the target's addresses and a retry policy for UNAVAILABLE (before any event). */
+/** round_robin over the target's addresses and a retry policy for UNAVAILABLE and CANCELLED (before any event). */
 export const DEFAULT_SERVICE_CONFIG: Readonly<Record<string, unknown>>;
 /** The default channel options with `extra` over them; `"grpc.service_config": ""` removes the default service config. */
 export function mergedChannelOptions(extra?: ChannelOptions): ChannelOptions;
