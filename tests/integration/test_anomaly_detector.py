@@ -204,6 +204,38 @@ async def test_a_caller_spending_through_many_users_within_their_usual_is_found(
     assert "through this caller" in finding.detail
 
 
+async def test_callers_baselines_too_slow_to_read_leave_the_rest_of_the_run_whole(
+    pool: AsyncConnectionPool,
+    db: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Days of a busy caller's rows can take long to sum: past BASELINE_TIMEOUT the run
+    goes on — the user's spike is still found and recorded — and the caller is not
+    judged that day (its baseline counts as none)."""
+    from chatgate_server.limits import anomaly_detector
+
+    acme, now = tenant(), now_()
+    for back in range(1, 8):
+        add_calls(db, acme, "u-0", at=now - timedelta(days=back), calls=1, tokens=1_000, caller="reports")
+    add_days(db, acme, "u-spike", [DAY] * 7, now.date())
+    add_calls(db, acme, "u-spike", at=now - timedelta(minutes=20), calls=50, tokens=10_000, caller="reports")
+    slow_read = anomaly_store.caller_baselines
+
+    async def slow(conn: Any, *args: Any) -> Any:
+        await conn.execute("SELECT pg_sleep(5)")
+        return await slow_read(conn, *args)
+
+    monkeypatch.setattr(anomaly_store, "caller_baselines", slow)
+    monkeypatch.setattr(anomaly_detector, "BASELINE_TIMEOUT", "200ms")
+    caplog.set_level(logging.WARNING, "chatgate_server.limits.anomaly_detector")
+    found = await detector(pool, Clock(now)).run_once()
+    # Without the timeout the caller, 1000x its own usual, would be found too.
+    assert mine(found, acme) == [(f"user {acme}/u-spike", Rule.USAGE_SPIKE, Step.FLAG)]
+    assert any("baselines took over 200ms" in r.getMessage() for r in caplog.records)
+    assert db.execute("SELECT count(*) FROM anomalies WHERE tenant = %s", (acme,)).fetchone() == (1,)
+
+
 async def test_a_new_user_is_found_only_above_the_floor(
     pool: AsyncConnectionPool, db: psycopg.Connection[Any]
 ) -> None:

@@ -31,6 +31,8 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
+import psycopg
+
 from chatgate_server.background import stop_tasks
 from chatgate_server.limits import anomaly_store as store
 from chatgate_server.limits import blocks_store
@@ -52,6 +54,9 @@ log = logging.getLogger(__name__)
 # Bounds one run: a detector query that Postgres cannot answer in this long is dropped
 # and tried again next interval, never left holding the lock.
 RUN_TIMEOUT = "30s"
+# Bounds the read of callers' baselines (days of rows, for a busy caller many): past it
+# the run goes on without them, and those callers are not judged until the next day.
+BASELINE_TIMEOUT = "10s"
 
 
 class AnomalyDetector:
@@ -134,11 +139,32 @@ class AnomalyDetector:
             self._baselines, self._baselines_day = {}, today
         missing = [key for key in hours if key not in self._baselines]
         if missing:
-            self._baselines.update(await store.caller_baselines(conn, now, self._s, missing))
+            self._baselines.update(await self._read_baselines(conn, now, missing))
         return [
             CallerHour(tenant, caller, tokens, spend, *self._baselines[(tenant, caller)])
             for (tenant, caller), (tokens, spend) in hours.items()
         ]
+
+    async def _read_baselines(
+        self, conn: store.Conn, now: datetime, callers: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[int, int, int]]:
+        """The callers' baselines — or, when reading them takes too long, none: a savepoint
+        keeps the run's other reads and writes, and the per-user rule still judges
+        these callers' users."""
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL statement_timeout = '{BASELINE_TIMEOUT}'")
+                found = await store.caller_baselines(conn, now, self._s, callers)
+                await conn.execute(f"SET LOCAL statement_timeout = '{RUN_TIMEOUT}'")
+            return found
+        except psycopg.errors.QueryCanceled:
+            log.warning(
+                "anomaly detector: reading %d callers' baselines took over %s; their spikes"
+                " are not judged today",
+                len(callers),
+                BASELINE_TIMEOUT,
+            )
+            return dict.fromkeys(callers, (0, 0, 0))
 
     async def _act(
         self,
