@@ -51,6 +51,8 @@ def make_records(users: list[str], tenant: str, n: int, seed: int) -> list[Usage
             reasoning_tokens=rng.randint(0, o),
         )
         tags = rng.choice([{}, {"feature": "alpha"}, {"feature": "beta", "team": "x"}])
+        tier = rng.choice([None, "default", "flex", "priority"])
+        fallback = rng.choice([None, None, "gpt-4o-mini"])
         records.append(
             UsageRecord(
                 request_id=f"us-{uuid.uuid4().hex}",
@@ -71,6 +73,8 @@ def make_records(users: list[str], tenant: str, n: int, seed: int) -> list[Usage
                 started_at=BASE
                 + timedelta(minutes=rng.randint(0, 5 * 24 * 60 - 1), seconds=rng.randint(0, 59)),
                 tags=tags,
+                service_tier=tier,
+                fallback_model=fallback,
             )
         )
     return records
@@ -120,6 +124,8 @@ FIELDS: dict[Any, str] = {
     pb.USAGE_DIMENSION_MODEL: "model",
     pb.USAGE_DIMENSION_DAY: "day",
     pb.USAGE_DIMENSION_TAG: "tag_value",
+    pb.USAGE_DIMENSION_SERVICE_TIER: "service_tier",
+    pb.USAGE_DIMENSION_FALLBACK: "fallback_model",
 }
 
 
@@ -199,6 +205,12 @@ def in_window(records: list[UsageRecord]) -> list[UsageRecord]:
         ),
         ([pb.USAGE_DIMENSION_MODEL, pb.USAGE_DIMENSION_TENANT], lambda r: (r.requested_model, r.tenant)),
         ([pb.USAGE_DIMENSION_TAG, pb.USAGE_DIMENSION_USER], lambda r: (r.tags.get("feature", ""), r.user_id)),
+        # Kept on the rows only: the whole days in the window are read from the rows too.
+        (
+            [pb.USAGE_DIMENSION_SERVICE_TIER, pb.USAGE_DIMENSION_USER],
+            lambda r: (r.service_tier or "", r.user_id),
+        ),
+        ([pb.USAGE_DIMENSION_FALLBACK], lambda r: (r.fallback_model or "",)),
     ],
 )
 async def test_groupings_sum_to_the_rows(

@@ -47,6 +47,8 @@ _DIMENSIONS = {
     pb.USAGE_DIMENSION_DAY: Dimension.DAY,
     pb.USAGE_DIMENSION_TAG: Dimension.TAG,
     pb.USAGE_DIMENSION_DEPLOYMENT: Dimension.DEPLOYMENT,
+    pb.USAGE_DIMENSION_FALLBACK: Dimension.FALLBACK,
+    pb.USAGE_DIMENSION_SERVICE_TIER: Dimension.SERVICE_TIER,
 }
 _GROUP_FIELDS = {
     Dimension.TENANT: "tenant",
@@ -55,6 +57,8 @@ _GROUP_FIELDS = {
     Dimension.DAY: "day",
     Dimension.TAG: "tag_value",
     Dimension.DEPLOYMENT: "deployment",
+    Dimension.FALLBACK: "fallback_model",
+    Dimension.SERVICE_TIER: "service_tier",
 }
 MAX_FILTER_VALUES = 100
 MAX_TAG_FILTERS = 16

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63hatgate/v1/usage.proto\x12\x0b\x63hatgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x02\n\x0fGetUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x08group_by\x18\x03 \x03(\x0e\x32\x1b.chatgate.v1.UsageDimension\x12\x0f\n\x07tag_key\x18\x04 \x01(\t\x12\x10\n\x08user_ids\x18\x05 \x03(\t\x12\x0e\n\x06models\x18\x06 \x03(\t\x12\x34\n\x04tags\x18\x07 \x03(\x0b\x32&.chatgate.v1.GetUsageRequest.TagsEntry\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\x12\x0e\n\x06tenant\x18\n \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdc\x01\n\x10GetUsageResponse\x12(\n\x06totals\x18\x01 \x01(\x0b\x32\x18.chatgate.v1.UsageTotals\x12\'\n\x06groups\x18\x02 \x03(\x0b\x32\x17.chatgate.v1.UsageGroup\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9a\x01\n\nUsageGroup\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x04 \x01(\t\x12\x11\n\ttag_value\x18\x05 \x01(\t\x12(\n\x06totals\x18\x06 \x01(\x0b\x32\x18.chatgate.v1.UsageTotals\x12\x12\n\ndeployment\x18\x07 \x01(\t\"\xcd\x01\n\x0bUsageTotals\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x04 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x05 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x06 \x01(\x03\x12\x17\n\x0f\x63ost_usd_micros\x18\x07 \x01(\x03\x12\x19\n\x11unpriced_requests\x18\x08 \x01(\x03*\xd4\x01\n\x0eUsageDimension\x12\x1f\n\x1bUSAGE_DIMENSION_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_DIMENSION_TENANT\x10\x01\x12\x18\n\x14USAGE_DIMENSION_USER\x10\x02\x12\x19\n\x15USAGE_DIMENSION_MODEL\x10\x03\x12\x17\n\x13USAGE_DIMENSION_DAY\x10\x04\x12\x17\n\x13USAGE_DIMENSION_TAG\x10\x05\x12\x1e\n\x1aUSAGE_DIMENSION_DEPLOYMENT\x10\x06\x32W\n\x0cUsageService\x12G\n\x08GetUsage\x12\x1c.chatgate.v1.GetUsageRequest\x1a\x1d.chatgate.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63hatgate/v1/usage.proto\x12\x0b\x63hatgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x02\n\x0fGetUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x08group_by\x18\x03 \x03(\x0e\x32\x1b.chatgate.v1.UsageDimension\x12\x0f\n\x07tag_key\x18\x04 \x01(\t\x12\x10\n\x08user_ids\x18\x05 \x03(\t\x12\x0e\n\x06models\x18\x06 \x03(\t\x12\x34\n\x04tags\x18\x07 \x03(\x0b\x32&.chatgate.v1.GetUsageRequest.TagsEntry\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\x12\x0e\n\x06tenant\x18\n \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdc\x01\n\x10GetUsageResponse\x12(\n\x06totals\x18\x01 \x01(\x0b\x32\x18.chatgate.v1.UsageTotals\x12\'\n\x06groups\x18\x02 \x03(\x0b\x32\x17.chatgate.v1.UsageGroup\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x01\n\nUsageGroup\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x04 \x01(\t\x12\x11\n\ttag_value\x18\x05 \x01(\t\x12(\n\x06totals\x18\x06 \x01(\x0b\x32\x18.chatgate.v1.UsageTotals\x12\x12\n\ndeployment\x18\x07 \x01(\t\x12\x16\n\x0e\x66\x61llback_model\x18\x08 \x01(\t\x12\x14\n\x0cservice_tier\x18\t \x01(\t\"\xcd\x01\n\x0bUsageTotals\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x04 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x05 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x06 \x01(\x03\x12\x17\n\x0f\x63ost_usd_micros\x18\x07 \x01(\x03\x12\x19\n\x11unpriced_requests\x18\x08 \x01(\x03*\x94\x02\n\x0eUsageDimension\x12\x1f\n\x1bUSAGE_DIMENSION_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_DIMENSION_TENANT\x10\x01\x12\x18\n\x14USAGE_DIMENSION_USER\x10\x02\x12\x19\n\x15USAGE_DIMENSION_MODEL\x10\x03\x12\x17\n\x13USAGE_DIMENSION_DAY\x10\x04\x12\x17\n\x13USAGE_DIMENSION_TAG\x10\x05\x12\x1e\n\x1aUSAGE_DIMENSION_DEPLOYMENT\x10\x06\x12\x1c\n\x18USAGE_DIMENSION_FALLBACK\x10\x07\x12 \n\x1cUSAGE_DIMENSION_SERVICE_TIER\x10\x08\x32W\n\x0cUsageService\x12G\n\x08GetUsage\x12\x1c.chatgate.v1.GetUsageRequest\x1a\x1d.chatgate.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETUSAGEREQUEST_TAGSENTRY']._loaded_options = None
   _globals['_GETUSAGEREQUEST_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_USAGEDIMENSION']._serialized_start=1028
-  _globals['_USAGEDIMENSION']._serialized_end=1240
+  _globals['_USAGEDIMENSION']._serialized_start=1074
+  _globals['_USAGEDIMENSION']._serialized_end=1350
   _globals['_GETUSAGEREQUEST']._serialized_start=74
   _globals['_GETUSAGEREQUEST']._serialized_end=437
   _globals['_GETUSAGEREQUEST_TAGSENTRY']._serialized_start=394
@@ -43,9 +43,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSAGERESPONSE']._serialized_start=440
   _globals['_GETUSAGERESPONSE']._serialized_end=660
   _globals['_USAGEGROUP']._serialized_start=663
-  _globals['_USAGEGROUP']._serialized_end=817
-  _globals['_USAGETOTALS']._serialized_start=820
-  _globals['_USAGETOTALS']._serialized_end=1025
-  _globals['_USAGESERVICE']._serialized_start=1242
-  _globals['_USAGESERVICE']._serialized_end=1329
+  _globals['_USAGEGROUP']._serialized_end=863
+  _globals['_USAGETOTALS']._serialized_start=866
+  _globals['_USAGETOTALS']._serialized_end=1071
+  _globals['_USAGESERVICE']._serialized_start=1352
+  _globals['_USAGESERVICE']._serialized_end=1439
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,15 @@ class _UsageDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageD
     """The upstream deployment that served the call ("" for calls that reached
     none). Read from the rows, not the daily rollup: slower over long windows.
     """
+    USAGE_DIMENSION_FALLBACK: _UsageDimension.ValueType  # 7
+    """The route's fallback model that served the call ("" when the model asked
+    for did). Read from the rows, not the daily rollup: slower over long windows.
+    """
+    USAGE_DIMENSION_SERVICE_TIER: _UsageDimension.ValueType  # 8
+    """The processing tier the upstream said served the call ("default", "flex",
+    "priority"…; "" when it named none), to check a bill by tier. Read from the
+    rows, not the daily rollup: slower over long windows.
+    """
 
 class UsageDimension(_UsageDimension, metaclass=_UsageDimensionEnumTypeWrapper):
     """UsageDimension is what usage can be grouped by."""
@@ -68,6 +77,15 @@ USAGE_DIMENSION_TAG: UsageDimension.ValueType  # 5
 USAGE_DIMENSION_DEPLOYMENT: UsageDimension.ValueType  # 6
 """The upstream deployment that served the call ("" for calls that reached
 none). Read from the rows, not the daily rollup: slower over long windows.
+"""
+USAGE_DIMENSION_FALLBACK: UsageDimension.ValueType  # 7
+"""The route's fallback model that served the call ("" when the model asked
+for did). Read from the rows, not the daily rollup: slower over long windows.
+"""
+USAGE_DIMENSION_SERVICE_TIER: UsageDimension.ValueType  # 8
+"""The processing tier the upstream said served the call ("default", "flex",
+"priority"…; "" when it named none), to check a bill by tier. Read from the
+rows, not the daily rollup: slower over long windows.
 """
 Global___UsageDimension: _TypeAlias = UsageDimension  # noqa: Y015
 
@@ -228,6 +246,8 @@ class UsageGroup(_message.Message):
     TAG_VALUE_FIELD_NUMBER: _builtins.int
     TOTALS_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    FALLBACK_MODEL_FIELD_NUMBER: _builtins.int
+    SERVICE_TIER_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """The tenant, when grouped by tenant."""
     user_id: _builtins.str
@@ -240,6 +260,10 @@ class UsageGroup(_message.Message):
     """The tag's value, when grouped by tag ("" when calls lack the tag)."""
     deployment: _builtins.str
     """The upstream deployment, when grouped by deployment."""
+    fallback_model: _builtins.str
+    """The fallback model that served the calls, when grouped by fallback."""
+    service_tier: _builtins.str
+    """The processing tier that served the calls, when grouped by service tier."""
     @_builtins.property
     def totals(self) -> Global___UsageTotals:
         """The group's sums."""
@@ -254,10 +278,12 @@ class UsageGroup(_message.Message):
         tag_value: _builtins.str = ...,
         totals: Global___UsageTotals | None = ...,
         deployment: _builtins.str = ...,
+        fallback_model: _builtins.str = ...,
+        service_tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "deployment", b"deployment", "model", b"model", "tag_value", b"tag_value", "tenant", b"tenant", "totals", b"totals", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "deployment", b"deployment", "fallback_model", b"fallback_model", "model", b"model", "service_tier", b"service_tier", "tag_value", b"tag_value", "tenant", b"tenant", "totals", b"totals", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
